@@ -1,0 +1,87 @@
+# Type stubs for the Rust extension egtunnel._native: the whole surface the Python package builds on.
+from typing import Optional, TypedDict
+
+MAX_KEEP_ALIVE_INTERVAL: int
+CHANNELS: tuple[str, ...]
+TUNNEL_MODES: tuple[str, ...]
+HOST_KEY_POLICIES: tuple[str, ...]
+
+class TunnelStats(TypedDict):
+    bytes_in: int
+    bytes_out: int
+    connections: int
+    active_connections: int
+    keepalives_sent: int
+
+class ExecResult:
+    @property
+    def exit_status(self) -> Optional[int]: ...
+    @property
+    def stdout(self) -> bytes: ...
+    @property
+    def stderr(self) -> bytes: ...
+    def lines(self) -> list[str]: ...
+
+def keep_alive_interval(channel: str, cull_idle_timeout: int, margin: int = 60) -> int: ...
+
+class Tunnel:
+    @property
+    def local_port(self) -> int: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def keep_alive_interval(self) -> int: ...
+    @property
+    def remote_host(self) -> str: ...
+    @property
+    def remote_port(self) -> int: ...
+    @property
+    def kernel_id(self) -> Optional[str]: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def destination(self) -> str: ...
+    def is_alive(self) -> bool: ...
+    def is_connected(self) -> bool: ...
+    def stats(self) -> TunnelStats: ...
+    def send_request(self, data: bytes, timeout: float = 10.0) -> None: ...
+    def terminate(self) -> None: ...
+    def __enter__(self) -> "Tunnel": ...
+    def __exit__(self, *exc: object) -> None: ...
+
+def open_tunnel(
+    host: str,
+    remote_host: str,
+    remote_port: int,
+    *,
+    channel: str = "SHELL",
+    cull_idle_timeout: int = 0,
+    keepalive_margin: int = 60,
+    keepalive_count_max: int = 3,
+    port: int = 22,
+    user: Optional[str] = None,
+    identity_file: Optional[str] = None,
+    password: Optional[str] = None,
+    known_hosts: Optional[str] = None,
+    host_key_policy: str = "strict",
+    local_port: int = 0,
+    connect_timeout: float = 10.0,
+    mode: str = "per-port",
+    kernel_id: Optional[str] = None,
+) -> Tunnel: ...
+
+def remote_exec(
+    host: str,
+    command: str,
+    *,
+    port: int = 22,
+    user: Optional[str] = None,
+    identity_file: Optional[str] = None,
+    password: Optional[str] = None,
+    known_hosts: Optional[str] = None,
+    host_key_policy: str = "strict",
+    connect_timeout: float = 10.0,
+    timeout: float = 30.0,
+) -> ExecResult: ...
+
+def status() -> list[dict[str, object]]: ...

@@ -1,0 +1,397 @@
+//! The thin PyO3 layer: converts arguments, releases the GIL around network waits, and maps the
+//! core's `Error` to egtunnel's Python exceptions in exactly one place.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyConnectionRefusedError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyBytes, PyDict, PyList, PyType};
+
+use crate::config::{check_port, ConnectSpec, HostKeyPolicy, TunnelMode};
+use crate::error::Error;
+use crate::exec::ExecOutput;
+use crate::forward::Forward;
+use crate::keepalive::{self, Channel, MAX_KEEP_ALIVE_INTERVAL};
+use crate::pool::{self, ForwardRequest};
+use crate::runtime;
+
+/// Looks up an exception class of egtunnel.errors once; they are defined in Python so callers can
+/// subclass and pickle them.
+fn exc_type<'py>(py: Python<'py>, cell: &'static GILOnceCell<Py<PyType>>, name: &str) -> PyResult<&'py Bound<'py, PyType>> {
+    let t = cell.get_or_try_init(py, || -> PyResult<Py<PyType>> {
+        let module = py.import_bound("egtunnel.errors")?;
+        Ok(module.getattr(name)?.downcast_into::<PyType>()?.unbind())
+    })?;
+    Ok(t.bind(py))
+}
+
+/// The single mapping from core errors to Python exceptions. `context` names the channel or call.
+fn to_py(err: Error, context: &str) -> PyErr {
+    static TUNNEL: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static CONNECT: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static AUTH: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static HOST_KEY: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static DOWN: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static TIMEOUT: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    let msg = if context.is_empty() { err.to_string() } else { format!("{context}: {err}") };
+    Python::with_gil(|py| {
+        let (cell, name) = match &err {
+            Error::Invalid(_) => return PyValueError::new_err(msg),
+            Error::Refused { .. } => return PyConnectionRefusedError::new_err(msg),
+            Error::Connect { .. } => (&CONNECT, "SshConnectError"),
+            Error::Auth { .. } => (&AUTH, "SshAuthError"),
+            Error::HostKey { .. } => (&HOST_KEY, "HostKeyError"),
+            Error::Down { .. } => (&DOWN, "ConnectionDown"),
+            Error::Timeout { .. } => (&TIMEOUT, "TunnelTimeout"),
+            Error::Other { .. } => (&TUNNEL, "TunnelError"),
+        };
+        match exc_type(py, cell, name) {
+            Ok(t) => PyErr::from_type_bound(t.clone(), msg),
+            Err(e) => e,
+        }
+    })
+}
+
+fn invalid(msg: String) -> PyErr {
+    PyValueError::new_err(msg)
+}
+
+/// Python ints are unbounded; EG compares them as such, so out-of-range values saturate.
+fn saturating_i64(v: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
+    if v.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(invalid(format!("{what} must be an integer, got a bool")));
+    }
+    match v.extract::<i64>() {
+        Ok(i) => Ok(i),
+        Err(_) if v.is_instance_of::<pyo3::types::PyInt>() => {
+            Ok(if v.gt(0)? { i64::MAX } else { i64::MIN })
+        }
+        Err(_) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "{what} must be an integer, got {}",
+            v.get_type().name()?
+        ))),
+    }
+}
+
+fn parse_channel(channel: &str) -> PyResult<Channel> {
+    channel.parse::<Channel>().map_err(invalid)
+}
+
+/// The keep-alive interval EG would use for `channel` given the culling timeout.
+#[pyfunction]
+#[pyo3(signature = (channel, cull_idle_timeout, margin = None))]
+fn keep_alive_interval(channel: &str, cull_idle_timeout: &Bound<'_, PyAny>, margin: Option<&Bound<'_, PyAny>>) -> PyResult<i64> {
+    let ch = parse_channel(channel)?;
+    let timeout = saturating_i64(cull_idle_timeout, "cull_idle_timeout")?;
+    let margin = match margin {
+        Some(m) => saturating_i64(m, "margin")?,
+        None => keepalive::DEFAULT_MARGIN,
+    };
+    keepalive::keep_alive_interval(ch, timeout, margin).map_err(invalid)
+}
+
+/// A listening forward; `terminate()` (or leaving a `with` block) closes it.
+#[pyclass(frozen, module = "egtunnel._native")]
+struct Tunnel {
+    fwd: Arc<Forward>,
+}
+
+#[pymethods]
+impl Tunnel {
+    #[getter]
+    fn local_port(&self) -> u16 {
+        self.fwd.info.local_port
+    }
+    #[getter]
+    fn channel(&self) -> &'static str {
+        self.fwd.info.channel.as_str()
+    }
+    #[getter]
+    fn keep_alive_interval(&self) -> u64 {
+        self.fwd.info.keep_alive_interval
+    }
+    #[getter]
+    fn remote_host(&self) -> String {
+        self.fwd.info.remote_host.clone()
+    }
+    #[getter]
+    fn remote_port(&self) -> u16 {
+        self.fwd.info.remote_port
+    }
+    #[getter]
+    fn kernel_id(&self) -> Option<String> {
+        self.fwd.info.kernel_id.clone()
+    }
+    #[getter]
+    fn mode(&self) -> &'static str {
+        self.fwd.conn.shared.mode.as_str()
+    }
+    /// user@host:port of the SSH connection this forward rides on.
+    #[getter]
+    fn destination(&self) -> String {
+        self.fwd.conn.dest()
+    }
+
+    /// False once the forward is terminated or its SSH connection is down (e.g. keep-alive limit hit).
+    fn is_alive(&self) -> bool {
+        !self.fwd.is_terminated() && self.fwd.conn.is_alive()
+    }
+
+    fn is_connected(&self) -> bool {
+        self.fwd.conn.is_alive()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.fwd.info.stats;
+        let d = PyDict::new_bound(py);
+        d.set_item("bytes_in", s.bytes_in.load(Relaxed))?;
+        d.set_item("bytes_out", s.bytes_out.load(Relaxed))?;
+        d.set_item("connections", s.connections.load(Relaxed))?;
+        d.set_item("active_connections", s.active.load(Relaxed))?;
+        d.set_item("keepalives_sent", self.fwd.conn.shared.keepalives_sent.load(Relaxed))?;
+        Ok(d)
+    }
+
+    /// Delivers `data` to the remote port on a fresh channel and waits for the remote end to close.
+    #[pyo3(signature = (data, timeout = 10.0))]
+    fn send_request(&self, py: Python<'_>, data: Vec<u8>, timeout: f64) -> PyResult<()> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        let fwd = self.fwd.clone();
+        let ctx = format!("{} request", fwd.info.channel);
+        py.allow_threads(|| runtime::block_on(pool::send_request(&fwd, data, timeout))).map_err(|e| to_py(e, &ctx))
+    }
+
+    /// Stops listening and every task of this forward; idempotent.
+    fn terminate(&self, py: Python<'_>) {
+        let fwd = self.fwd.clone();
+        py.allow_threads(|| runtime::block_on(pool::close_forward(&fwd)));
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) {
+        self.terminate(py);
+    }
+
+    fn __repr__(&self) -> String {
+        let i = &self.fwd.info;
+        format!(
+            "<Tunnel {} 127.0.0.1:{} -> {}:{} via {} ({})>",
+            i.channel,
+            i.local_port,
+            i.remote_host,
+            i.remote_port,
+            self.fwd.conn.dest(),
+            if self.fwd.is_terminated() { "terminated" } else { "open" }
+        )
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // An unreferenced tunnel must not keep a port and a connection alive behind the caller's back.
+        if !self.fwd.is_terminated() {
+            let fwd = self.fwd.clone();
+            runtime::spawn(async move { pool::close_forward(&fwd).await });
+        }
+    }
+}
+
+fn positive_duration(secs: f64, what: &str) -> PyResult<Duration> {
+    if secs.is_finite() && secs > 0.0 {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(invalid(format!("{what} must be a positive number of seconds, got {secs}")))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spec(
+    host: &str,
+    port: i64,
+    user: Option<&str>,
+    identity_file: Option<&str>,
+    password: Option<&str>,
+    known_hosts: Option<&str>,
+    host_key_policy: &str,
+    connect_timeout: f64,
+) -> PyResult<ConnectSpec> {
+    ConnectSpec::new(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout)
+        .map_err(|e| to_py(e, ""))
+}
+
+/// Opens a local forward 127.0.0.1:local_port → remote_host:remote_port through SSH to `host`.
+#[pyfunction]
+#[pyo3(signature = (
+    host, remote_host, remote_port, *, channel = "SHELL", cull_idle_timeout = None, keepalive_margin = 60,
+    keepalive_count_max = 3, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
+    host_key_policy = "strict", local_port = 0, connect_timeout = 10.0, mode = "per-port", kernel_id = None
+))]
+#[allow(clippy::too_many_arguments)]
+fn open_tunnel(
+    py: Python<'_>,
+    host: &str,
+    remote_host: &str,
+    remote_port: i64,
+    channel: &str,
+    cull_idle_timeout: Option<&Bound<'_, PyAny>>,
+    keepalive_margin: i64,
+    keepalive_count_max: i64,
+    port: i64,
+    user: Option<&str>,
+    identity_file: Option<&str>,
+    password: Option<&str>,
+    known_hosts: Option<&str>,
+    host_key_policy: &str,
+    local_port: i64,
+    connect_timeout: f64,
+    mode: &str,
+    kernel_id: Option<String>,
+) -> PyResult<Tunnel> {
+    let ch = parse_channel(channel)?;
+    let cull = match cull_idle_timeout {
+        Some(v) => saturating_i64(v, "cull_idle_timeout")?,
+        None => 0,
+    };
+    let interval = keepalive::keep_alive_interval(ch, cull, keepalive_margin).map_err(invalid)?;
+    if keepalive_count_max < 1 || keepalive_count_max > u32::MAX as i64 {
+        return Err(invalid(format!("keepalive_count_max must be a positive integer, got {keepalive_count_max}")));
+    }
+    let remote_port = check_port("remote_port", remote_port, false).map_err(|e| to_py(e, ""))?;
+    let local_port = check_port("local_port", local_port, true).map_err(|e| to_py(e, ""))?;
+    let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
+    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout)?;
+    let ctx = format!("{ch} tunnel to {remote_host}:{remote_port}");
+    let req = ForwardRequest {
+        channel: ch,
+        remote_host: remote_host.to_string(),
+        remote_port,
+        local_port,
+        keep_alive_interval: interval as u64,
+        count_max: keepalive_count_max as u32,
+        kernel_id,
+    };
+    let fwd = py
+        .allow_threads(|| runtime::block_on(pool::open_forward(&spec, mode, req)))
+        .map_err(|e| to_py(e, &ctx))?;
+    Ok(Tunnel { fwd })
+}
+
+/// The result of a remote command.
+#[pyclass(frozen, module = "egtunnel._native")]
+struct ExecResult {
+    out: ExecOutput,
+}
+
+#[pymethods]
+impl ExecResult {
+    #[getter]
+    fn exit_status(&self) -> Option<i32> {
+        self.out.exit_status
+    }
+    #[getter]
+    fn stdout<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new_bound(py, &self.out.stdout)
+    }
+    #[getter]
+    fn stderr<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new_bound(py, &self.out.stderr)
+    }
+    /// stdout lines, or stderr lines when stdout is empty (Enterprise Gateway's `rsh` contract).
+    fn lines(&self) -> Vec<String> {
+        self.out.lines()
+    }
+    fn __repr__(&self) -> String {
+        format!("<ExecResult exit_status={:?} stdout={}B stderr={}B>", self.out.exit_status, self.out.stdout.len(), self.out.stderr.len())
+    }
+}
+
+/// Runs `command` on `host` over the pooled SSH connection (opened on first use).
+#[pyfunction]
+#[pyo3(signature = (
+    host, command, *, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
+    host_key_policy = "strict", connect_timeout = 10.0, timeout = 30.0
+))]
+#[allow(clippy::too_many_arguments)]
+fn remote_exec(
+    py: Python<'_>,
+    host: &str,
+    command: &str,
+    port: i64,
+    user: Option<&str>,
+    identity_file: Option<&str>,
+    password: Option<&str>,
+    known_hosts: Option<&str>,
+    host_key_policy: &str,
+    connect_timeout: f64,
+    timeout: f64,
+) -> PyResult<ExecResult> {
+    let timeout = positive_duration(timeout, "timeout")?;
+    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout)?;
+    let out = py
+        .allow_threads(|| runtime::block_on(pool::exec(&spec, command, timeout)))
+        .map_err(|e| to_py(e, "remote command"))?;
+    Ok(ExecResult { out })
+}
+
+/// Every live SSH connection with its forwards.
+#[pyfunction]
+fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let list = PyList::empty_bound(py);
+    for c in pool::status() {
+        let d = PyDict::new_bound(py);
+        d.set_item("user", &c.user)?;
+        d.set_item("host", &c.host)?;
+        d.set_item("port", c.port)?;
+        d.set_item("mode", c.mode)?;
+        d.set_item("alive", c.alive)?;
+        d.set_item("reconnects", c.reconnects)?;
+        d.set_item("keep_alive_interval", c.keep_alive_interval)?;
+        d.set_item("keepalives_sent", c.keepalives_sent)?;
+        d.set_item("last_error", &c.last_error)?;
+        let forwards = PyList::empty_bound(py);
+        for f in &c.forwards {
+            let fd = PyDict::new_bound(py);
+            fd.set_item("kernel_id", &f.kernel_id)?;
+            fd.set_item("channel", f.channel.as_str())?;
+            fd.set_item("local_port", f.local_port)?;
+            fd.set_item("remote_host", &f.remote_host)?;
+            fd.set_item("remote_port", f.remote_port)?;
+            fd.set_item("keep_alive_interval", f.keep_alive_interval)?;
+            fd.set_item("bytes_in", f.stats.bytes_in.load(Relaxed))?;
+            fd.set_item("bytes_out", f.stats.bytes_out.load(Relaxed))?;
+            fd.set_item("connections", f.stats.connections.load(Relaxed))?;
+            fd.set_item("active_connections", f.stats.active.load(Relaxed))?;
+            forwards.append(fd)?;
+        }
+        d.set_item("forwards", forwards)?;
+        list.append(d)?;
+    }
+    Ok(list)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust `log` records go to Python logging under the "egtunnel" logger.
+    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+        .filter_target("egtunnel".to_owned(), log::LevelFilter::Trace)
+        .install();
+    m.add("MAX_KEEP_ALIVE_INTERVAL", MAX_KEEP_ALIVE_INTERVAL)?;
+    m.add("CHANNELS", Channel::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>())?;
+    m.add("TUNNEL_MODES", TunnelMode::NAMES.to_vec())?;
+    m.add("HOST_KEY_POLICIES", HostKeyPolicy::NAMES.to_vec())?;
+    m.add_function(wrap_pyfunction!(keep_alive_interval, m)?)?;
+    m.add_function(wrap_pyfunction!(open_tunnel, m)?)?;
+    m.add_function(wrap_pyfunction!(remote_exec, m)?)?;
+    m.add_function(wrap_pyfunction!(status, m)?)?;
+    m.add_class::<Tunnel>()?;
+    m.add_class::<ExecResult>()?;
+    Ok(())
+}

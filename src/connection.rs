@@ -1,0 +1,553 @@
+//! One SSH connection as an actor: a single task owns the libssh2 session and serves every forward
+//! and remote command that rides on it, re-establishing the session when it dies.
+//!
+//! Handles talk to the task over a command queue; local connections exchange bytes with it through
+//! bounded queues and wake it through one `Notify`. libssh2 sessions are single-threaded state
+//! machines, so one owner task avoids both lock contention and lost wake-ups.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{debug, warn};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::{sleep_until, Instant};
+
+use crate::config::{ConnectSpec, TunnelMode};
+use crate::driver::{is_fatal, Attempt, SshIo};
+use crate::error::{Error, Result};
+use crate::exec::{ExecChannel, ExecOutput};
+use crate::forward::{ForwardChannel, Step};
+use crate::keepalive::{probe_action, ProbeAction, MAX_KEEP_ALIVE_INTERVAL};
+use crate::net;
+use crate::session;
+use crate::stats::{ChannelGuard, ForwardStats};
+
+/// Where a new channel goes.
+pub enum Target {
+    /// direct-tcpip to host:port, bytes exchanged with a local connection task.
+    Forward {
+        host: String,
+        port: u16,
+        to_remote: mpsc::Receiver<Vec<u8>>,
+        from_remote: mpsc::Sender<Vec<u8>>,
+        stats: Arc<ForwardStats>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// A session channel running one command.
+    Exec { command: String, reply: oneshot::Sender<Result<ExecOutput>> },
+}
+
+pub struct OpenRequest {
+    pub target: Target,
+    /// Past this instant the caller has given up; the request is answered with an error.
+    pub deadline: Instant,
+}
+
+impl OpenRequest {
+    fn fail(self, err: Error) {
+        match self.target {
+            Target::Forward { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Target::Exec { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+
+    fn caller_gone(&self) -> bool {
+        match &self.target {
+            Target::Forward { reply, .. } => reply.is_closed(),
+            Target::Exec { reply, .. } => reply.is_closed(),
+        }
+    }
+
+    fn what(&self) -> String {
+        match &self.target {
+            Target::Forward { host, port, .. } => format!("channel to {host}:{port}"),
+            Target::Exec { .. } => "remote command".to_string(),
+        }
+    }
+}
+
+pub enum Command {
+    Open(OpenRequest),
+    /// New keep-alive settings, recomputed whenever forwards come and go.
+    KeepAlive { interval: u64, count_max: u32 },
+    Shutdown,
+}
+
+/// State the handle, status() and the actor share.
+pub struct Shared {
+    pub id: u64,
+    pub spec: ConnectSpec,
+    pub mode: TunnelMode,
+    pub alive: AtomicBool,
+    pub reconnects: AtomicU64,
+    pub keepalives_sent: AtomicU64,
+    pub interval: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    /// Local connection tasks poke this after moving bytes so the actor pumps again.
+    pub wake: Notify,
+}
+
+impl Shared {
+    fn set_error(&self, e: &str) {
+        *self.last_error.lock().unwrap() = Some(e.to_string());
+    }
+}
+
+/// A handle on the actor; dropping the last handle does not stop it, `shutdown` does.
+pub struct Connection {
+    pub shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Connection {
+    /// Starts the actor and waits for the first connection; on failure nothing is left running.
+    pub async fn start(spec: ConnectSpec, mode: TunnelMode, interval: u64, count_max: u32) -> Result<Arc<Connection>> {
+        let shared = Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            spec,
+            mode,
+            alive: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            keepalives_sent: AtomicU64::new(0),
+            interval: AtomicU64::new(interval),
+            last_error: Mutex::new(None),
+            wake: Notify::new(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let actor = Actor {
+            shared: shared.clone(),
+            commands: rx,
+            queue: VecDeque::new(),
+            count_max,
+            stopped: None,
+        };
+        let task = tokio::spawn(actor.run(ready_tx));
+        let conn = Arc::new(Connection { shared, commands: tx, task: Mutex::new(Some(task)) });
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(e)) => {
+                conn.shutdown().await;
+                Err(e)
+            }
+            Err(_) => Err(Error::Other { dest: conn.shared.spec.dest(), cause: "connection task ended".into() }),
+        }
+    }
+
+    pub fn dest(&self) -> String {
+        self.shared.spec.dest()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    pub fn wake(&self) -> &Notify {
+        &self.shared.wake
+    }
+
+    pub fn set_keep_alive(&self, interval: u64, count_max: u32) {
+        self.shared.interval.store(interval, Ordering::Relaxed);
+        let _ = self.commands.send(Command::KeepAlive { interval, count_max });
+    }
+
+    /// Queues a channel open; the actor answers through the request's reply.
+    pub fn open(&self, req: OpenRequest) {
+        if let Err(mpsc::error::SendError(Command::Open(req))) = self.commands.send(Command::Open(req)) {
+            req.fail(Error::Other { dest: self.dest(), cause: "connection is closed".into() });
+        }
+    }
+
+    /// Stops the actor (and any reconnecting) and waits until its socket is closed.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        let task = self.task.lock().unwrap().take();
+        if let Some(task) = task {
+            if tokio::time::timeout(Duration::from_millis(200), &mut Box::pin(task)).await.is_err() {
+                warn!("connection {} did not stop in time", self.dest());
+            }
+        }
+    }
+}
+
+/// How the connected phase ended.
+enum Exit {
+    Shutdown,
+    Dead(String),
+}
+
+struct Actor {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Opens waiting for the session (while connecting) or for their turn (libssh2 opens one at a time).
+    queue: VecDeque<OpenRequest>,
+    count_max: u32,
+    /// Set when retrying cannot help (host key changed, credentials refused): every request fails with it.
+    stopped: Option<Error>,
+}
+
+impl Actor {
+    async fn run(mut self, ready: oneshot::Sender<Result<()>>) {
+        let dest = self.shared.spec.dest();
+        let mut ready = Some(ready);
+        let mut attempt: u32 = 0;
+        loop {
+            let connected = match self.connect().await {
+                None => break, // shut down while connecting
+                Some(r) => r,
+            };
+            match connected {
+                Ok(io) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Ok(()));
+                    } else {
+                        warn!("SSH connection {dest} re-established after {} attempt(s)", attempt + 1);
+                        self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    attempt = 0;
+                    self.shared.alive.store(true, Ordering::Release);
+                    *self.shared.last_error.lock().unwrap() = None;
+                    let exit = self.connected(io).await;
+                    self.shared.alive.store(false, Ordering::Release);
+                    match exit {
+                        Exit::Shutdown => break,
+                        Exit::Dead(cause) => {
+                            warn!("SSH connection {dest} lost: {cause}; reconnecting");
+                            self.shared.set_error(&cause);
+                        }
+                    }
+                }
+                Err(e) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Err(e));
+                        break;
+                    }
+                    self.shared.set_error(&e.to_string());
+                    if e.is_permanent() {
+                        warn!("SSH connection {dest}: giving up reconnecting: {e}");
+                        for req in self.queue.drain(..) {
+                            req.fail(e.clone());
+                        }
+                        self.stopped = Some(e);
+                    } else {
+                        debug!("reconnect attempt {} to {dest} failed: {e}", attempt + 1);
+                    }
+                }
+            }
+            if self.stopped.is_some() {
+                if !self.idle_until(None).await {
+                    break;
+                }
+                continue;
+            }
+            let wait = session::backoff(attempt, self.shared.id ^ u64::from(attempt) ^ nanos());
+            attempt = attempt.saturating_add(1);
+            if !self.idle_until(Some(Instant::now() + wait)).await {
+                break;
+            }
+        }
+        let dest = self.shared.spec.dest();
+        for req in self.queue.drain(..) {
+            req.fail(Error::Other { dest: dest.clone(), cause: "connection closed".into() });
+        }
+        self.commands.close();
+        while let Ok(cmd) = self.commands.try_recv() {
+            if let Command::Open(req) = cmd {
+                req.fail(Error::Other { dest: dest.clone(), cause: "connection closed".into() });
+            }
+        }
+    }
+
+    /// Runs `establish` while still serving commands; None means a shutdown arrived.
+    async fn connect(&mut self) -> Option<Result<SshIo>> {
+        let spec = self.shared.spec.clone();
+        let fut = session::establish(&spec);
+        tokio::pin!(fut);
+        loop {
+            let expiry = self.next_expiry();
+            tokio::select! {
+                r = &mut fut => return Some(r),
+                cmd = self.commands.recv() => {
+                    if !self.accept(cmd) {
+                        return None;
+                    }
+                }
+                _ = sleep_until(expiry) => self.expire(),
+            }
+        }
+    }
+
+    /// Serves commands while disconnected until `until` (or forever when None); false on shutdown.
+    async fn idle_until(&mut self, until: Option<Instant>) -> bool {
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let until = until.unwrap_or(far);
+        loop {
+            let expiry = self.next_expiry().min(until);
+            tokio::select! {
+                cmd = self.commands.recv() => {
+                    if !self.accept(cmd) {
+                        return false;
+                    }
+                }
+                _ = sleep_until(expiry) => {
+                    self.expire();
+                    if Instant::now() >= until {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes one command while not connected; false means stop.
+    fn accept(&mut self, cmd: Option<Command>) -> bool {
+        match cmd {
+            None | Some(Command::Shutdown) => false,
+            Some(Command::KeepAlive { interval, count_max }) => {
+                self.shared.interval.store(interval, Ordering::Relaxed);
+                self.count_max = count_max;
+                true
+            }
+            Some(Command::Open(req)) => {
+                match &self.stopped {
+                    Some(e) => req.fail(e.clone()),
+                    None => self.queue.push_back(req),
+                }
+                true
+            }
+        }
+    }
+
+    fn next_expiry(&self) -> Instant {
+        self.queue
+            .iter()
+            .map(|r| r.deadline)
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+    }
+
+    /// Answers requests whose callers stopped waiting.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let dest = self.shared.spec.dest();
+        let cause = self.shared.last_error.lock().unwrap().clone().unwrap_or_else(|| "connecting".into());
+        let (expired, kept): (VecDeque<_>, VecDeque<_>) =
+            self.queue.drain(..).partition(|r| r.deadline <= now || r.caller_gone());
+        self.queue = kept;
+        for req in expired {
+            if self.shared.alive.load(Ordering::Acquire) {
+                let what = req.what();
+                req.fail(Error::Timeout { dest: dest.clone(), what, secs: 0.0 });
+            } else {
+                req.fail(Error::Down { dest: dest.clone(), cause: cause.clone() });
+            }
+        }
+    }
+
+    /// The connected phase: pump channels until shutdown or the session dies.
+    async fn connected(&mut self, io: SshIo) -> Exit {
+        let mut chans = Channels::default();
+        let mut last_probe: Option<Instant> = None;
+        let mut interval = self.shared.interval.load(Ordering::Relaxed);
+        configure_keepalive(&io, interval);
+        loop {
+            let mut want_write = false;
+            if let Err(cause) = self.pump(&io, &mut chans, &mut want_write) {
+                return Exit::Dead(cause);
+            }
+            let now = Instant::now();
+            let keepalive_at = match keepalive_check(&io, interval, self.count_max, last_probe, now) {
+                ProbeAction::Dead => {
+                    return Exit::Dead(format!(
+                        "no answer to {} keep-alive probes at {} s intervals",
+                        self.count_max, interval
+                    ))
+                }
+                ProbeAction::Probe => {
+                    match io.attempt(&mut want_write, io.sess.keepalive_send()) {
+                        Attempt::Done(_) | Attempt::Blocked => {
+                            last_probe = Some(now);
+                            self.shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Attempt::Failed(e) => return Exit::Dead(format!("keep-alive failed: {}", e.message())),
+                    }
+                    continue;
+                }
+                ProbeAction::Wait(d) => now + d,
+            };
+            let expiry = self.next_expiry().min(chans.next_deadline()).min(keepalive_at);
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Shutdown) => {
+                        // One last pass so bytes already accepted go out, then say goodbye.
+                        let mut ww = false;
+                        let _ = self.pump(&io, &mut chans, &mut ww);
+                        let _ = io.sess.disconnect(None, "egtunnel closing", None);
+                        return Exit::Shutdown;
+                    }
+                    Some(Command::KeepAlive { interval: i, count_max }) => {
+                        interval = i;
+                        self.count_max = count_max;
+                        configure_keepalive(&io, interval);
+                    }
+                    Some(Command::Open(req)) => self.queue.push_back(req),
+                },
+                r = io.readable() => {
+                    if let Err(e) = r {
+                        return Exit::Dead(format!("socket error: {e}"));
+                    }
+                    if let Some(cause) = net::closed_by_peer(io.fd()) {
+                        return Exit::Dead(cause);
+                    }
+                }
+                r = io.writable(), if want_write => {
+                    if let Err(e) = r {
+                        return Exit::Dead(format!("socket error: {e}"));
+                    }
+                }
+                _ = self.shared.wake.notified() => {}
+                _ = sleep_until(expiry) => self.expire(),
+            }
+        }
+    }
+
+    /// Moves everything that can move without blocking. Err means the session is dead.
+    fn pump(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<(), String> {
+        // Channels first: a partly sent packet of theirs must be finished before anything new goes out.
+        chans.step_all(io, want_write)?;
+        // libssh2 runs one channel open at a time per session.
+        loop {
+            if chans.opening.is_none() {
+                match self.queue.pop_front() {
+                    None => break,
+                    Some(req) if req.caller_gone() => continue,
+                    Some(req) => chans.opening = Some(req),
+                }
+            }
+            let req = chans.opening.as_ref().expect("set above");
+            let r = match &req.target {
+                Target::Forward { host, port, .. } => io.sess.channel_direct_tcpip(host, *port, None),
+                Target::Exec { .. } => io.sess.channel_session(),
+            };
+            match io.attempt(want_write, r) {
+                Attempt::Blocked => break,
+                Attempt::Failed(e) if is_fatal(&e) => return Err(format!("opening a channel: {}", e.message())),
+                Attempt::Failed(e) => {
+                    let req = chans.opening.take().expect("set above");
+                    let err = open_error(&self.shared.spec, &req, &e);
+                    req.fail(err);
+                }
+                Attempt::Done(ch) => {
+                    let req = chans.opening.take().expect("set above");
+                    chans.add(ch, req, &self.shared.spec);
+                    // Give the new channel its first step right away.
+                    chans.step_all(io, want_write)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
+}
+
+fn configure_keepalive(io: &SshIo, interval: u64) {
+    // libssh2 keeps the interval as unsigned 32-bit; EG's maximum (100 years) fits.
+    let native = interval.min(u32::MAX as u64) as u32;
+    io.sess.set_keepalive(true, native);
+}
+
+fn keepalive_check(io: &SshIo, interval: u64, count_max: u32, last_probe: Option<Instant>, now: Instant) -> ProbeAction {
+    if interval >= MAX_KEEP_ALIVE_INTERVAL as u64 {
+        return ProbeAction::Wait(Duration::from_secs(86_400));
+    }
+    let idle = net::since_last_data_received(io.fd()).unwrap_or(Duration::ZERO);
+    probe_action(Duration::from_secs(interval), count_max, idle, last_probe.map(|p| now - p))
+}
+
+fn open_error(spec: &ConnectSpec, req: &OpenRequest, e: &ssh2::Error) -> Error {
+    let msg = e.message().to_string();
+    match &req.target {
+        Target::Forward { host, port, .. } if msg.contains("connect failed") || msg.contains("Connection refused") => {
+            Error::Refused { dest: spec.dest(), target: format!("{host}:{port}"), cause: msg }
+        }
+        _ => Error::Other { dest: spec.dest(), cause: format!("cannot open {}: {msg}", req.what()) },
+    }
+}
+
+/// The live channels of one session, by kind.
+#[derive(Default)]
+struct Channels {
+    opening: Option<OpenRequest>,
+    forwards: Vec<ForwardChannel>,
+    execs: Vec<ExecChannel>,
+    /// Reused read buffer; channels copy out only what they read.
+    scratch: Vec<u8>,
+}
+
+impl Channels {
+    fn add(&mut self, ch: ssh2::Channel, req: OpenRequest, spec: &ConnectSpec) {
+        match req.target {
+            Target::Forward { to_remote, from_remote, stats, reply, .. } => {
+                if reply.send(Ok(())).is_err() {
+                    // The local connection gave up waiting; close the fresh channel politely.
+                    let (_tx, rx) = mpsc::channel(1);
+                    let (tx, _rx) = mpsc::channel(1);
+                    self.forwards.push(ForwardChannel::new(ch, rx, tx, ChannelGuard::new(stats)));
+                    return;
+                }
+                self.forwards.push(ForwardChannel::new(ch, to_remote, from_remote, ChannelGuard::new(stats)));
+            }
+            Target::Exec { command, reply } => {
+                self.execs.push(ExecChannel::new(ch, command, reply, req.deadline, spec.dest()));
+            }
+        }
+    }
+
+    fn step_all(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<(), String> {
+        if self.scratch.is_empty() {
+            self.scratch = vec![0u8; 32 * 1024];
+        }
+        let mut fatal = None;
+        self.forwards.retain_mut(|f| match f.step(io, want_write, &mut self.scratch) {
+            Step::Continue => true,
+            Step::Finished => false,
+            Step::Fatal(cause) => {
+                fatal.get_or_insert(cause);
+                false
+            }
+        });
+        self.execs.retain_mut(|x| match x.step(io, want_write, &mut self.scratch) {
+            Step::Continue => true,
+            Step::Finished => false,
+            Step::Fatal(cause) => {
+                fatal.get_or_insert(cause);
+                false
+            }
+        });
+        match fatal {
+            Some(cause) => Err(cause),
+            None => Ok(()),
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        self.execs
+            .iter()
+            .map(|x| x.deadline())
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+    }
+}

@@ -1,0 +1,172 @@
+//! The only code that knows libssh2 is non-blocking: a session bound to a socket registered with tokio.
+//!
+//! libssh2 reports "would block" and, through `block_directions`, which way the socket must become
+//! ready before retrying. `SshIo` turns that into awaits on socket readiness: no sleeps, no polling.
+//! Readiness is cleared *before* the retry, so data arriving after libssh2's last read re-arms it and
+//! no wake-up is lost.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use ssh2::{BlockDirections, Session};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::error::is_eagain;
+use crate::net;
+
+/// Borrowed view of the session's socket for the reactor; the session owns and closes the fd.
+struct SocketRef(RawFd);
+
+impl AsRawFd for SocketRef {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+pub struct SshIo {
+    /// Declared before `sess` so the fd leaves the reactor before libssh2 closes it.
+    afd: AsyncFd<SocketRef>,
+    pub sess: Session,
+}
+
+impl SshIo {
+    /// Takes a connected, non-blocking TCP stream and hands it to a fresh libssh2 session.
+    pub fn new(stream: std::net::TcpStream) -> io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        let fd = stream.as_raw_fd();
+        let mut sess = Session::new().map_err(io::Error::from)?;
+        sess.set_tcp_stream(stream);
+        sess.set_blocking(false);
+        // SAFETY: the session owns the socket and outlives `afd` (field order drops `afd` first), so
+        // the fd stays open for as long as it is registered with the reactor.
+        let afd = unsafe { AsyncFd::register_with_interest(SocketRef(fd), Interest::READABLE | Interest::WRITABLE) }
+            .map_err(|e| io::Error::new(io::ErrorKind::Other, e.to_string()))?;
+        Ok(SshIo { afd, sess })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.afd.get_ref().0
+    }
+
+    /// Waits until the socket is ready the way libssh2 last said it was blocked.
+    pub async fn wait(&self, dirs: BlockDirections) -> io::Result<()> {
+        match dirs {
+            BlockDirections::Outbound => self.writable().await,
+            BlockDirections::Both => {
+                tokio::select! {
+                    r = self.readable() => r,
+                    r = self.writable() => r,
+                }
+            }
+            // Inbound, or nothing recorded: only the peer can make progress.
+            _ => self.readable().await,
+        }
+    }
+
+    pub async fn readable(&self) -> io::Result<()> {
+        let mut guard = self.afd.readable().await?;
+        guard.clear_ready();
+        net::set_quickack(self.fd());
+        Ok(())
+    }
+
+    pub async fn writable(&self) -> io::Result<()> {
+        let mut guard = self.afd.writable().await?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Runs one libssh2 call to completion, retrying on EAGAIN when the socket is ready again.
+    pub async fn retry<T>(
+        &self,
+        mut op: impl FnMut(&Session) -> Result<T, ssh2::Error>,
+    ) -> Result<T, RetryError> {
+        loop {
+            match op(&self.sess) {
+                Err(e) if is_eagain(&e) => {
+                    self.wait(self.sess.block_directions()).await.map_err(RetryError::Io)?
+                }
+                Err(e) => return Err(RetryError::Ssh(e)),
+                Ok(v) => return Ok(v),
+            }
+        }
+    }
+
+    /// Whether the last EAGAIN needs the socket writable (libssh2 holds a partly sent packet).
+    pub fn wants_write(&self) -> bool {
+        matches!(self.sess.block_directions(), BlockDirections::Outbound | BlockDirections::Both)
+    }
+}
+
+#[derive(Debug)]
+pub enum RetryError {
+    Ssh(ssh2::Error),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for RetryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RetryError::Ssh(e) => write!(f, "{}", e.message()),
+            RetryError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The outcome of one non-blocking libssh2 call inside the connection's event loop.
+pub enum Attempt<T> {
+    Done(T),
+    /// Would block: retry on the next wake-up (the caller's `want_write` says which one).
+    Blocked,
+    Failed(ssh2::Error),
+}
+
+impl SshIo {
+    /// Classifies a libssh2 result; records when the retry must wait for a writable socket.
+    pub fn attempt<T>(&self, want_write: &mut bool, r: Result<T, ssh2::Error>) -> Attempt<T> {
+        match r {
+            Ok(v) => Attempt::Done(v),
+            Err(e) if is_eagain(&e) => {
+                *want_write |= self.wants_write();
+                Attempt::Blocked
+            }
+            Err(e) => Attempt::Failed(e),
+        }
+    }
+
+    /// Same for the `std::io` face of channels, recovering libssh2's error code from the session.
+    pub fn attempt_io<T>(&self, want_write: &mut bool, r: io::Result<T>) -> Attempt<T> {
+        match r {
+            Ok(v) => Attempt::Done(v),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *want_write |= self.wants_write();
+                Attempt::Blocked
+            }
+            Err(_) => Attempt::Failed(
+                ssh2::Error::last_session_error(&self.sess)
+                    .unwrap_or_else(|| ssh2::Error::new(ssh2::ErrorCode::Session(-1), "channel I/O failed")),
+            ),
+        }
+    }
+}
+
+/// Errors after which the whole SSH connection is unusable (as opposed to one channel failing).
+pub fn is_fatal(e: &ssh2::Error) -> bool {
+    const FATAL: [i32; 12] = [
+        -4,  // INVALID_MAC
+        -5,  // KEX_FAILURE
+        -7,  // SOCKET_SEND
+        -8,  // KEY_EXCHANGE_FAILURE
+        -9,  // TIMEOUT
+        -12, // DECRYPT
+        -13, // SOCKET_DISCONNECT
+        -14, // PROTO
+        -29, // ZLIB
+        -43, // SOCKET_RECV
+        -44, // ENCRYPT
+        -45, // BAD_SOCKET
+    ];
+    matches!(e.code(), ssh2::ErrorCode::Session(c) if FATAL.contains(&c))
+}

@@ -1,0 +1,100 @@
+//! The one error type of the Rust core. Bindings map each variant to a Python exception exactly once.
+//!
+//! Every message names the SSH destination (user@host:port) and the cause; secrets never appear here
+//! because no variant carries a password, passphrase or key.
+
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Error {
+    /// Bad argument from the caller; the message says what to fix.
+    Invalid(String),
+    /// TCP connect or SSH handshake failed or timed out.
+    Connect { dest: String, cause: String },
+    /// Every authentication method was refused.
+    Auth { dest: String, cause: String },
+    /// The host key is unknown (strict) or differs from known_hosts.
+    HostKey { dest: String, cause: String },
+    /// The remote end refused the forwarded connection (nothing listens on the target).
+    Refused { dest: String, target: String, cause: String },
+    /// The SSH connection is down and being re-established.
+    Down { dest: String, cause: String },
+    /// An operation did not finish in time.
+    Timeout { dest: String, what: String, secs: f64 },
+    /// Anything else on an established connection (protocol error, channel failure, local I/O).
+    Other { dest: String, cause: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A short tag used in status reports and tests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Invalid(_) => "invalid",
+            Error::Connect { .. } => "connect",
+            Error::Auth { .. } => "auth",
+            Error::HostKey { .. } => "host-key",
+            Error::Refused { .. } => "refused",
+            Error::Down { .. } => "down",
+            Error::Timeout { .. } => "timeout",
+            Error::Other { .. } => "other",
+        }
+    }
+
+    /// Errors that retrying cannot cure: a reconnect loop stops on them.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Error::Auth { .. } | Error::HostKey { .. } | Error::Invalid(_))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Invalid(msg) => f.write_str(msg),
+            Error::Connect { dest, cause } => write!(f, "cannot connect to {dest}: {cause}"),
+            Error::Auth { dest, cause } => write!(f, "authentication to {dest} failed: {cause}"),
+            Error::HostKey { dest, cause } => write!(f, "host key check for {dest} failed: {cause}"),
+            Error::Refused { dest, target, cause } => {
+                write!(f, "{target} refused the connection through {dest}: {cause}")
+            }
+            Error::Down { dest, cause } => write!(f, "SSH connection {dest} is down: {cause}"),
+            Error::Timeout { dest, what, secs } => write!(f, "{what} on {dest} timed out after {secs} s"),
+            Error::Other { dest, cause } => write!(f, "{dest}: {cause}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// libssh2 says "try again" through this code; everything that drives a session checks for it.
+pub fn is_eagain(e: &ssh2::Error) -> bool {
+    e.code() == ssh2::ErrorCode::Session(libssh2_sys_eagain())
+}
+
+const fn libssh2_sys_eagain() -> i32 {
+    -37 // LIBSSH2_ERROR_EAGAIN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_destination_and_cause() {
+        let e = Error::Auth { dest: "alice@h:2222".into(), cause: "publickey refused".into() };
+        assert_eq!(e.to_string(), "authentication to alice@h:2222 failed: publickey refused");
+        assert!(e.is_permanent());
+        let e = Error::Refused { dest: "a@h:22".into(), target: "10.0.0.2:5555".into(), cause: "connect failed".into() };
+        assert!(e.to_string().contains("10.0.0.2:5555") && e.to_string().contains("a@h:22"));
+        assert!(!e.is_permanent());
+    }
+
+    #[test]
+    fn eagain_is_recognised() {
+        let e = ssh2::Error::new(ssh2::ErrorCode::Session(-37), "would block");
+        assert!(is_eagain(&e));
+        let e = ssh2::Error::new(ssh2::ErrorCode::Session(-18), "auth");
+        assert!(!is_eagain(&e));
+    }
+}

@@ -1,0 +1,152 @@
+//! Remote command execution over a pooled SSH connection, replacing a fresh SSH login per call.
+//!
+//! Contract of Enterprise Gateway's `rsh`: the caller gets stdout lines, or stderr lines when stdout
+//! is empty, plus (here) the exit status. The command's stdin is closed at once, so commands that
+//! would read it cannot hang the gateway.
+
+use std::io::Read;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::driver::{is_fatal, Attempt, SshIo};
+use crate::error::{Error, Result};
+use crate::forward::Step;
+
+/// Everything a finished command produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_status: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutput {
+    /// EG's `rsh` contract: stdout lines, or stderr lines when stdout is empty.
+    pub fn lines(&self) -> Vec<String> {
+        let src = if self.stdout.iter().any(|b| !b.is_ascii_whitespace()) { &self.stdout } else { &self.stderr };
+        String::from_utf8_lossy(src).lines().map(str::to_string).collect()
+    }
+}
+
+/// The SSH half of one remote command, stepped by the connection actor. Messages never quote the
+/// command: it carries the kernel's environment, which may hold secrets.
+pub struct ExecChannel {
+    ch: ssh2::Channel,
+    command: String,
+    reply: Option<oneshot::Sender<Result<ExecOutput>>>,
+    deadline: Instant,
+    created: Instant,
+    dest: String,
+    started: bool,
+    stdin_closed: bool,
+    out: Vec<u8>,
+    err: Vec<u8>,
+    out_eof: bool,
+    err_eof: bool,
+}
+
+impl ExecChannel {
+    pub fn new(ch: ssh2::Channel, command: String, reply: oneshot::Sender<Result<ExecOutput>>, deadline: Instant, dest: String) -> Self {
+        ExecChannel {
+            ch,
+            command,
+            reply: Some(reply),
+            deadline,
+            created: Instant::now(),
+            dest,
+            started: false,
+            stdin_closed: false,
+            out: Vec::new(),
+            err: Vec::new(),
+            out_eof: false,
+            err_eof: false,
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub fn step(&mut self, io: &SshIo, want_write: &mut bool, scratch: &mut [u8]) -> Step {
+        if self.reply.as_ref().map_or(true, |r| r.is_closed()) {
+            return self.close(io, want_write);
+        }
+        if Instant::now() >= self.deadline {
+            let secs = self.deadline.duration_since(self.created).as_secs_f64().round();
+            self.answer(Err(Error::Timeout { dest: self.dest.clone(), what: "remote command".into(), secs }));
+            return self.close(io, want_write);
+        }
+        if !self.started {
+            match io.attempt(want_write, self.ch.exec(&self.command)) {
+                Attempt::Done(()) => self.started = true,
+                Attempt::Blocked => return Step::Continue,
+                Attempt::Failed(e) => return self.fail(io, want_write, e),
+            }
+        }
+        if !self.stdin_closed {
+            match io.attempt(want_write, self.ch.send_eof()) {
+                Attempt::Done(()) => self.stdin_closed = true,
+                Attempt::Blocked => return Step::Continue,
+                Attempt::Failed(e) => return self.fail(io, want_write, e),
+            }
+        }
+        for stream_id in [0, 1] {
+            loop {
+                let (eof, buf) = if stream_id == 0 { (&mut self.out_eof, &mut self.out) } else { (&mut self.err_eof, &mut self.err) };
+                if *eof {
+                    break;
+                }
+                match io.attempt_io(want_write, self.ch.stream(stream_id).read(scratch)) {
+                    Attempt::Done(0) => *eof = true,
+                    Attempt::Done(n) => buf.extend_from_slice(&scratch[..n]),
+                    Attempt::Blocked => break,
+                    Attempt::Failed(e) => return self.fail(io, want_write, e),
+                }
+            }
+        }
+        if self.out_eof && self.err_eof {
+            let exit_status = self.ch.exit_status().ok();
+            let out = ExecOutput { exit_status, stdout: std::mem::take(&mut self.out), stderr: std::mem::take(&mut self.err) };
+            self.answer(Ok(out));
+            return self.close(io, want_write);
+        }
+        Step::Continue
+    }
+
+    fn answer(&mut self, r: Result<ExecOutput>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(r);
+        }
+    }
+
+    fn fail(&mut self, io: &SshIo, want_write: &mut bool, e: ssh2::Error) -> Step {
+        if is_fatal(&e) {
+            self.answer(Err(Error::Down { dest: self.dest.clone(), cause: e.message().to_string() }));
+            return Step::Fatal(e.message().to_string());
+        }
+        let cause = format!("remote command failed: {}", e.message());
+        self.answer(Err(Error::Other { dest: self.dest.clone(), cause }));
+        self.close(io, want_write)
+    }
+
+    fn close(&mut self, io: &SshIo, want_write: &mut bool) -> Step {
+        match io.attempt(want_write, self.ch.close()) {
+            Attempt::Blocked => Step::Continue,
+            _ => Step::Finished,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_prefer_stdout_then_stderr() {
+        let o = ExecOutput { exit_status: Some(0), stdout: b"123\n".to_vec(), stderr: b"warn\n".to_vec() };
+        assert_eq!(o.lines(), vec!["123"]);
+        let o = ExecOutput { exit_status: Some(1), stdout: b"\n".to_vec(), stderr: b"kill: (42) - No such process\n".to_vec() };
+        assert_eq!(o.lines(), vec!["kill: (42) - No such process"]);
+    }
+}

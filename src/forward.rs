@@ -1,0 +1,322 @@
+//! Local port forwarding: a listener on 127.0.0.1 whose every accepted connection gets its own
+//! direct-tcpip channel, with bytes pumped both ways and half-close carried across.
+//!
+//! Each local connection is one lightweight task (no thread); the SSH side of it is a
+//! `ForwardChannel` stepped by the connection actor, which owns the session.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{debug, warn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::connection::{Connection, OpenRequest, Target};
+use crate::driver::{is_fatal, Attempt, SshIo};
+use crate::error::{Error, Result};
+use crate::keepalive::Channel;
+use crate::stats::{ActiveGuard, ChannelGuard, ForwardStats};
+
+/// How long a local connection waits for its channel (covers a reconnecting SSH link).
+pub const OPEN_WAIT: Duration = Duration::from_secs(10);
+/// terminate() lets accepted bytes drain for at most this long before cutting channels.
+const DRAIN_WAIT: Duration = Duration::from_millis(60);
+/// Chunks in flight per direction per local connection; bounds memory and gives backpressure.
+const QUEUE_DEPTH: usize = 8;
+const CHUNK: usize = 32 * 1024;
+
+/// What one step of a channel concluded.
+pub enum Step {
+    Continue,
+    Finished,
+    /// The whole session failed; the cause is reported once by the actor.
+    Fatal(String),
+}
+
+/// The SSH half of one forwarded local connection.
+pub struct ForwardChannel {
+    ch: ssh2::Channel,
+    to_remote: mpsc::Receiver<Vec<u8>>,
+    from_remote: Option<mpsc::Sender<Vec<u8>>>,
+    /// A chunk being written and how much of it went out already.
+    pending: Option<(Vec<u8>, usize)>,
+    local_eof: bool,
+    eof_sent: bool,
+    remote_eof: bool,
+    local_gone: bool,
+    close_sent: bool,
+    guard: ChannelGuard,
+}
+
+impl ForwardChannel {
+    pub fn new(
+        ch: ssh2::Channel,
+        to_remote: mpsc::Receiver<Vec<u8>>,
+        from_remote: mpsc::Sender<Vec<u8>>,
+        guard: ChannelGuard,
+    ) -> Self {
+        ForwardChannel {
+            ch,
+            to_remote,
+            from_remote: Some(from_remote),
+            pending: None,
+            local_eof: false,
+            eof_sent: false,
+            remote_eof: false,
+            local_gone: false,
+            close_sent: false,
+            guard,
+        }
+    }
+
+    /// Moves what can move now: local bytes out, then remote bytes in, then closing.
+    pub fn step(&mut self, io: &SshIo, want_write: &mut bool, scratch: &mut [u8]) -> Step {
+        // Outbound: local → remote. A chunk stays `pending` until fully written, so a retried write
+        // passes libssh2 the same bytes it started with.
+        loop {
+            if self.pending.is_none() && !self.local_eof {
+                match self.to_remote.try_recv() {
+                    Ok(buf) => self.pending = Some((buf, 0)),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => self.local_eof = true,
+                }
+            }
+            let Some((buf, off)) = self.pending.as_mut() else { break };
+            match io.attempt_io(want_write, self.ch.write(&buf[*off..])) {
+                Attempt::Done(n) => {
+                    *off += n;
+                    self.guard.stats().add_out(n);
+                    if *off == buf.len() {
+                        self.pending = None;
+                    }
+                }
+                Attempt::Blocked => break,
+                Attempt::Failed(e) => return Self::failed(e),
+            }
+        }
+        if self.local_eof && self.pending.is_none() && !self.eof_sent {
+            match io.attempt(want_write, self.ch.send_eof()) {
+                Attempt::Done(()) => self.eof_sent = true,
+                Attempt::Blocked => {}
+                Attempt::Failed(e) => return Self::failed(e),
+            }
+        }
+
+        // Inbound: remote → local, only as far as the local side has room (backpressure).
+        while !self.remote_eof && !self.local_gone {
+            let Some(tx) = self.from_remote.as_ref() else { break };
+            let permit = match tx.try_reserve() {
+                Ok(p) => p,
+                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    self.local_gone = true;
+                    break;
+                }
+            };
+            match io.attempt_io(want_write, self.ch.read(scratch)) {
+                Attempt::Done(0) => self.remote_eof = true,
+                Attempt::Done(n) => {
+                    self.guard.stats().add_in(n);
+                    permit.send(scratch[..n].to_vec());
+                }
+                Attempt::Blocked => break,
+                Attempt::Failed(e) => return Self::failed(e),
+            }
+        }
+        if self.remote_eof || self.local_gone {
+            // Dropping the sender lets the local task finish writing and half-close its socket.
+            self.from_remote = None;
+        }
+
+        // Both directions finished: close the channel (after which libssh2 may free it at once).
+        if self.eof_sent && (self.remote_eof || self.local_gone) {
+            return self.close(io, want_write);
+        }
+        Step::Continue
+    }
+
+    fn close(&mut self, io: &SshIo, want_write: &mut bool) -> Step {
+        if self.close_sent {
+            return Step::Finished;
+        }
+        match io.attempt(want_write, self.ch.close()) {
+            Attempt::Done(()) => {
+                self.close_sent = true;
+                Step::Finished
+            }
+            Attempt::Blocked => Step::Continue,
+            Attempt::Failed(e) if is_fatal(&e) => Step::Fatal(e.message().to_string()),
+            Attempt::Failed(_) => Step::Finished,
+        }
+    }
+
+    fn failed(e: ssh2::Error) -> Step {
+        if is_fatal(&e) {
+            return Step::Fatal(e.message().to_string());
+        }
+        debug!("forwarded channel failed: {}", e.message());
+        Step::Finished
+    }
+}
+
+/// Identity and settings of one forward, shared with status().
+pub struct ForwardInfo {
+    pub id: u64,
+    pub channel: Channel,
+    pub kernel_id: Option<String>,
+    pub remote_host: String,
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub keep_alive_interval: u64,
+    pub count_max: u32,
+    pub stats: Arc<ForwardStats>,
+}
+
+/// A listening forward. `terminate` is idempotent and bounded in time.
+pub struct Forward {
+    pub info: Arc<ForwardInfo>,
+    pub conn: Arc<Connection>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    terminated: AtomicBool,
+}
+
+impl Forward {
+    /// Starts serving an already bound listener over `conn`.
+    pub fn start(listener: TcpListener, conn: Arc<Connection>, info: Arc<ForwardInfo>) -> Forward {
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, conn.clone(), info.clone(), stop_rx));
+        Forward { info, conn, stop, task: Mutex::new(Some(task)), terminated: AtomicBool::new(false) }
+    }
+
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.load(Ordering::Acquire)
+    }
+
+    /// Closes the listener, lets accepted bytes reach the remote end (briefly), and stops every task
+    /// of this forward. Returns false if it had already been terminated.
+    pub async fn terminate(&self) -> bool {
+        if self.terminated.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let _ = self.stop.send(true);
+        let task = self.task.lock().unwrap().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        // The local tasks are gone; wait (bounded) for the actor to flush and close their channels.
+        let drained = tokio::time::timeout(DRAIN_WAIT, self.info.stats.all_channels_closed()).await;
+        if drained.is_err() {
+            debug!("{} forward: channels still closing after {:?}", self.info.channel, DRAIN_WAIT);
+        }
+        true
+    }
+}
+
+/// Binds 127.0.0.1:`port` (0 = any free port). Only loopback: the tunnel's far end is trusted only
+/// to the gateway process's host.
+pub async fn bind_local(port: u16) -> Result<TcpListener> {
+    TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| Error::Invalid(format!("cannot listen on 127.0.0.1:{port}: {e}")))
+}
+
+async fn accept_loop(listener: TcpListener, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tasks.spawn(serve_local(stream, conn.clone(), info.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off briefly instead of spinning.
+                    warn!("{} forward on 127.0.0.1:{}: accept failed: {e}", info.channel, info.local_port);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    // Free the port first: callers may re-bind it as soon as terminate() returns.
+    drop(listener);
+    // Local tasks stop at once on the same signal; anything slower is cut.
+    let all_done = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_WAIT, all_done).await.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {
+    let _active = ActiveGuard::new(info.stats.clone());
+    let (to_remote_tx, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
+    let (from_remote_tx, mut from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    conn.open(OpenRequest {
+        target: Target::Forward {
+            host: info.remote_host.clone(),
+            port: info.remote_port,
+            to_remote: to_remote_rx,
+            from_remote: from_remote_tx,
+            stats: info.stats.clone(),
+            reply: reply_tx,
+        },
+        deadline: Instant::now() + OPEN_WAIT,
+    });
+    let opened = tokio::select! {
+        r = reply_rx => r.unwrap_or_else(|_| Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() })),
+        _ = stop.changed() => return,
+    };
+    if let Err(e) = opened {
+        // Closing only this local connection; the forward keeps serving.
+        warn!("{} forward 127.0.0.1:{} -> {}:{}: {e}; closing that local connection", info.channel, info.local_port, info.remote_host, info.remote_port);
+        return;
+    }
+
+    let (mut rd, mut wr) = stream.into_split();
+    let wake = &conn.shared.wake;
+    let upstream = async move {
+        let tx = to_remote_tx;
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(buf).await.is_err() {
+                        break;
+                    }
+                    wake.notify_one();
+                }
+            }
+        }
+        // Dropping `tx` tells the actor: local EOF, send the channel EOF once flushed.
+        drop(tx);
+        wake.notify_one();
+    };
+    let downstream = async {
+        while let Some(buf) = from_remote_rx.recv().await {
+            wake.notify_one();
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+        // Closing the receiver tells the actor nobody reads this direction any more.
+        from_remote_rx.close();
+        wake.notify_one();
+    };
+    tokio::select! {
+        _ = async { tokio::join!(upstream, downstream) } => {}
+        _ = stop.changed() => {}
+    }
+    wake.notify_one();
+}

@@ -1,0 +1,30 @@
+//! egtunnel: native SSH tunnels and remote exec for Jupyter Enterprise Gateway kernels.
+//!
+//! Layout, one concern per module:
+//! - `keepalive`: EG's keep-alive policy per kernel channel, and the probe schedule.
+//! - `config`: connection settings (host-key policy, tunnel mode, defaults) and their validation.
+//! - `error`: the one error type; `bindings` maps it to Python exceptions.
+//! - `net`: socket options std lacks (TCP_QUICKACK, TCP_INFO).
+//! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
+//! - `session`: connect, host-key check, authentication, reconnect backoff.
+//! - `connection`: the actor owning one SSH session: channel opens, pumping, keep-alive, reconnects.
+//! - `forward`: local listeners and the per-connection byte pump.
+//! - `exec`: remote commands over the same connection.
+//! - `pool`: one connection per host (shared) or per port, lingering and status.
+//! - `stats`: counters read without disturbing the actor.
+//! - `runtime`: the process-wide tokio runtime.
+//! - `bindings`: the thin PyO3 layer (`egtunnel._native`).
+
+pub mod bindings;
+pub mod config;
+pub mod connection;
+pub mod driver;
+pub mod error;
+pub mod exec;
+pub mod forward;
+pub mod keepalive;
+pub mod net;
+pub mod pool;
+pub mod runtime;
+pub mod session;
+pub mod stats;

@@ -1,0 +1,266 @@
+//! Establishing one SSH connection: TCP connect, handshake, host-key check and authentication.
+//!
+//! Runs entirely on the tokio runtime with libssh2 in non-blocking mode, bounded by the connect
+//! timeout, so opening hundreds of connections costs no threads.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use log::{debug, info};
+use ssh2::{CheckResult, HostKeyType, KnownHostFileKind, KnownHostKeyFormat};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+
+use crate::config::{ConnectSpec, HostKeyPolicy};
+use crate::driver::{RetryError, SshIo};
+use crate::error::{Error, Result};
+
+/// Connects and authenticates, or explains precisely why not. Nothing stays open on failure.
+pub async fn establish(spec: &ConnectSpec) -> Result<SshIo> {
+    let deadline = Instant::now() + spec.connect_timeout();
+    let dest = spec.dest();
+    let timed_out = |stage: &str| Error::Connect {
+        dest: dest.clone(),
+        cause: format!("{stage} timed out after {} s", spec.connect_timeout().as_secs_f64()),
+    };
+
+    let stream = timeout_at(deadline, connect_tcp(spec)).await.map_err(|_| timed_out("TCP connect"))??;
+    let std_stream = stream.into_std().map_err(|e| connect_err(spec, e))?;
+    let io = SshIo::new(std_stream).map_err(|e| connect_err(spec, e))?;
+
+    timeout_at(deadline, io.retry(|s| s.clone().handshake()))
+        .await
+        .map_err(|_| timed_out("SSH handshake"))?
+        .map_err(|e| Error::Connect { dest: dest.clone(), cause: format!("SSH handshake failed: {e}") })?;
+
+    check_host_key(&io, spec)?;
+
+    timeout_at(deadline, authenticate(&io, spec)).await.map_err(|_| timed_out("authentication"))??;
+    debug!("connected to {dest}");
+    Ok(io)
+}
+
+async fn connect_tcp(spec: &ConnectSpec) -> Result<TcpStream> {
+    let addrs: Vec<_> = tokio::net::lookup_host((spec.host.as_str(), spec.port))
+        .await
+        .map_err(|e| Error::Connect { dest: spec.dest(), cause: format!("cannot resolve host: {e}") })?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => connect_err(spec, e),
+        None => Error::Connect { dest: spec.dest(), cause: "host resolved to no address".into() },
+    })
+}
+
+fn connect_err(spec: &ConnectSpec, e: std::io::Error) -> Error {
+    Error::Connect { dest: spec.dest(), cause: e.to_string() }
+}
+
+fn key_type_name(t: HostKeyType) -> &'static str {
+    match t {
+        HostKeyType::Rsa => "ssh-rsa",
+        HostKeyType::Dss => "ssh-dss",
+        HostKeyType::Ecdsa256 => "ecdsa-sha2-nistp256",
+        HostKeyType::Ecdsa384 => "ecdsa-sha2-nistp384",
+        HostKeyType::Ecdsa521 => "ecdsa-sha2-nistp521",
+        HostKeyType::Ed25519 => "ssh-ed25519",
+        HostKeyType::Unknown => "unknown",
+    }
+}
+
+/// OpenSSH writes non-default ports as [host]:port; libssh2 matches the same form.
+fn host_pattern(spec: &ConnectSpec) -> String {
+    if spec.port == 22 {
+        spec.host.clone()
+    } else {
+        format!("[{}]:{}", spec.host, spec.port)
+    }
+}
+
+fn check_host_key(io: &SshIo, spec: &ConnectSpec) -> Result<()> {
+    if spec.host_key_policy == HostKeyPolicy::Off {
+        return Ok(());
+    }
+    let dest = spec.dest();
+    let hk_err = |cause: String| Error::HostKey { dest: dest.clone(), cause };
+    let (key, ktype) = io.sess.host_key().ok_or_else(|| hk_err("the server sent no host key".into()))?;
+    let key = key.to_vec();
+    let path = &spec.known_hosts;
+    let mut kh = io.sess.known_hosts().map_err(|e| hk_err(e.message().to_string()))?;
+    if path.exists() {
+        kh.read_file(path, KnownHostFileKind::OpenSSH)
+            .map_err(|e| hk_err(format!("cannot read {}: {}", path.display(), e.message())))?;
+    }
+    match kh.check_port(&spec.host, spec.port, &key) {
+        CheckResult::Match => Ok(()),
+        CheckResult::Mismatch => Err(hk_err(format!(
+            "the {} key the server presented differs from the one recorded for {} in {} \
+             (possible man-in-the-middle, or the host was reinstalled: verify, then remove the old line)",
+            key_type_name(ktype),
+            host_pattern(spec),
+            path.display()
+        ))),
+        CheckResult::NotFound if spec.host_key_policy == HostKeyPolicy::AcceptNew => {
+            kh.add(&host_pattern(spec), &key, "added by egtunnel", KnownHostKeyFormat::from(ktype))
+                .map_err(|e| hk_err(e.message().to_string()))?;
+            let added = kh
+                .hosts()
+                .ok()
+                .and_then(|hosts| hosts.last().and_then(|h| kh.write_string(h, KnownHostFileKind::OpenSSH).ok()))
+                .ok_or_else(|| hk_err("cannot format the new known_hosts line".into()))?;
+            append_line(path, &added).map_err(|e| hk_err(format!("cannot record the key in {}: {e}", path.display())))?;
+            info!("recorded new {} host key for {} in {}", key_type_name(ktype), host_pattern(spec), path.display());
+            Ok(())
+        }
+        CheckResult::NotFound => Err(hk_err(format!(
+            "{} is not in {} (host_key_policy strict): add its key, e.g. `ssh-keyscan -p {} {} >> {}`, \
+             or use host_key_policy accept-new",
+            host_pattern(spec),
+            path.display(),
+            spec.port,
+            spec.host,
+            path.display()
+        ))),
+        CheckResult::Failure => Err(hk_err(format!("libssh2 could not check the key against {}", path.display()))),
+    }
+}
+
+fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut line = line.trim_end().to_string();
+    line.push('\n');
+    f.write_all(line.as_bytes())
+}
+
+/// Tries, in OpenSSH's order: agent, explicit identity, default identities, password.
+async fn authenticate(io: &SshIo, spec: &ConnectSpec) -> Result<()> {
+    let user = spec.user.as_str();
+    let mut tried: Vec<String> = Vec::new();
+
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        match agent_auth(io, user).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => tried.push("ssh-agent: no key accepted".into()),
+            Err(e) if is_transport_failure(&e) => return Err(lost(spec, &e)),
+            Err(e) => tried.push(format!("ssh-agent: {e}")),
+        }
+    }
+
+    let mut files = Vec::new();
+    if let Some(f) = &spec.identity_file {
+        if !f.exists() {
+            return Err(Error::Auth {
+                dest: spec.dest(),
+                cause: format!("identity file {} does not exist", f.display()),
+            });
+        }
+        files.push(f.clone());
+    }
+    files.extend(spec.default_identities().into_iter().filter(|p| p.exists() && Some(p) != spec.identity_file.as_ref()));
+    for f in &files {
+        match io.retry(|s| s.userauth_pubkey_file(user, None, f, None)).await {
+            Ok(()) if io.sess.authenticated() => return Ok(()),
+            Ok(()) => tried.push(format!("{}: not accepted", f.display())),
+            Err(e) if is_transport_failure(&e) => return Err(lost(spec, &e)),
+            Err(e) => tried.push(format!("{}: {e}", f.display())),
+        }
+    }
+
+    if let Some(pw) = &spec.password {
+        match io.retry(|s| s.userauth_password(user, pw)).await {
+            Ok(()) if io.sess.authenticated() => return Ok(()),
+            Ok(()) => tried.push("password: not accepted".into()),
+            Err(e) if is_transport_failure(&e) => return Err(lost(spec, &e)),
+            // libssh2's message never contains the password itself.
+            Err(e) => tried.push(format!("password: {e}")),
+        }
+    }
+
+    if tried.is_empty() {
+        tried.push("no method available (no agent, no identity file, no password)".into());
+    }
+    Err(Error::Auth { dest: spec.dest(), cause: tried.join("; ") })
+}
+
+async fn agent_auth(io: &SshIo, user: &str) -> std::result::Result<bool, RetryError> {
+    let mut agent = io.sess.agent().map_err(RetryError::Ssh)?;
+    agent.connect().map_err(RetryError::Ssh)?;
+    agent.list_identities().map_err(RetryError::Ssh)?;
+    let ids = agent.identities().map_err(RetryError::Ssh)?;
+    for id in &ids {
+        if io.retry(|_| agent.userauth(user, id)).await.is_ok() && io.sess.authenticated() {
+            let _ = agent.disconnect();
+            return Ok(true);
+        }
+    }
+    let _ = agent.disconnect();
+    Ok(false)
+}
+
+/// A dropped socket during authentication is a connection problem, not a refused key.
+fn is_transport_failure(e: &RetryError) -> bool {
+    const SOCKET_SEND: i32 = -7;
+    const SOCKET_DISCONNECT: i32 = -13;
+    const SOCKET_RECV: i32 = -43;
+    match e {
+        RetryError::Io(_) => true,
+        RetryError::Ssh(e) => matches!(
+            e.code(),
+            ssh2::ErrorCode::Session(SOCKET_SEND | SOCKET_DISCONNECT | SOCKET_RECV)
+        ),
+    }
+}
+
+fn lost(spec: &ConnectSpec, e: &RetryError) -> Error {
+    Error::Connect { dest: spec.dest(), cause: format!("connection lost during authentication: {e}") }
+}
+
+/// How long to wait before reconnect attempt `attempt` (0-based): 1 s doubling to 30 s, with jitter.
+pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
+    let base = 1000u64.saturating_mul(1u64 << attempt.min(5)).min(30_000);
+    // Up to +/-20 % so that many gateways' connections to one host do not retry in lockstep.
+    let span = base / 5;
+    let offset = splitmix(jitter_seed) % (2 * span + 1);
+    Duration::from_millis(base - span + offset)
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_a_thirty_second_cap() {
+        for seed in 0..200u64 {
+            let d: Vec<u64> = (0..10).map(|a| backoff(a, seed).as_millis() as u64).collect();
+            assert!((800..=1200).contains(&d[0]), "{d:?}");
+            assert!((1600..=2400).contains(&d[1]), "{d:?}");
+            assert!((3200..=4800).contains(&d[2]), "{d:?}");
+            for late in &d[5..] {
+                assert!((24_000..=36_000).contains(late), "{d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_has_jitter() {
+        let distinct: std::collections::HashSet<_> = (0..50u64).map(|s| backoff(3, s)).collect();
+        assert!(distinct.len() > 10);
+    }
+}

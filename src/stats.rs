@@ -1,0 +1,86 @@
+//! Counters shared between a forward, its local connections and the connection driver.
+//!
+//! Atomics rather than messages: status() and stats() read them from any thread without asking the
+//! driver, so observing a busy tunnel never slows it down.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct ForwardStats {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Local connections accepted since the forward opened.
+    pub connections: AtomicU64,
+    /// Local connections currently being served.
+    pub active: AtomicU64,
+    /// SSH channels of this forward the driver still holds; terminate waits for zero.
+    open_channels: AtomicUsize,
+    channels_closed: Notify,
+}
+
+impl ForwardStats {
+    pub fn add_in(&self, n: usize) {
+        self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn add_out(&self, n: usize) {
+        self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn open_channels(&self) -> usize {
+        self.open_channels.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the driver has closed every channel of this forward.
+    pub async fn all_channels_closed(&self) {
+        loop {
+            let notified = self.channels_closed.notified();
+            if self.open_channels() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held by the driver for each live channel of a forward.
+pub struct ChannelGuard(Arc<ForwardStats>);
+
+impl ChannelGuard {
+    pub fn new(stats: Arc<ForwardStats>) -> Self {
+        stats.open_channels.fetch_add(1, Ordering::AcqRel);
+        ChannelGuard(stats)
+    }
+
+    pub fn stats(&self) -> &ForwardStats {
+        &self.0
+    }
+}
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        if self.0.open_channels.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.channels_closed.notify_waiters();
+        }
+    }
+}
+
+/// Counts a local connection as active for as long as it lives.
+pub struct ActiveGuard(Arc<ForwardStats>);
+
+impl ActiveGuard {
+    pub fn new(stats: Arc<ForwardStats>) -> Self {
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(stats)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyConnectionRefusedError, PyValueError};
+use pyo3::exceptions::{PyConnectionRefusedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyBytes, PyDict, PyList, PyType};
@@ -39,7 +39,10 @@ fn to_py(err: Error, context: &str) -> PyErr {
     Python::with_gil(|py| {
         let (cell, name) = match &err {
             Error::Invalid(_) => return PyValueError::new_err(msg),
-            Error::Refused { .. } => return PyConnectionRefusedError::new_err(msg),
+            // errno set so code written for sockets (EG checks `e.errno == ECONNREFUSED`) works as is.
+            Error::Refused { .. } => return PyConnectionRefusedError::new_err((libc::ECONNREFUSED, msg)),
+            Error::Bind { in_use: true, .. } => return PyOSError::new_err((libc::EADDRINUSE, msg)),
+            Error::Bind { .. } => return PyOSError::new_err(msg),
             Error::Connect { .. } => (&CONNECT, "SshConnectError"),
             Error::Auth { .. } => (&AUTH, "SshAuthError"),
             Error::HostKey { .. } => (&HOST_KEY, "HostKeyError"),
@@ -380,7 +383,7 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust `log` records go to Python logging under the "egtunnel" logger.
-    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?
         .filter_target("egtunnel".to_owned(), log::LevelFilter::Trace)
         .install();
     m.add("MAX_KEEP_ALIVE_INTERVAL", MAX_KEEP_ALIVE_INTERVAL)?;

@@ -364,6 +364,9 @@ impl Actor {
             if let Err(cause) = self.pump(&io, &mut chans, &mut want_write) {
                 return Exit::Dead(cause);
             }
+            // Our own sends may have put the socket back into delayed-ACK mode; push out any ACK
+            // still pending before going idle, or sshd's Nagle holds its next packet for ~40 ms.
+            net::set_quickack(io.fd());
             let now = Instant::now();
             let keepalive_at = match keepalive_check(&io, interval, self.count_max, last_probe, now) {
                 ProbeAction::Dead => {
@@ -372,16 +375,19 @@ impl Actor {
                         self.count_max, interval
                     ))
                 }
-                ProbeAction::Probe => {
-                    match io.attempt(&mut want_write, io.sess.keepalive_send()) {
-                        Attempt::Done(_) | Attempt::Blocked => {
-                            last_probe = Some(now);
-                            self.shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Attempt::Failed(e) => return Exit::Dead(format!("keep-alive failed: {}", e.message())),
+                ProbeAction::Probe => match io.attempt_small(&mut want_write, |s: &mut &ssh2::Session| s.keepalive_send(), &mut &io.sess) {
+                    // libssh2 answers with the seconds until its next probe: the full interval
+                    // when it sent one now, less when its own (whole-second) clock says "not yet".
+                    Attempt::Done(next) if u64::from(next) >= native_interval(interval) => {
+                        last_probe = Some(now);
+                        self.shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
+                        continue;
                     }
-                    continue;
-                }
+                    Attempt::Done(next) => now + Duration::from_secs(u64::from(next.max(1))),
+                    // Another packet is still going out: retry once the socket drains.
+                    Attempt::Blocked => now + Duration::from_secs(interval),
+                    Attempt::Failed(e) => return Exit::Dead(format!("keep-alive failed: {}", e.message())),
+                },
                 ProbeAction::Wait(d) => now + d,
             };
             let expiry = self.next_expiry().min(chans.next_deadline()).min(keepalive_at);
@@ -463,10 +469,14 @@ fn nanos() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
 }
 
+/// The interval as libssh2 stores it: unsigned 32-bit (EG's maximum, 100 years, fits), and never
+/// below 2 s, libssh2's own floor.
+fn native_interval(interval: u64) -> u64 {
+    interval.clamp(2, u32::MAX as u64)
+}
+
 fn configure_keepalive(io: &SshIo, interval: u64) {
-    // libssh2 keeps the interval as unsigned 32-bit; EG's maximum (100 years) fits.
-    let native = interval.min(u32::MAX as u64) as u32;
-    io.sess.set_keepalive(true, native);
+    io.sess.set_keepalive(true, native_interval(interval) as u32);
 }
 
 fn keepalive_check(io: &SshIo, interval: u64, count_max: u32, last_probe: Option<Instant>, now: Instant) -> ProbeAction {
@@ -519,6 +529,14 @@ impl Channels {
     fn step_all(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<(), String> {
         if self.scratch.is_empty() {
             self.scratch = vec![0u8; 32 * 1024];
+        }
+        // Pull everything already in the socket into libssh2's queue before stepping any channel.
+        // Otherwise a channel stepped early could have its data drained by a later channel's call:
+        // the socket would then be empty, no readiness event would follow, and that data would wait.
+        for f in &mut self.forwards {
+            if f.drain(io, want_write)? {
+                break;
+            }
         }
         let mut fatal = None;
         self.forwards.retain_mut(|f| match f.step(io, want_write, &mut self.scratch) {

@@ -136,6 +136,21 @@ impl SshIo {
         }
     }
 
+    /// For libssh2 calls whose packet lives on libssh2's stack (channel EOF, keep-alive): run only when
+    /// the socket can take the whole packet, so none is ever left half-sent (see `net::writable_now`).
+    pub fn attempt_small<C, T>(
+        &self,
+        want_write: &mut bool,
+        op: impl FnOnce(&mut C) -> Result<T, ssh2::Error>,
+        target: &mut C,
+    ) -> Attempt<T> {
+        if !net::writable_now(self.fd()) {
+            *want_write = true;
+            return Attempt::Blocked;
+        }
+        self.attempt(want_write, op(target))
+    }
+
     /// Same for the `std::io` face of channels, recovering libssh2's error code from the session.
     pub fn attempt_io<T>(&self, want_write: &mut bool, r: io::Result<T>) -> Attempt<T> {
         match r {

@@ -9,6 +9,8 @@ use std::fmt;
 pub enum Error {
     /// Bad argument from the caller; the message says what to fix.
     Invalid(String),
+    /// The local port could not be bound (taken, or not permitted).
+    Bind { port: u16, cause: String, in_use: bool },
     /// TCP connect or SSH handshake failed or timed out.
     Connect { dest: String, cause: String },
     /// Every authentication method was refused.
@@ -32,6 +34,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Invalid(_) => "invalid",
+            Error::Bind { .. } => "bind",
             Error::Connect { .. } => "connect",
             Error::Auth { .. } => "auth",
             Error::HostKey { .. } => "host-key",
@@ -52,6 +55,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Invalid(msg) => f.write_str(msg),
+            Error::Bind { port, cause, .. } => write!(f, "cannot listen on 127.0.0.1:{port}: {cause}"),
             Error::Connect { dest, cause } => write!(f, "cannot connect to {dest}: {cause}"),
             Error::Auth { dest, cause } => write!(f, "authentication to {dest} failed: {cause}"),
             Error::HostKey { dest, cause } => write!(f, "host key check for {dest} failed: {cause}"),

@@ -85,7 +85,7 @@ impl ExecChannel {
             }
         }
         if !self.stdin_closed {
-            match io.attempt(want_write, self.ch.send_eof()) {
+            match io.attempt_small(want_write, |ch: &mut ssh2::Channel| ch.send_eof(), &mut self.ch) {
                 Attempt::Done(()) => self.stdin_closed = true,
                 Attempt::Blocked => return Step::Continue,
                 Attempt::Failed(e) => return self.fail(io, want_write, e),

@@ -100,7 +100,7 @@ impl ForwardChannel {
             }
         }
         if self.local_eof && self.pending.is_none() && !self.eof_sent {
-            match io.attempt(want_write, self.ch.send_eof()) {
+            match io.attempt_small(want_write, |ch: &mut ssh2::Channel| ch.send_eof(), &mut self.ch) {
                 Attempt::Done(()) => self.eof_sent = true,
                 Attempt::Blocked => {}
                 Attempt::Failed(e) => return Self::failed(e),
@@ -138,6 +138,20 @@ impl ForwardChannel {
             return self.close(io, want_write);
         }
         Step::Continue
+    }
+
+    /// Reads nothing but makes libssh2 pull every packet the socket holds into its queue. Returns
+    /// whether that happened (a channel already at EOF short-circuits without reading).
+    pub fn drain(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<bool, String> {
+        if self.remote_eof {
+            return Ok(false);
+        }
+        match io.attempt_io(want_write, self.ch.read(&mut [])) {
+            Attempt::Blocked => Ok(true),
+            Attempt::Done(_) => Ok(false),
+            Attempt::Failed(e) if is_fatal(&e) => Err(e.message().to_string()),
+            Attempt::Failed(_) => Ok(false),
+        }
     }
 
     fn close(&mut self, io: &SshIo, want_write: &mut bool) -> Step {
@@ -223,7 +237,7 @@ impl Forward {
 pub async fn bind_local(port: u16) -> Result<TcpListener> {
     TcpListener::bind(("127.0.0.1", port))
         .await
-        .map_err(|e| Error::Invalid(format!("cannot listen on 127.0.0.1:{port}: {e}")))
+        .map_err(|e| Error::Bind { port, in_use: e.kind() == std::io::ErrorKind::AddrInUse, cause: e.to_string() })
 }
 
 async fn accept_loop(listener: TcpListener, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {

@@ -65,3 +65,15 @@ pub fn closed_by_peer(fd: RawFd) -> Option<String> {
         other => Some(format!("the connection left the established state (TCP state {other})")),
     }
 }
+
+/// Whether a small write would go out whole right now.
+///
+/// libssh2 builds a few tiny packets (channel EOF, keep-alive) in stack buffers; if one of them were
+/// only partly sent, finishing it would need the very same buffer address again, which a retry from
+/// another call path cannot provide. Sending them only when the socket has room avoids that state.
+pub fn writable_now(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 1 && pfd.revents & libc::POLLOUT != 0
+}

@@ -157,7 +157,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
     let listener = bind_local(req.local_port).await?;
     let local_port = listener
         .local_addr()
-        .map_err(|e| Error::Invalid(format!("cannot read the local address: {e}")))?
+        .map_err(|e| Error::Bind { port: req.local_port, in_use: false, cause: e.to_string() })?
         .port();
     let conn = acquire(spec, mode, req.keep_alive_interval, req.count_max).await?;
     let info = Arc::new(ForwardInfo {
@@ -209,7 +209,7 @@ pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Resul
 /// has closed its side: by then the request was delivered. A refusal is reported as `Refused`.
 pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
     if fwd.is_terminated() {
-        return Err(Error::Invalid(format!("the {} tunnel was terminated", fwd.info.channel)));
+        return Err(Error::Other { dest: fwd.conn.dest(), cause: format!("the {} tunnel was terminated", fwd.info.channel) });
     }
     let conn = &fwd.conn;
     let (to_remote, to_remote_rx) = mpsc::channel(1);

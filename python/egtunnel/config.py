@@ -1,0 +1,255 @@
+"""Settings of the Enterprise Gateway process proxies: parsed and validated once per kernel start.
+
+Pure Python with no Enterprise Gateway or native import, so that every rule can be tested without a
+gateway or an SSH server. Sources are the gateway's environment (EG's own variable names where EG has
+one) and the kernelspec's `metadata.process_proxy.config`, which overrides the environment per kernelspec.
+A bad value raises `SettingError` naming the setting and the value; the proxies turn it into HTTP 500.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+__all__ = [
+    "ALLOWED_HOST_KEY_POLICIES",
+    "ALLOWED_TUNNEL_MODES",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_KEEPALIVE_COUNT_MAX",
+    "DEFAULT_KEEPALIVE_MARGIN",
+    "DEFAULT_SSH_PORT",
+    "MAX_KEEPALIVE_COUNT_MAX",
+    "MAX_KEEPALIVE_MARGIN",
+    "SettingError",
+    "SshSettings",
+    "TunnelSettings",
+    "cull_idle_timeout_of",
+    "parse_ssh_settings",
+    "parse_tunnel_settings",
+    "parse_tunneling",
+]
+
+DEFAULT_SSH_PORT = 22
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_KEEPALIVE_MARGIN = 60
+DEFAULT_KEEPALIVE_COUNT_MAX = 3
+ALLOWED_HOST_KEY_POLICIES = ("strict", "accept-new", "off")
+ALLOWED_TUNNEL_MODES = ("shared", "per-port")
+
+# The native keep-alive timer is an unsigned 32-bit count of seconds; a margin up to EG's own maximum
+# interval (100 years) keeps culling timeout + margin inside it, and anything larger is a typo.
+MAX_KEEPALIVE_MARGIN = 100 * 365 * 24 * 60 * 60
+MAX_KEEPALIVE_COUNT_MAX = 2**31 - 1
+
+_TRUE = ("true",)
+_FALSE = ("false",)
+
+
+class SettingError(ValueError):
+    """A setting has a value the proxies cannot use; `str()` names the setting and the value."""
+
+    def __init__(self, setting: str, value: object, expected: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.expected = expected
+        super().__init__(f"Invalid value {value!r} for {setting}: {expected}")
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How the gateway reaches a kernel host over SSH: one set for tunnels and remote exec alike."""
+
+    port: int = DEFAULT_SSH_PORT
+    user: Optional[str] = None
+    # Never printed: excluded from repr so that logging a settings object cannot leak it.
+    password: Optional[str] = field(default=None, repr=False)
+    known_hosts: Optional[str] = None
+    host_key_policy: str = "strict"
+    identity_file: Optional[str] = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def destination(self, host: str) -> str:
+        """`user@host:port`, the form every error message names."""
+        user = self.user if self.user else _current_user()
+        return f"{user}@{host}:{self.port}"
+
+    def native_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by `open_tunnel` and `remote_exec`."""
+        return {
+            "port": self.port,
+            "user": self.user,
+            "password": self.password,
+            "known_hosts": self.known_hosts,
+            "host_key_policy": self.host_key_policy,
+            "identity_file": self.identity_file,
+            "connect_timeout": self.connect_timeout,
+        }
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """Per-kernelspec tunnel behaviour: connection sharing and the keep-alive policy's knobs."""
+
+    mode: str = "shared"
+    keepalive_margin: int = DEFAULT_KEEPALIVE_MARGIN
+    keepalive_count_max: int = DEFAULT_KEEPALIVE_COUNT_MAX
+
+
+def _current_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def _config(proxy_config: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
+    return proxy_config if proxy_config is not None else {}
+
+
+def _env_value(environ: Mapping[str, str], name: str) -> Optional[str]:
+    # Container templates commonly export empty variables to mean "unset"; EG treats EG_REMOTE_USER the same way.
+    value = environ.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+def _kernelspec_name(key: str) -> str:
+    return f"kernelspec process_proxy.config.{key}"
+
+
+def _pick(
+    environ: Mapping[str, str], env_name: str, proxy_config: Mapping[str, Any], key: Optional[str]
+) -> tuple[Optional[object], str]:
+    """The effective raw value and the name to blame for it: the kernelspec wins over the environment."""
+    if key is not None and proxy_config.get(key) is not None:
+        return proxy_config[key], _kernelspec_name(key)
+    return _env_value(environ, env_name), env_name
+
+
+def _int_setting(raw: object, setting: str, *, minimum: int, maximum: int, expected: str) -> int:
+    # bool is an int subclass, and "1.0" or 2.5 are not integers: accept only what is written as one.
+    if isinstance(raw, bool):
+        raise SettingError(setting, raw, expected)
+    if isinstance(raw, int):
+        value = raw
+    elif isinstance(raw, str) and raw.strip().isdigit() and raw.strip().isascii():
+        value = int(raw.strip())
+    elif isinstance(raw, str) and raw.strip().startswith("-") and raw.strip()[1:].isdigit():
+        value = int(raw.strip())
+    else:
+        raise SettingError(setting, raw, expected)
+    if value < minimum or value > maximum:
+        raise SettingError(setting, raw, expected)
+    return value
+
+
+def _choice(raw: object, setting: str, allowed: tuple[str, ...]) -> str:
+    expected = "allowed values are " + ", ".join(repr(a) for a in allowed)
+    if not isinstance(raw, str) or raw.strip().lower() not in allowed:
+        raise SettingError(setting, raw, expected)
+    return raw.strip().lower()
+
+
+def _path(raw: Optional[str]) -> Optional[str]:
+    return os.path.expanduser(raw) if raw else None
+
+
+def parse_tunneling(proxy_config: Optional[Mapping[str, Any]], eg_default: bool) -> bool:
+    """Whether this kernelspec's kernels are tunneled: the kernelspec's `tunneling`, else EG's decision."""
+    raw = _config(proxy_config).get("tunneling")
+    if raw is None:
+        return bool(eg_default)
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE + _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise SettingError(_kernelspec_name("tunneling"), raw, "must be true or false")
+
+
+def parse_ssh_settings(
+    environ: Mapping[str, str],
+    *,
+    user: Optional[str] = None,
+    password: Optional[str] = None,
+) -> SshSettings:
+    """SSH settings from EG's variables; `user` and `password` come from EG's own proxy (EG_REMOTE_*)."""
+    port_raw = _env_value(environ, "EG_SSH_PORT")
+    port = DEFAULT_SSH_PORT
+    if port_raw is not None:
+        port = _int_setting(
+            port_raw, "EG_SSH_PORT", minimum=1, maximum=65535, expected="must be a port number 1-65535"
+        )
+
+    policy_raw = _env_value(environ, "EG_SSH_HOST_KEY_POLICY")
+    policy = "strict"
+    if policy_raw is not None:
+        policy = _choice(policy_raw, "EG_SSH_HOST_KEY_POLICY", ALLOWED_HOST_KEY_POLICIES)
+
+    timeout_raw = _env_value(environ, "EG_SSH_CONNECT_TIMEOUT")
+    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+    if timeout_raw is not None:
+        expected = "must be a positive number of seconds"
+        try:
+            connect_timeout = float(timeout_raw)
+        except ValueError:
+            raise SettingError("EG_SSH_CONNECT_TIMEOUT", timeout_raw, expected) from None
+        if not math.isfinite(connect_timeout) or connect_timeout <= 0:
+            raise SettingError("EG_SSH_CONNECT_TIMEOUT", timeout_raw, expected)
+
+    return SshSettings(
+        port=port,
+        user=user or None,
+        password=password or None,
+        known_hosts=_path(_env_value(environ, "EG_SSH_KNOWN_HOSTS")),
+        host_key_policy=policy,
+        identity_file=_path(_env_value(environ, "EG_SSH_IDENTITY_FILE")),
+        connect_timeout=connect_timeout,
+    )
+
+
+def parse_tunnel_settings(
+    environ: Mapping[str, str], proxy_config: Optional[Mapping[str, Any]]
+) -> TunnelSettings:
+    """Tunnel mode and keep-alive knobs; the kernelspec's config keys override the environment."""
+    cfg = _config(proxy_config)
+
+    raw, setting = _pick(environ, "EG_SSH_TUNNEL_MODE", cfg, "tunnel_mode")
+    mode = "shared" if raw is None else _choice(raw, setting, ALLOWED_TUNNEL_MODES)
+
+    raw, setting = _pick(environ, "EG_SSH_KEEPALIVE_MARGIN", cfg, "keepalive_margin")
+    margin = DEFAULT_KEEPALIVE_MARGIN
+    if raw is not None:
+        margin = _int_setting(
+            raw,
+            setting,
+            minimum=0,
+            maximum=MAX_KEEPALIVE_MARGIN,
+            expected=f"must be a non-negative integer (seconds, at most {MAX_KEEPALIVE_MARGIN})",
+        )
+
+    raw, setting = _pick(environ, "EG_SSH_KEEPALIVE_COUNT_MAX", cfg, "keepalive_count_max")
+    count_max = DEFAULT_KEEPALIVE_COUNT_MAX
+    if raw is not None:
+        count_max = _int_setting(
+            raw,
+            setting,
+            minimum=1,
+            maximum=MAX_KEEPALIVE_COUNT_MAX,
+            expected=f"must be a positive integer (at most {MAX_KEEPALIVE_COUNT_MAX})",
+        )
+
+    return TunnelSettings(mode=mode, keepalive_margin=margin, keepalive_count_max=count_max)
+
+
+def cull_idle_timeout_of(kernel_manager: object) -> int:
+    """The mapping kernel manager's culling timeout as seen from a kernel manager; 0 without a parent."""
+    try:
+        value = kernel_manager.parent.cull_idle_timeout  # type: ignore[attr-defined]
+    except AttributeError:
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

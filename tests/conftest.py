@@ -1,0 +1,106 @@
+"""pytest fixtures around tests/hosts.py: real OpenSSH servers, TCP services, and remote hosts in
+network namespaces. Tests that need a namespace skip, saying why, where one cannot be created (not
+root, no iproute2, no CAP_SYS_ADMIN); as root on Linux they always run.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import pytest
+
+import hosts
+
+# Tests using these fixtures get the netns marker, so `-m "not netns"` leaves them out.
+NETNS_FIXTURES = frozenset({"netns_host", "remote_host"})
+LOG_TAIL_LINES = 80
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if NETNS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.netns)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    # A failing SSH test is mostly explained by the server's side of the story; attach it.
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    servers: list[hosts.SshServer] = []
+    if isinstance(funcargs.get("sshd"), hosts.SshServer):
+        servers.append(funcargs["sshd"])
+    servers += getattr(funcargs.get("sshd_factory"), "servers", [])
+    for name in NETNS_FIXTURES:
+        if isinstance(funcargs.get(name), hosts.RemoteHost):
+            servers += funcargs[name].ssh_servers
+    for server in dict.fromkeys(servers):
+        tail = "\n".join(server.log_text().splitlines()[-LOG_TAIL_LINES:])
+        report.sections.append((f"sshd log {server.host}:{server.port} (last {LOG_TAIL_LINES} lines)", tail))
+
+
+def _require_sshd() -> None:
+    reason = hosts.sshd_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def _require_netns() -> None:
+    reason = hosts.netns_unavailable_reason()
+    if reason:
+        pytest.skip(f"remote-host test: {reason}")
+
+
+@pytest.fixture
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hosts.SshServer]:
+    """A running OpenSSH server on 127.0.0.1 and a free port; files (and log) kept under pytest's tmp."""
+    _require_sshd()
+    with hosts.SshServer(workdir=tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture
+def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., hosts.SshServer]]:
+    """make(**SshServer kwargs) -> a started SshServer; all of them are stopped at teardown."""
+    _require_sshd()
+    servers: list[hosts.SshServer] = []
+
+    def make(**kwargs: object) -> hosts.SshServer:
+        kwargs.setdefault("workdir", tmp_path_factory.mktemp("sshd"))
+        server = hosts.SshServer(**kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        return server.start()
+
+    make.servers = servers  # type: ignore[attr-defined]
+    try:
+        yield make
+    finally:
+        for server in reversed(servers):
+            server.close()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[hosts.EchoServer]:
+    """An echo server process on 127.0.0.1 and a free port."""
+    with hosts.EchoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def netns_host() -> Iterator[hosts.RemoteHost]:
+    """A bare RemoteHost (namespace + veth, nothing running in it)."""
+    _require_netns()
+    with hosts.RemoteHost() as host:
+        yield host
+
+
+@pytest.fixture
+def remote_host(netns_host: hosts.RemoteHost, tmp_path_factory: pytest.TempPathFactory) -> hosts.RemoteHost:
+    """A RemoteHost with .sshd (an SshServer on its address) and .echo (an echo server on its address)."""
+    _require_sshd()
+    netns_host.ssh_server(workdir=tmp_path_factory.mktemp("remote-sshd"))
+    netns_host.echo_server()
+    return netns_host

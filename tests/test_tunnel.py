@@ -1,0 +1,406 @@
+"""The native tunnel core against real OpenSSH servers: data paths, errors, keep-alive, clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import egtunnel
+import hosts
+
+
+def open_to(server: hosts.SshServer, remote_host: str, remote_port: int, **kw: object) -> egtunnel.Tunnel:
+    return egtunnel.open_tunnel(**{**server.connect_kwargs(), **kw}, remote_host=remote_host, remote_port=remote_port)
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens there and a server could bind it again (with SO_REUSEADDR, as servers do:
+    connections the tunnel closed may linger in TIME_WAIT on that port)."""
+    if port in listening_ports():
+        return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# --- data paths ---------------------------------------------------------------------------------
+
+
+@pytest.mark.netns
+def test_data_reaches_echo_server_on_remote_host(remote_host: hosts.RemoteHost) -> None:
+    with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
+        assert t.local_port > 0 and t.remote_host == remote_host.address
+        assert hosts.echo_once("127.0.0.1", t.local_port, b"through the namespace\n") == b"through the namespace\n"
+        stats = t.stats()
+    assert stats["bytes_out"] == stats["bytes_in"] == len(b"through the namespace\n")
+    assert stats["connections"] == 1
+
+
+@pytest.mark.netns
+def test_64_mib_each_way_arrive_intact(remote_host: hosts.RemoteHost) -> None:
+    with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
+        r = hosts.sha256_echo("127.0.0.1", t.local_port, nbytes=64 << 20, timeout=120)
+    assert r.received_bytes == r.sent_bytes == 64 << 20
+    assert r.received_sha256 == r.sent_sha256
+
+
+@pytest.mark.netns
+def test_round_trips_have_no_delayed_ack_stalls(remote_host: hosts.RemoteHost) -> None:
+    """sshd leaves Nagle on for tunnel-only connections; without our ACK handling ~1% of round trips
+    wait ~40 ms for a delayed ACK (ssh -N -L shows ~100 in 10,000 on this path)."""
+    with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
+        samples = hosts.round_trips("127.0.0.1", t.local_port, count=10_000, size=1024)
+    slow = [round(s * 1000, 1) for s in samples if s > 0.010]
+    assert len(slow) <= 3, f"{len(slow)} round trips over 10 ms: {slow}"
+
+
+@pytest.mark.netns
+def test_200_concurrent_connections_through_one_forward(remote_host: hosts.RemoteHost) -> None:
+    with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
+        socks = [hosts.connect("127.0.0.1", t.local_port) for _ in range(200)]
+        try:
+            for i, s in enumerate(socks):
+                s.sendall(f"connection {i:03d}\n".encode())
+            for i, s in enumerate(socks):
+                assert hosts._recv_exact(s, 15) == f"connection {i:03d}\n".encode()
+            assert t.stats()["active_connections"] == 200
+        finally:
+            for s in socks:
+                s.close()
+        assert t.stats()["connections"] == 200
+        hosts.wait_until(lambda: t.stats()["active_connections"] == 0, 10, what="local connections to end")
+
+
+def test_half_close_is_carried_both_ways(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    with open_to(sshd, "127.0.0.1", echo_server.port) as t:
+        with hosts.connect("127.0.0.1", t.local_port) as s:
+            s.sendall(b"abc")
+            s.shutdown(socket.SHUT_WR)  # our EOF must reach the echo server...
+            assert hosts._recv_all(s) == b"abc"  # ...and its EOF must come back after the echo
+
+
+def test_refused_remote_port_closes_that_connection_only(
+    sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = hosts.free_port()
+    caplog.set_level(logging.WARNING, logger="egtunnel")
+    with open_to(sshd, "127.0.0.1", port) as t:
+        with hosts.connect("127.0.0.1", t.local_port) as s:
+            s.settimeout(10)
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        hosts.wait_until(lambda: any(f"127.0.0.1:{port}" in r.getMessage() for r in caplog.records), 5,
+                         what="warning naming the refused port")  # fmt: skip
+        with hosts.EchoServer(port=port):
+            assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+        assert t.is_alive()
+    warning = next(r for r in caplog.records if f"127.0.0.1:{port}" in r.getMessage())
+    assert warning.levelno == logging.WARNING and warning.name.startswith("egtunnel")
+
+
+def test_explicit_local_port_and_attributes(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    port = hosts.free_port()
+    t = open_to(sshd, "127.0.0.1", echo_server.port, local_port=port, channel="IOPUB", cull_idle_timeout=300,
+                kernel_id="k-1")  # fmt: skip
+    try:
+        assert (t.local_port, t.channel, t.keep_alive_interval, t.kernel_id) == (port, "IOPUB", 360, "k-1")
+        assert t.destination == f"{sshd.user}@127.0.0.1:{sshd.port}"
+        assert t.mode == "per-port" and t.is_alive() and t.is_connected()
+        assert "IOPUB" in repr(t)
+    finally:
+        t.terminate()
+    assert not t.is_alive()
+
+
+# --- terminate ----------------------------------------------------------------------------------
+
+
+def test_terminate_frees_port_and_returns_fds_and_threads_to_baseline(
+    sshd: hosts.SshServer, echo_server: hosts.EchoServer
+) -> None:
+    open_to(sshd, "127.0.0.1", echo_server.port).terminate()  # the runtime's threads start once
+    fds, threads = hosts.fd_count(), hosts.thread_count()
+    t = open_to(sshd, "127.0.0.1", echo_server.port)
+    held = [hosts.connect("127.0.0.1", t.local_port) for _ in range(5)]
+    for s in held:
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+    start = time.monotonic()
+    t.terminate()
+    elapsed = time.monotonic() - start
+    t.terminate()  # idempotent
+    for s in held:
+        s.close()
+    assert elapsed < 0.1, f"terminate took {elapsed * 1000:.0f} ms"
+    assert port_is_free(t.local_port)
+    assert hosts.fd_count() == fds
+    assert hosts.thread_count() == threads
+
+
+def test_terminate_delivers_bytes_already_accepted(sshd: hosts.SshServer) -> None:
+    with hosts.EchoServer(mode="sink") as sink:
+        t = open_to(sshd, "127.0.0.1", sink.port)
+        s = hosts.connect("127.0.0.1", t.local_port)
+        payload = os.urandom(256 << 10)
+        s.sendall(payload)
+        hosts.wait_until(lambda: t.stats()["bytes_out"] == len(payload), 10, what="bytes accepted by the tunnel")
+        t.terminate()
+        s.close()
+        # The sink reports what it received per connection in its log line; the tunnel counted them out.
+        assert t.stats()["bytes_out"] == len(payload)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def listening_ports() -> set[int]:
+    """Ports this process listens on (inodes of our sockets matched against /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        m = re.match(r"socket:\[(\d+)\]", link)
+        if m:
+            inodes.add(m.group(1))
+    ports = set()
+    with open("/proc/net/tcp") as f:
+        for line in list(f)[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:
+                ports.add(int(parts[1].split(":")[1], 16))
+    return ports
+
+
+def test_wrong_key_is_ssh_auth_error(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    before = listening_ports()
+    with pytest.raises(egtunnel.SshAuthError) as info:
+        open_to(sshd, "127.0.0.1", echo_server.port, identity_file=str(sshd.wrong_identity_file))
+    assert f"{sshd.user}@127.0.0.1:{sshd.port}" in str(info.value)
+    assert "SHELL" in str(info.value)
+    assert listening_ports() == before
+
+
+def test_unknown_host_key_under_strict_binds_nothing(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    before = listening_ports()
+    port = hosts.free_port()
+    with pytest.raises(egtunnel.HostKeyError, match=re.escape(f"[127.0.0.1]:{sshd.port}")):
+        open_to(sshd, "127.0.0.1", echo_server.port, known_hosts=str(sshd.empty_known_hosts()), local_port=port)
+    assert listening_ports() == before
+    assert port_is_free(port)
+
+
+@pytest.mark.parametrize("policy", ["strict", "accept-new"])
+def test_changed_host_key_is_refused(sshd: hosts.SshServer, echo_server: hosts.EchoServer, policy: str) -> None:
+    with open_to(sshd, "127.0.0.1", echo_server.port, host_key_policy=policy):
+        pass
+    sshd.regenerate_host_key()
+    with pytest.raises(egtunnel.HostKeyError, match="differs"):
+        open_to(sshd, "127.0.0.1", echo_server.port, host_key_policy=policy)
+
+
+def test_accept_new_records_the_key(sshd: hosts.SshServer, echo_server: hosts.EchoServer, tmp_path) -> None:
+    kh = tmp_path / "ssh" / "known_hosts"
+    with open_to(sshd, "127.0.0.1", echo_server.port, known_hosts=str(kh), host_key_policy="accept-new") as t:
+        assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+    recorded = kh.read_text()
+    assert f"[127.0.0.1]:{sshd.port} {sshd.host_public_key}" in recorded
+    # Now known: strict accepts it too.
+    with open_to(sshd, "127.0.0.1", echo_server.port, known_hosts=str(kh)):
+        pass
+
+
+def test_policy_off_skips_the_check(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    with open_to(sshd, "127.0.0.1", echo_server.port, known_hosts=str(sshd.empty_known_hosts()), host_key_policy="off"):
+        pass
+
+
+def test_unresponsive_server_is_connect_error_within_timeout(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    """The listener accepts TCP (kernel backlog) but never speaks SSH: a host that is gone behind a NAT."""
+    os.kill(sshd.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(egtunnel.SshConnectError, match="timed out"):
+            open_to(sshd, "127.0.0.1", echo_server.port, connect_timeout=1.5)
+        assert time.monotonic() - start < 1.5 + 1.0
+    finally:
+        os.kill(sshd.pid, signal.SIGCONT)
+
+
+@pytest.mark.netns
+def test_unreachable_host_is_connect_error_within_timeout(netns_host: hosts.RemoteHost) -> None:
+    """An address in the namespace's subnet where no machine answers (ARP goes unanswered)."""
+    nobody = netns_host.address.rsplit(".", 1)[0] + ".77"
+    start = time.monotonic()
+    with pytest.raises(egtunnel.SshConnectError, match=re.escape(f"@{nobody}:22")):
+        egtunnel.open_tunnel(nobody, "127.0.0.1", 9, connect_timeout=1.0, host_key_policy="off")
+    assert time.monotonic() - start < 1.0 + 1.0
+
+
+def test_closed_ssh_port_is_connect_error() -> None:
+    port = hosts.free_port()
+    with pytest.raises(egtunnel.SshConnectError, match=f"127.0.0.1:{port}"):
+        egtunnel.open_tunnel("127.0.0.1", "127.0.0.1", 9, port=port, host_key_policy="off")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"channel": "shell"}, "valid channels"),
+        ({"keepalive_margin": -1}, "non-negative"),
+        ({"keepalive_count_max": 0}, "positive"),
+        ({"host_key_policy": "yes"}, "strict, accept-new, off"),
+        ({"mode": "pooled"}, "shared, per-port"),
+        ({"local_port": 70000}, "local_port"),
+        ({"port": 0}, "port must be"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+    ],
+)
+def test_bad_arguments_say_what_to_fix(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        egtunnel.open_tunnel("127.0.0.1", "127.0.0.1", 9, **kwargs)
+
+
+def test_password_never_reaches_a_log_line(sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "hunter2-do-not-log"
+    caplog.set_level(logging.DEBUG, logger="egtunnel")
+    with pytest.raises(egtunnel.SshAuthError) as info:
+        open_to(sshd, "127.0.0.1", 9, identity_file=str(sshd.wrong_identity_file), password=secret)
+    assert secret not in str(info.value)
+    assert all(secret not in r.getMessage() for r in caplog.records)
+
+
+def test_rust_log_records_reach_python_logging(sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="egtunnel")
+    with open_to(sshd, "127.0.0.1", 9):
+        pass
+    assert any(r.name.startswith("egtunnel") and f"127.0.0.1:{sshd.port}" in r.getMessage() for r in caplog.records)
+
+
+# --- keep-alive on the wire ----------------------------------------------------------------------
+
+PROBE = re.compile(r"rtype keepalive@\S+ want_reply 1")
+
+
+def test_idle_shell_forward_probes_every_interval_and_control_never(sshd_factory) -> None:
+    shell_server, control_server = sshd_factory(), sshd_factory()
+    shell_mark, control_mark = shell_server.log_offset(), control_server.log_offset()
+    common = {"remote_host": "127.0.0.1", "remote_port": 9, "cull_idle_timeout": 1, "keepalive_margin": 1}
+    shell = egtunnel.open_tunnel(**shell_server.connect_kwargs(), channel="SHELL", **common)
+    control = egtunnel.open_tunnel(**control_server.connect_kwargs(), channel="CONTROL", **common)
+    try:
+        assert shell.keep_alive_interval == 2
+        assert control.keep_alive_interval == egtunnel.MAX_KEEP_ALIVE_INTERVAL
+        time.sleep(10.5)
+        shell_probes = PROBE.findall(shell_server.log_text(shell_mark))
+        control_probes = PROBE.findall(control_server.log_text(control_mark))
+        assert 4 <= len(shell_probes) <= 6, shell_probes
+        assert control_probes == []
+        assert shell.stats()["keepalives_sent"] == len(shell_probes)
+        assert control.stats()["keepalives_sent"] == 0
+        assert shell.is_alive() and control.is_alive()
+    finally:
+        shell.terminate()
+        control.terminate()
+
+
+def test_dead_peer_is_reported_within_interval_times_count_plus_one(
+    sshd: hosts.SshServer, echo_server: hosts.EchoServer
+) -> None:
+    t = open_to(sshd, "127.0.0.1", echo_server.port, cull_idle_timeout=1, keepalive_margin=1, keepalive_count_max=3)
+    try:
+        assert t.is_alive()
+        stopped = sshd.pause_sessions()
+        assert stopped, "no sshd session process to stop"
+        start = time.monotonic()
+        try:
+            hosts.wait_until(lambda: not t.is_alive(), 2 * 4 + 1.0, interval=0.05, what="is_alive() to turn false")
+            assert time.monotonic() - start <= 2 * 4 + 0.5
+        finally:
+            for pid in stopped:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+    finally:
+        t.terminate()
+
+
+def test_status_lists_connections_and_forwards(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    with open_to(sshd, "127.0.0.1", echo_server.port, channel="HB", kernel_id="kid", cull_idle_timeout=300) as t:
+        entries = [c for c in egtunnel.status() if c["port"] == sshd.port]
+        assert len(entries) == 1
+        c = entries[0]
+        assert (c["user"], c["host"], c["mode"], c["alive"], c["keep_alive_interval"]) == (
+            sshd.user, "127.0.0.1", "per-port", True, 360)  # fmt: skip
+        (f,) = c["forwards"]
+        assert (f["kernel_id"], f["channel"], f["local_port"], f["remote_port"]) == ("kid", "HB", t.local_port, echo_server.port)
+    assert not [c for c in egtunnel.status() if c["port"] == sshd.port]
+
+
+def test_blocking_calls_release_the_gil(sshd: hosts.SshServer) -> None:
+    """A Python thread keeps running while another waits on a slow SSH handshake."""
+    os.kill(sshd.pid, signal.SIGSTOP)
+    ticks = 0
+    done = threading.Event()
+
+    def spin() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    th = threading.Thread(target=spin)
+    th.start()
+    try:
+        with pytest.raises(egtunnel.SshConnectError):
+            open_to(sshd, "127.0.0.1", 9, connect_timeout=0.5)
+    finally:
+        done.set()
+        th.join()
+        os.kill(sshd.pid, signal.SIGCONT)
+    assert ticks > 100
+
+
+def test_taken_local_port_is_oserror_eaddrinuse(sshd: hosts.SshServer) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as info:
+            open_to(sshd, "127.0.0.1", 9, local_port=port)
+    import errno
+
+    assert info.value.errno == errno.EADDRINUSE
+    assert f"127.0.0.1:{port}" in str(info.value)
+
+
+def test_send_request_delivers_then_reports_refusal(sshd: hosts.SshServer) -> None:
+    import errno
+
+    with hosts.EchoServer(mode="sink") as sink:
+        with open_to(sshd, "127.0.0.1", sink.port, channel="EG_COMM") as t:
+            t.send_request(b'{"signum": 0}', timeout=5)
+            assert t.stats()["bytes_out"] == len(b'{"signum": 0}')
+    closed = hosts.free_port()
+    with open_to(sshd, "127.0.0.1", closed, channel="EG_COMM") as t:
+        with pytest.raises(ConnectionRefusedError) as info:
+            t.send_request(b"{}", timeout=5)
+        assert info.value.errno == errno.ECONNREFUSED
+        assert f"127.0.0.1:{closed}" in str(info.value) and "EG_COMM" in str(info.value)
+    with pytest.raises(egtunnel.TunnelError, match="terminated"):
+        t.send_request(b"{}", timeout=5)

@@ -42,7 +42,7 @@ impl SshIo {
         // SAFETY: the session owns the socket and outlives `afd` (field order drops `afd` first), so
         // the fd stays open for as long as it is registered with the reactor.
         let afd = unsafe { AsyncFd::register_with_interest(SocketRef(fd), Interest::READABLE | Interest::WRITABLE) }
-            .map_err(|e| io::Error::new(io::ErrorKind::Other, e.to_string()))?;
+            .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(SshIo { afd, sess })
     }
 

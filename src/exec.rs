@@ -69,7 +69,7 @@ impl ExecChannel {
     }
 
     pub fn step(&mut self, io: &SshIo, want_write: &mut bool, scratch: &mut [u8]) -> Step {
-        if self.reply.as_ref().map_or(true, |r| r.is_closed()) {
+        if self.reply.as_ref().is_none_or(|r| r.is_closed()) {
             return self.close(io, want_write);
         }
         if Instant::now() >= self.deadline {

@@ -116,7 +116,7 @@ pub fn probe_action(
     if idle + SLACK >= dead_after {
         return ProbeAction::Dead;
     }
-    let probe_spacing_ok = since_probe.map_or(true, |p| p >= interval);
+    let probe_spacing_ok = since_probe.is_none_or(|p| p >= interval);
     if idle + SLACK >= interval && probe_spacing_ok {
         return ProbeAction::Probe;
     }

@@ -113,19 +113,8 @@ def _destination(user: Optional[str], host: str, port: int) -> str:
 
 
 def _is_bind_conflict(exc: BaseException) -> bool:
-    # The local port chosen within the range was taken between our check and the native bind. The native
-    # side may report it as an OSError with errno or as a ValueError quoting the OS error; accept both.
-    if isinstance(exc, (TunnelError, ConnectionRefusedError)):
-        return False
-    if isinstance(exc, OSError) and exc.errno in _BIND_CONFLICT_ERRNOS:
-        return True
-    if not isinstance(exc, (OSError, ValueError)):
-        return False
-    text = str(exc).lower()
-    return any(
-        marker in text
-        for marker in ("address already in use", f"os error {errno.EADDRINUSE})", f"os error {errno.EACCES})")
-    )
+    # The local port chosen within the range was taken between our check and the native bind.
+    return isinstance(exc, OSError) and not isinstance(exc, ConnectionRefusedError) and exc.errno in _BIND_CONFLICT_ERRNOS
 
 
 def _http_status(exc: BaseException) -> int:
@@ -692,10 +681,6 @@ class NativeTunnelMixin:
             done, outcome = self._bounded(
                 f"send-{self.kernel_id}", tunnel.send_request, data, _REQUEST_TIMEOUT, probe=is_poll
             )
-        except ConnectionRefusedError as exc:
-            if exc.errno == errno.ECONNREFUSED:
-                raise
-            raise ConnectionRefusedError(errno.ECONNREFUSED, str(exc)) from exc
         except ConnectionDown as exc:
             if is_poll:
                 self._egt_liveness_unknown("Poll through the EG_COMM tunnel", exc)

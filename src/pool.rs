@@ -76,6 +76,11 @@ async fn acquire(spec: &ConnectSpec, mode: TunnelMode, interval: u64, count_max:
 fn take_shared(pool: &mut Pool, spec: &ConnectSpec) -> Option<Arc<Connection>> {
     let id = *pool.shared.get(spec)?;
     let entry = pool.entries.get_mut(&id)?;
+    if !entry.conn.is_alive() {
+        // Down (reconnecting for its own forwards, or stopped on a changed host key): a new user gets
+        // a fresh connection, so its start reports the real cause instead of hanging on the old one.
+        return None;
+    }
     entry.users += 1;
     entry.generation += 1;
     Some(entry.conn.clone())
@@ -96,8 +101,13 @@ async fn release(conn: &Arc<Connection>, forward: Option<u64>) {
         if entry.users > 0 {
             return;
         }
-        if conn.shared.mode == TunnelMode::PerPort {
+        if conn.shared.mode == TunnelMode::PerPort || !conn.is_alive() {
+            // Per-port connections belong to their forward; a dead one has nothing to linger for
+            // (and must stop reconnecting now).
             pool.entries.remove(&id);
+            if pool.shared.get(&conn.shared.spec) == Some(&id) {
+                pool.shared.remove(&conn.shared.spec);
+            }
             true
         } else {
             let generation = entry.generation;
@@ -212,6 +222,11 @@ pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Re
         return Err(Error::Other { dest: fwd.conn.dest(), cause: format!("the {} tunnel was terminated", fwd.info.channel) });
     }
     let conn = &fwd.conn;
+    if !conn.is_alive() {
+        // Liveness unknown: report it at once rather than queue a stale request until reconnection.
+        let cause = conn.shared.last_error.lock().unwrap().clone().unwrap_or_else(|| "reconnecting".into());
+        return Err(Error::Down { dest: conn.dest(), cause });
+    }
     let (to_remote, to_remote_rx) = mpsc::channel(1);
     let (from_remote_tx, mut from_remote) = mpsc::channel(4);
     let (reply, reply_rx) = oneshot::channel();

@@ -17,7 +17,7 @@ from ._native import (
     remote_exec,
     status,
 )
-from .errors import ConnectionDown, HostKeyError, SshAuthError, SshConnectError, TunnelError
+from .errors import ConnectionDown, HostKeyError, SshAuthError, SshConnectError, TunnelError, TunnelTimeout
 
 __all__ = [
     "CHANNELS",
@@ -35,6 +35,7 @@ __all__ = [
     "SshAuthError",
     "HostKeyError",
     "ConnectionDown",
+    "TunnelTimeout",
     "NativeTunnelMixin",
     "DistributedProcessProxy",
     "YarnClusterProcessProxy",

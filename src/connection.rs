@@ -207,6 +207,9 @@ impl Actor {
             };
             match connected {
                 Ok(io) => {
+                    // Alive before anyone hears of it, so a caller never sees a fresh connection as down.
+                    self.shared.alive.store(true, Ordering::Release);
+                    *self.shared.last_error.lock().unwrap() = None;
                     if let Some(r) = ready.take() {
                         let _ = r.send(Ok(()));
                     } else {
@@ -214,8 +217,6 @@ impl Actor {
                         self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     attempt = 0;
-                    self.shared.alive.store(true, Ordering::Release);
-                    *self.shared.last_error.lock().unwrap() = None;
                     let exit = self.connected(io).await;
                     self.shared.alive.store(false, Ordering::Release);
                     match exit {
@@ -528,7 +529,7 @@ impl Channels {
 
     fn step_all(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<(), String> {
         if self.scratch.is_empty() {
-            self.scratch = vec![0u8; 32 * 1024];
+            self.scratch = vec![0u8; crate::forward::CHUNK];
         }
         // Pull everything already in the socket into libssh2's queue before stepping any channel.
         // Otherwise a channel stepped early could have its data drained by a later channel's call:

@@ -27,8 +27,9 @@ pub const OPEN_WAIT: Duration = Duration::from_secs(10);
 /// terminate() lets accepted bytes drain for at most this long before cutting channels.
 const DRAIN_WAIT: Duration = Duration::from_millis(60);
 /// Chunks in flight per direction per local connection; bounds memory and gives backpressure.
-const QUEUE_DEPTH: usize = 8;
-const CHUNK: usize = 32 * 1024;
+const QUEUE_DEPTH: usize = 4;
+/// Largest chunk moved at once. Several SSH packets per chunk means fewer wake-ups per byte.
+pub const CHUNK: usize = 128 * 1024;
 
 /// What one step of a channel concluded.
 pub enum Step {
@@ -299,13 +300,14 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
     let wake = &conn.shared.wake;
     let upstream = async move {
         let tx = to_remote_tx;
+        // One read buffer per connection; each message is an exact-size copy, so a 1 KiB request
+        // neither zeroes nor pins a whole chunk.
+        let mut buf = vec![0u8; CHUNK];
         loop {
-            let mut buf = vec![0u8; CHUNK];
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    buf.truncate(n);
-                    if tx.send(buf).await.is_err() {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
                         break;
                     }
                     wake.notify_one();

@@ -28,7 +28,6 @@ pub async fn establish(spec: &ConnectSpec) -> Result<SshIo> {
     let stream = timeout_at(deadline, connect_tcp(spec)).await.map_err(|_| timed_out("TCP connect"))??;
     let std_stream = stream.into_std().map_err(|e| connect_err(spec, e))?;
     let io = SshIo::new(std_stream).map_err(|e| connect_err(spec, e))?;
-    prefer_fast_ciphers(&io);
 
     timeout_at(deadline, io.retry(|s| s.clone().handshake()))
         .await
@@ -40,20 +39,6 @@ pub async fn establish(spec: &ConnectSpec) -> Result<SshIo> {
     timeout_at(deadline, authenticate(&io, spec)).await.map_err(|_| timed_out("authentication"))??;
     debug!("connected to {dest}");
     Ok(io)
-}
-
-/// libssh2's chacha20-poly1305 is portable C, while its AES-GCM runs on OpenSSL's hardware-accelerated
-/// code: on CPUs with AES instructions GCM moves several times more bytes per core. Security is the
-/// same class (AEAD); servers lacking GCM still negotiate the rest of the list.
-const CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,\
-aes128-ctr,aes192-ctr,aes256-ctr";
-
-fn prefer_fast_ciphers(io: &SshIo) {
-    for dir in [ssh2::MethodType::CryptCs, ssh2::MethodType::CryptSc] {
-        if let Err(e) = io.sess.method_pref(dir, CIPHERS) {
-            debug!("cipher preference not applied: {}", e.message());
-        }
-    }
 }
 
 async fn connect_tcp(spec: &ConnectSpec) -> Result<TcpStream> {

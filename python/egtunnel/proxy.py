@@ -307,14 +307,7 @@ class NativeTunnelMixin:
         key: Optional[str] = None,
     ) -> None:
         """EG's contract: open the forward on exactly `local_port` and record it in `tunnel_processes`."""
-        forward = _Forward(
-            _channel_name(kernel_channel),
-            remote_ip,
-            int(remote_port),
-            server,
-            self._egt_ssh().port if port is None else int(port),
-            key,
-        )
+        forward = self._egt_forward(kernel_channel, remote_ip, remote_port, server, port, key)
         self.log.debug(
             f"Creating SSH tunnel for '{forward.channel}': 127.0.0.1:'{local_port}' to "
             f"'{remote_ip}':'{remote_port}'"
@@ -350,7 +343,21 @@ class NativeTunnelMixin:
         key: Optional[str] = None,
     ) -> int:
         """Forward one extra port (EG uses it for EG_COMM) and return the local port."""
-        forward = _Forward(
+        forward = self._egt_forward(kernel_channel, remote_ip, remote_port, server, port, key)
+        (tunnel,) = self._egt_open_blocking([forward])
+        self._egt_store([(forward, tunnel)])
+        return tunnel.local_port
+
+    def _egt_forward(
+        self,
+        kernel_channel: Union["KernelChannel", str],
+        remote_ip: str,
+        remote_port: int,
+        server: str,
+        port: Optional[int],
+        key: Optional[str],
+    ) -> _Forward:
+        return _Forward(
             _channel_name(kernel_channel),
             remote_ip,
             int(remote_port),
@@ -358,9 +365,6 @@ class NativeTunnelMixin:
             self._egt_ssh().port if port is None else int(port),
             key,
         )
-        (tunnel,) = self._egt_open_blocking([forward])
-        self._egt_store([(forward, tunnel)])
-        return tunnel.local_port
 
     def _egt_kernel_forwards(
         self, connection_info: dict, server: str, port: Optional[int], key: Optional[str]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyConnectionRefusedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
-use pyo3::types::{PyBytes, PyDict, PyList, PyType};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use crate::config::{check_port, ConnectSpec, HostKeyPolicy, TunnelMode};
 use crate::error::Error;
@@ -64,7 +64,16 @@ fn invalid(msg: String) -> PyErr {
     PyValueError::new_err(msg)
 }
 
-/// Python ints are unbounded; EG compares them as such, so out-of-range values saturate.
+/// A culling timeout as Python gives it: ints are unbounded there and EG compares them as such, so
+/// values beyond i64 saturate instead of failing.
+struct Seconds(i64);
+
+impl<'py> FromPyObject<'py> for Seconds {
+    fn extract_bound(v: &Bound<'py, PyAny>) -> PyResult<Self> {
+        saturating_i64(v, "cull_idle_timeout").map(Seconds)
+    }
+}
+
 fn saturating_i64(v: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
     if v.is_instance_of::<pyo3::types::PyBool>() {
         return Err(invalid(format!("{what} must be an integer, got a bool")));
@@ -87,15 +96,10 @@ fn parse_channel(channel: &str) -> PyResult<Channel> {
 
 /// The keep-alive interval EG would use for `channel` given the culling timeout.
 #[pyfunction]
-#[pyo3(signature = (channel, cull_idle_timeout, margin = None))]
-fn keep_alive_interval(channel: &str, cull_idle_timeout: &Bound<'_, PyAny>, margin: Option<&Bound<'_, PyAny>>) -> PyResult<i64> {
+#[pyo3(signature = (channel, cull_idle_timeout, margin = 60))]
+fn keep_alive_interval(channel: &str, cull_idle_timeout: Seconds, margin: i64) -> PyResult<i64> {
     let ch = parse_channel(channel)?;
-    let timeout = saturating_i64(cull_idle_timeout, "cull_idle_timeout")?;
-    let margin = match margin {
-        Some(m) => saturating_i64(m, "margin")?,
-        None => keepalive::DEFAULT_MARGIN,
-    };
-    keepalive::keep_alive_interval(ch, timeout, margin).map_err(invalid)
+    keepalive::keep_alive_interval(ch, cull_idle_timeout.0, margin).map_err(invalid)
 }
 
 /// A listening forward; `terminate()` (or leaving a `with` block) closes it.
@@ -235,10 +239,12 @@ fn spec(
 /// Opens a local forward 127.0.0.1:local_port → remote_host:remote_port through SSH to `host`.
 #[pyfunction]
 #[pyo3(signature = (
-    host, remote_host, remote_port, *, channel = "SHELL", cull_idle_timeout = None, keepalive_margin = 60,
+    host, remote_host, remote_port, *, channel = "SHELL", cull_idle_timeout = Seconds(0), keepalive_margin = 60,
     keepalive_count_max = 3, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
     host_key_policy = "strict", local_port = 0, connect_timeout = 10.0, mode = "per-port", kernel_id = None
-))]
+), text_signature = "(host, remote_host, remote_port, *, channel='SHELL', cull_idle_timeout=0, \
+keepalive_margin=60, keepalive_count_max=3, port=22, user=None, identity_file=None, password=None, known_hosts=None, \
+host_key_policy='strict', local_port=0, connect_timeout=10.0, mode='per-port', kernel_id=None)")]
 #[allow(clippy::too_many_arguments)]
 fn open_tunnel(
     py: Python<'_>,
@@ -246,7 +252,7 @@ fn open_tunnel(
     remote_host: &str,
     remote_port: i64,
     channel: &str,
-    cull_idle_timeout: Option<&Bound<'_, PyAny>>,
+    cull_idle_timeout: Seconds,
     keepalive_margin: i64,
     keepalive_count_max: i64,
     port: i64,
@@ -261,11 +267,7 @@ fn open_tunnel(
     kernel_id: Option<String>,
 ) -> PyResult<Tunnel> {
     let ch = parse_channel(channel)?;
-    let cull = match cull_idle_timeout {
-        Some(v) => saturating_i64(v, "cull_idle_timeout")?,
-        None => 0,
-    };
-    let interval = keepalive::keep_alive_interval(ch, cull, keepalive_margin).map_err(invalid)?;
+    let interval = keepalive::keep_alive_interval(ch, cull_idle_timeout.0, keepalive_margin).map_err(invalid)?;
     if keepalive_count_max < 1 || keepalive_count_max > u32::MAX as i64 {
         return Err(invalid(format!("keepalive_count_max must be a positive integer, got {keepalive_count_max}")));
     }
@@ -390,9 +392,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .filter_target("egtunnel".to_owned(), log::LevelFilter::Trace)
         .install();
     m.add("MAX_KEEP_ALIVE_INTERVAL", MAX_KEEP_ALIVE_INTERVAL)?;
-    m.add("CHANNELS", Channel::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>())?;
-    m.add("TUNNEL_MODES", TunnelMode::NAMES.to_vec())?;
-    m.add("HOST_KEY_POLICIES", HostKeyPolicy::NAMES.to_vec())?;
+    let py = m.py();
+    m.add("CHANNELS", PyTuple::new_bound(py, Channel::ALL.iter().map(|c| c.as_str())))?;
+    m.add("TUNNEL_MODES", PyTuple::new_bound(py, TunnelMode::NAMES))?;
+    m.add("HOST_KEY_POLICIES", PyTuple::new_bound(py, HostKeyPolicy::NAMES))?;
     m.add_function(wrap_pyfunction!(keep_alive_interval, m)?)?;
     m.add_function(wrap_pyfunction!(open_tunnel, m)?)?;
     m.add_function(wrap_pyfunction!(remote_exec, m)?)?;

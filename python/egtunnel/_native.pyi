@@ -1,18 +1,32 @@
 # Type stubs for the Rust extension egtunnel._native: the whole surface the Python package builds on.
-from typing import Optional, TypedDict
+from typing import Optional, TypedDict, final
+
+__all__ = [
+    "MAX_KEEP_ALIVE_INTERVAL",
+    "CHANNELS",
+    "TUNNEL_MODES",
+    "HOST_KEY_POLICIES",
+    "ExecResult",
+    "Tunnel",
+    "keep_alive_interval",
+    "open_tunnel",
+    "remote_exec",
+    "status",
+]
 
 MAX_KEEP_ALIVE_INTERVAL: int
 CHANNELS: tuple[str, ...]
 TUNNEL_MODES: tuple[str, ...]
 HOST_KEY_POLICIES: tuple[str, ...]
 
-class TunnelStats(TypedDict):
+class _TunnelStats(TypedDict):
     bytes_in: int
     bytes_out: int
     connections: int
     active_connections: int
     keepalives_sent: int
 
+@final
 class ExecResult:
     @property
     def exit_status(self) -> Optional[int]: ...
@@ -24,6 +38,7 @@ class ExecResult:
 
 def keep_alive_interval(channel: str, cull_idle_timeout: int, margin: int = 60) -> int: ...
 
+@final
 class Tunnel:
     @property
     def local_port(self) -> int: ...
@@ -43,7 +58,7 @@ class Tunnel:
     def destination(self) -> str: ...
     def is_alive(self) -> bool: ...
     def is_connected(self) -> bool: ...
-    def stats(self) -> TunnelStats: ...
+    def stats(self) -> _TunnelStats: ...
     def send_request(self, data: bytes, timeout: float = 10.0) -> None: ...
     def terminate(self) -> None: ...
     def __enter__(self) -> "Tunnel": ...

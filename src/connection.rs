@@ -6,7 +6,7 @@
 //! machines, so one owner task avoids both lock contention and lost wake-ups.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +89,9 @@ pub struct Shared {
     pub keepalives_sent: AtomicU64,
     pub interval: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Forwards and in-flight remote commands using this connection (kept by the pool). A connection
+    /// that dies with no users is not worth re-establishing.
+    pub users: AtomicUsize,
     /// Local connection tasks poke this after moving bytes so the actor pumps again.
     pub wake: Notify,
 }
@@ -120,6 +123,7 @@ impl Connection {
             keepalives_sent: AtomicU64::new(0),
             interval: AtomicU64::new(interval),
             last_error: Mutex::new(None),
+            users: AtomicUsize::new(0),
             wake: Notify::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -221,6 +225,11 @@ impl Actor {
                     self.shared.alive.store(false, Ordering::Release);
                     match exit {
                         Exit::Shutdown => break,
+                        Exit::Dead(cause) if self.shared.users.load(Ordering::Acquire) == 0 => {
+                            debug!("idle SSH connection {dest} closed: {cause}");
+                            self.shared.set_error(&cause);
+                            break;
+                        }
                         Exit::Dead(cause) => {
                             warn!("SSH connection {dest} lost: {cause}; reconnecting");
                             self.shared.set_error(&cause);

@@ -190,6 +190,9 @@ pub struct ForwardInfo {
     pub keep_alive_interval: u64,
     pub count_max: u32,
     pub stats: Arc<ForwardStats>,
+    /// Set after a failed channel open was logged at warning; cleared by the next success. A dead
+    /// kernel's ZMQ sockets retry many times a second, and one warning per outage says it all.
+    pub failing: AtomicBool,
 }
 
 /// A listening forward. `terminate` is idempotent and bounded in time.
@@ -292,8 +295,19 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
     };
     if let Err(e) = opened {
         // Closing only this local connection; the forward keeps serving.
-        warn!("{} forward 127.0.0.1:{} -> {}:{}: {e}; closing that local connection", info.channel, info.local_port, info.remote_host, info.remote_port);
+        let msg = format!(
+            "{} forward 127.0.0.1:{} -> {}:{}: {e}; closing that local connection",
+            info.channel, info.local_port, info.remote_host, info.remote_port
+        );
+        if info.failing.swap(true, Ordering::Relaxed) {
+            debug!("{msg}");
+        } else {
+            warn!("{msg} (further failures of this forward are logged at debug until one succeeds)");
+        }
         return;
+    }
+    if info.failing.swap(false, Ordering::Relaxed) {
+        debug!("{} forward 127.0.0.1:{}: channel opens succeed again", info.channel, info.local_port);
     }
 
     let (mut rd, mut wr) = stream.into_split();

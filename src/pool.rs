@@ -5,7 +5,7 @@
 //! processes do. A shared connection lingers briefly after its last user so a kernel restart reuses it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,10 +28,16 @@ struct Entry {
     conn: Arc<Connection>,
     /// Forwards attached, for the keep-alive minimum and for status().
     forwards: HashMap<u64, Arc<ForwardInfo>>,
-    /// Forwards plus in-flight remote commands.
-    users: usize,
-    /// Bumped on every change of `users`, so a stale linger timer knows to do nothing.
+    /// Bumped on every change of the connection's users, so a stale linger timer knows to do nothing.
     generation: u64,
+}
+
+impl Entry {
+    /// A new connection's entry, counting its first user.
+    fn new(conn: Arc<Connection>) -> Self {
+        conn.shared.users.store(1, Ordering::Release);
+        Entry { conn, forwards: HashMap::new(), generation: 0 }
+    }
 }
 
 #[derive(Default)]
@@ -50,7 +56,7 @@ async fn acquire(spec: &ConnectSpec, mode: TunnelMode, interval: u64, count_max:
     if mode == TunnelMode::PerPort {
         let conn = Connection::start(spec.clone(), mode, interval, count_max).await?;
         let mut pool = POOL.lock().unwrap();
-        pool.entries.insert(conn.shared.id, Entry { conn: conn.clone(), forwards: HashMap::new(), users: 1, generation: 0 });
+        pool.entries.insert(conn.shared.id, Entry::new(conn.clone()));
         return Ok(conn);
     }
     let gate = {
@@ -69,7 +75,7 @@ async fn acquire(spec: &ConnectSpec, mode: TunnelMode, interval: u64, count_max:
     pool.creating.remove(spec);
     let conn = conn?;
     pool.shared.insert(spec.clone(), conn.shared.id);
-    pool.entries.insert(conn.shared.id, Entry { conn: conn.clone(), forwards: HashMap::new(), users: 1, generation: 0 });
+    pool.entries.insert(conn.shared.id, Entry::new(conn.clone()));
     Ok(conn)
 }
 
@@ -81,7 +87,7 @@ fn take_shared(pool: &mut Pool, spec: &ConnectSpec) -> Option<Arc<Connection>> {
         // a fresh connection, so its start reports the real cause instead of hanging on the old one.
         return None;
     }
-    entry.users += 1;
+    entry.conn.shared.users.fetch_add(1, Ordering::AcqRel);
     entry.generation += 1;
     Some(entry.conn.clone())
 }
@@ -96,9 +102,11 @@ async fn release(conn: &Arc<Connection>, forward: Option<u64>) {
             entry.forwards.remove(&f);
             apply_keep_alive(entry);
         }
-        entry.users = entry.users.saturating_sub(1);
+        let users = &entry.conn.shared.users;
+        let left = users.load(Ordering::Acquire).saturating_sub(1);
+        users.store(left, Ordering::Release);
         entry.generation += 1;
-        if entry.users > 0 {
+        if left > 0 {
             return;
         }
         if conn.shared.mode == TunnelMode::PerPort || !conn.is_alive() {
@@ -116,7 +124,9 @@ async fn release(conn: &Arc<Connection>, forward: Option<u64>) {
                 tokio::time::sleep(LINGER).await;
                 let expired = {
                     let mut pool = POOL.lock().unwrap();
-                    let idle = pool.entries.get(&id).is_some_and(|e| e.users == 0 && e.generation == generation);
+                    let idle = pool.entries.get(&id).is_some_and(|e| {
+                        e.conn.shared.users.load(Ordering::Acquire) == 0 && e.generation == generation
+                    });
                     if idle {
                         pool.entries.remove(&id);
                         if pool.shared.get(&conn.shared.spec) == Some(&id) {
@@ -180,6 +190,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         keep_alive_interval: req.keep_alive_interval,
         count_max: req.count_max,
         stats: Arc::new(ForwardStats::default()),
+        failing: AtomicBool::new(false),
     });
     {
         let mut pool = POOL.lock().unwrap();

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import hosts  # noqa: E402
+from e2e import procs  # noqa: E402
 from e2e.gateway import Gateway, GatewayConfig, GatewayStartError, KernelSpecDef  # noqa: E402
 
 KERNELSPEC = "egtunnel-demo"
@@ -175,6 +176,10 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     if not failed:
+        left = procs.descendants(os.getpid())
+        if left:
+            print("left running: " + "; ".join(f"{p.pid} {p.cmdline[:80]}" for p in left), file=sys.stderr)
+            return 1
         print("done: nothing left running")
     return 1 if failed else 0
 

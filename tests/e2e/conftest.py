@@ -1,0 +1,255 @@
+"""Fixtures for the end-to-end tests: remote hosts in network namespaces with real sshd, and real
+Enterprise Gateway 3.3 server processes whose kernels run on those hosts.
+
+Hosts (session-wide, each its own namespace, sshd and 10.213.N.0/24):
+  a  the kernels' host: the gateway's keys are authorized, its host key is in both known_hosts files.
+  b  authorizes the gateway's keys, but its host key is absent from EG_SSH_KNOWN_HOSTS.
+  c  its host key is known, but it authorizes none of the gateway's keys.
+EG's own paramiko path (HOME/.ssh, used by the comparisons) has a second key, authorized on a and b,
+and a known_hosts naming all three hosts, so that what fails on b and c is egtunnel's native SSH.
+
+The main gateway (session-wide) tunnels, culls after 300 s and has these kernelspecs, all written by
+`python -m egtunnel kernelspec install`:
+  egt            egtunnel.DistributedProcessProxy (shared connections, the default)
+  egt-perport    the same with tunnel_mode per-port
+  egt-notunnel   the same with tunneling off: the floor every tunneled number is compared with
+  egt-badmargin  keepalive_margin "abc": every start must fail with 500
+  eg             EG's own DistributedProcessProxy, same launcher argv
+"""
+
+from __future__ import annotations
+
+import _thread
+import faulthandler
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterator
+
+import pytest
+
+import hosts
+
+from . import procs
+from .gateway import EG_PROXY, Gateway, GatewayConfig, KernelSpecDef
+from .kernel_client import GatewayClient
+
+MAIN_SPECS = [
+    KernelSpecDef("egt"),
+    KernelSpecDef("egt-perport", config={"tunnel_mode": "per-port"}),
+    KernelSpecDef("egt-notunnel", config={"tunneling": False}),
+    KernelSpecDef("egt-badmargin", config={"keepalive_margin": "abc"}),
+    KernelSpecDef("eg", class_name=EG_PROXY),
+]
+CULL_IDLE_TIMEOUT = 300
+# The slowest test takes about 30 s; its module fixture (20 sequential kernels) as long again.
+TEST_BUDGET_SECONDS = 240
+LOG_TAIL_CHARS = 20000
+SSHD_LOG_TAIL_LINES = 60
+
+_active_gateways: list[Gateway] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture(autouse=True)
+def _gateway_log_offsets(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Remember where each gateway's log stood, so a failure shows only this test's part of it.
+    request.node._gateway_log_offsets = {id(g): g.log_size() for g in _active_gateways}
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _watchdog() -> Iterator[None]:
+    """Every wait in these tests is bounded; should one still hang, print where every thread is and
+    interrupt the run, so that the fixtures stop what they started instead of a CI timeout killing all."""
+    faulthandler.dump_traceback_later(TEST_BUDGET_SECONDS, exit=False)
+    timer = threading.Timer(TEST_BUDGET_SECONDS + 5, _thread.interrupt_main)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or report.when == "teardown":
+        return
+    offsets = getattr(item, "_gateway_log_offsets", {})
+    for gw in _active_gateways:
+        text = gw.log_text(since=offsets.get(id(gw), 0))
+        report.sections.append((f"gateway log {gw.workdir.name} (this test, last {LOG_TAIL_CHARS} chars)",
+                                text[-LOG_TAIL_CHARS:]))
+        kernel_logs = gw.kernel_logs()
+        if kernel_logs:
+            report.sections.append((f"kernel logs {gw.workdir.name}", kernel_logs[-LOG_TAIL_CHARS:]))
+    e2e = getattr(item, "funcargs", {}).get("e2e_hosts")
+    if isinstance(e2e, E2EHosts):
+        for name, host in (("a", e2e.a), ("b", e2e.b), ("c", e2e.c)):
+            if host.sshd is not None:
+                tail = "\n".join(host.sshd.log_text().splitlines()[-SSHD_LOG_TAIL_LINES:])
+                report.sections.append((f"sshd log of host {name} {host.address} (last lines)", tail))
+
+
+# -- hosts ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class E2EHosts:
+    a: hosts.RemoteHost
+    b: hosts.RemoteHost
+    c: hosts.RemoteHost
+    identity_file: Path          # EG_SSH_IDENTITY_FILE: authorized on a and b
+    paramiko_identity_file: Path  # HOME/.ssh/id_ed25519 for EG's own paramiko path: on a and b too
+    known_hosts: Path            # EG_SSH_KNOWN_HOSTS: a and c
+    paramiko_known_hosts: Path   # HOME/.ssh/known_hosts: a, b and c
+    workdir: Path
+
+    def all(self) -> list[hosts.RemoteHost]:
+        return [self.a, self.b, self.c]
+
+
+def _keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "egtunnel-e2e", "-f", str(path)],
+                   check=True, capture_output=True, timeout=30)
+    return path
+
+
+@pytest.fixture(scope="session")
+def e2e_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EHosts]:
+    for reason in (hosts.netns_unavailable_reason(), hosts.sshd_unavailable_reason()):
+        if reason:
+            pytest.skip(f"end-to-end test: {reason}")
+    workdir = tmp_path_factory.mktemp("e2e-keys")
+    identity = _keygen(workdir / "id_gateway")
+    paramiko_identity = _keygen(workdir / "id_paramiko")
+    made: list[hosts.RemoteHost] = []
+    try:
+        port = None
+        for name in ("a", "b", "c"):
+            host = hosts.RemoteHost().start()
+            made.append(host)
+            # One port everywhere, as in a real cluster: EG_SSH_PORT is a single gateway-wide setting.
+            host.ssh_server(workdir=tmp_path_factory.mktemp(f"sshd-{name}"), port=port)
+            port = host.sshd.port
+        a, b, c = made
+        for host in made:
+            # Reach the response address on a's veth from b and c too: the gateway binds it there, and a
+            # launcher that got that far must be able to report rather than hang until the launch timeout.
+            if host is not a:
+                host.run(["ip", "route", "add", f"{a.gateway_address}/32", "via", host.gateway_address],
+                         check=True, capture_output=True)
+            if host is not c:  # c keeps authorizing only its own fixture key, which the gateway lacks
+                keys = [identity, paramiko_identity]
+                host.sshd.authorized_keys.write_text("".join(Path(f"{k}.pub").read_text() for k in keys))
+        known = workdir / "known_hosts"
+        known.write_text(a.sshd.known_hosts_line() + c.sshd.known_hosts_line())
+        paramiko_known = workdir / "known_hosts.paramiko"
+        paramiko_known.write_text("".join(h.sshd.known_hosts_line() for h in made))
+        yield E2EHosts(a=a, b=b, c=c, identity_file=identity, paramiko_identity_file=paramiko_identity,
+                       known_hosts=known, paramiko_known_hosts=paramiko_known, workdir=workdir)
+    finally:
+        for host in reversed(made):
+            host.close()
+
+
+# -- gateways -------------------------------------------------------------------------------------
+
+
+def gateway_config(h: E2EHosts, **overrides: object) -> GatewayConfig:
+    cfg = GatewayConfig(
+        remote_hosts=[h.a.address],
+        ssh_port=h.a.sshd.port,
+        response_ip=h.a.gateway_address,
+        identity_file=h.identity_file,
+        paramiko_identity_file=h.paramiko_identity_file,
+        known_hosts=h.known_hosts,
+        paramiko_known_hosts=h.paramiko_known_hosts,
+        remote_user=h.a.sshd.user,
+        tunneling=True,
+        cull_idle_timeout=CULL_IDLE_TIMEOUT,
+        kernelspecs=list(MAIN_SPECS),
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    # hosts.py's mark: should this test process die without cleaning up, the next run reaps the
+    # gateway and, since EG exports its environment into remote launches, the kernels it started.
+    cfg.env = {hosts.OWNER_ENV: f"{os.getpid()}:e2e-gateway", **cfg.env}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def gateway_factory(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[Callable[..., Gateway]]:
+    """make(name, **GatewayConfig overrides) -> a started gateway, stopped at the end of the session
+    (or earlier by the test calling stop())."""
+    started: list[Gateway] = []
+
+    def make(name: str, **overrides: object) -> Gateway:
+        gw = Gateway(tmp_path_factory.mktemp(f"gateway-{name}"), gateway_config(e2e_hosts, **overrides))
+        started.append(gw)
+        _active_gateways.append(gw)
+        gw.start()
+        return gw
+
+    try:
+        yield make
+    finally:
+        for gw in reversed(started):
+            stop_gateway(gw, e2e_hosts)
+
+
+def stop_gateway(gw: Gateway, h: E2EHosts) -> None:
+    try:
+        gw.stop()
+    finally:
+        if gw in _active_gateways:
+            _active_gateways.remove(gw)
+        # A kernel the gateway failed to stop still carries the gateway's response address in its argv.
+        if gw.response_port:
+            marker = f"{gw.config.response_ip}:{gw.response_port}"
+            for host in h.all():
+                procs.kill_procs(p for p in procs.netns_procs(host.name) if marker in p.cmdline)
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_factory: Callable[..., Gateway]) -> Gateway:
+    gw = gateway_factory("main")
+    warm_up(gw)
+    return gw
+
+
+def warm_up(gw: Gateway) -> None:
+    """One kernel start and stop: the response socket, thread pools and the native runtime exist
+    from then on, so later baselines measure the kernels, not the gateway's first use."""
+    client = gw.client()
+    try:
+        kernel = client.start_kernel("egt")
+        assert kernel.execute("1 + 1").result == "2"
+        kernel.delete()
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> Iterator[GatewayClient]:
+    """A client of the main gateway; kernels it started and the test left running are deleted after."""
+    c = gateway.client()
+    try:
+        yield c
+    finally:
+        c.close()

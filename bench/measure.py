@@ -13,7 +13,6 @@ import socket
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import echo_server
@@ -161,23 +160,6 @@ def latency_summary(samples: Sequence[float]) -> dict:
 # difference being measured. The services still hash on their side (sink) or send the pattern (source).
 
 
-@dataclass
-class Transfer:
-    nbytes: int
-    seconds: float
-    expected_sha256: str
-    got_bytes: int
-    got_sha256: str
-
-    @property
-    def ok(self) -> bool:
-        return self.got_bytes == self.nbytes and self.got_sha256 == self.expected_sha256
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.nbytes / self.seconds / 1e9
-
-
 _digests: dict[int, str] = {}
 
 
@@ -187,7 +169,7 @@ def pattern_digest(nbytes: int) -> str:
     return _digests[nbytes]
 
 
-def send_to_sink(host: str, port: int, nbytes: int, timeout: float) -> Transfer:
+def send_to_sink(host: str, port: int, nbytes: int, timeout: float) -> hosts.StreamResult:
     """Timed from the first byte sent until the sink has counted and hashed the last one."""
     expected = pattern_digest(nbytes)
     with hosts.connect(host, port, timeout) as s:
@@ -204,10 +186,10 @@ def send_to_sink(host: str, port: int, nbytes: int, timeout: float) -> Transfer:
             reply += piece
         seconds = time.perf_counter() - start
     count, digest = reply.decode().split()
-    return Transfer(nbytes, seconds, expected, int(count), digest)
+    return hosts.StreamResult(nbytes, expected, int(count), digest, seconds)
 
 
-def receive_from_source(host: str, port: int, nbytes: int, timeout: float, into: bytearray) -> Transfer:
+def receive_from_source(host: str, port: int, nbytes: int, timeout: float, into: bytearray) -> hosts.StreamResult:
     """Timed from the request until EOF; the bytes land in a preallocated buffer hashed afterwards.
 
     into should be somewhat larger than nbytes, so that a source sending too much shows up as a wrong
@@ -226,7 +208,7 @@ def receive_from_source(host: str, port: int, nbytes: int, timeout: float, into:
             got += k
         seconds = time.perf_counter() - start
     digest = hashlib.sha256(view[:got]).hexdigest()
-    return Transfer(nbytes, seconds, pattern_digest(nbytes), got, digest)
+    return hosts.StreamResult(nbytes, pattern_digest(nbytes), got, digest, seconds)
 
 
 # --- OpenSSH client processes -----------------------------------------------------------------

@@ -311,7 +311,7 @@ def section_throughput(eg, lab: Lab, st: Settings) -> dict:
                 "ssh -N -L -c aes128-gcm": ("127.0.0.1", gcm_port, [gcm_proc.pid], []),
             }
         for direction, label in (("sink", "local -> remote"), ("source", "remote -> local")):
-            runs: dict[str, list[tuple[measure.Transfer, float, float]]] = {name: [] for name in paths[direction]}
+            runs: dict[str, list[tuple[hosts.StreamResult, float, float]]] = {name: [] for name in paths[direction]}
             for _ in range(st.repeats):
                 # Round-robin, as for latency: a noisy moment hurts one run of each path, not one path.
                 for name, (host, port, pids, skip) in paths[direction].items():
@@ -324,12 +324,12 @@ def section_throughput(eg, lab: Lab, st: Settings) -> dict:
                     tun1, srv1 = measure.sched_sample(pids, skip), measure.sched_sample(server_pids)
                     runs[name].append((r, measure.sched_delta(tun0, tun1)[0], measure.sched_delta(srv0, srv1)[0]))
             for name, rs in runs.items():
-                mid = sorted(rs, key=lambda x: x[0].gb_per_s)[len(rs) // 2]
+                mid = sorted(rs, key=lambda x: x[0].bytes_per_second)[len(rs) // 2]
                 rows.append({
                     "name": name,
                     "direction": label,
-                    "gb_per_s": round(mid[0].gb_per_s, 3),
-                    "runs_gb_per_s": [round(x[0].gb_per_s, 3) for x in rs],
+                    "gb_per_s": round(mid[0].bytes_per_second / 1e9, 3),
+                    "runs_gb_per_s": [round(x[0].bytes_per_second / 1e9, 3) for x in rs],
                     "sha256_ok": all(x[0].ok for x in rs),
                     # Cores kept busy during the median run: near 1.0 means CPU-bound, well below
                     # means the path spent its time waiting.

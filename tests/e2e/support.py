@@ -4,7 +4,6 @@ test judges "nothing left behind" and "native tunnels" by the same rules.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import pytest
@@ -40,14 +39,8 @@ def shells(host: hosts.RemoteHost) -> list[procs.Proc]:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
+    """hosts.wait_until at a pace suited to asking a gateway over HTTP."""
+    return hosts.wait_until(predicate, timeout, interval, what)
 
 
 def kernel_status(gw: Gateway, kernel: Kernel) -> dict[str, Any]:

@@ -174,6 +174,8 @@ def test_process_counters_see_our_own_resources() -> None:
         s.close()
         release.set()
         t.join()
+    # The OS thread finishes exiting just after join() returns; give it a moment to leave /proc.
+    hosts.wait_until(lambda: hosts.thread_count() == threads, 2, what="the joined thread to leave /proc")
     assert (hosts.fd_count(), hosts.thread_count()) == (fds, threads)
 
 

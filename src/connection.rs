@@ -521,13 +521,9 @@ impl Channels {
     fn add(&mut self, ch: ssh2::Channel, req: OpenRequest, spec: &ConnectSpec) {
         match req.target {
             Target::Forward { to_remote, from_remote, stats, reply, .. } => {
-                if reply.send(Ok(())).is_err() {
-                    // The local connection gave up waiting; close the fresh channel politely.
-                    let (_tx, rx) = mpsc::channel(1);
-                    let (tx, _rx) = mpsc::channel(1);
-                    self.forwards.push(ForwardChannel::new(ch, rx, tx, ChannelGuard::new(stats)));
-                    return;
-                }
+                // If the caller gave up waiting, its queues are closed too: the channel then sends
+                // EOF and closes on its first step, like any finished connection.
+                let _ = reply.send(Ok(()));
                 self.forwards.push(ForwardChannel::new(ch, to_remote, from_remote, ChannelGuard::new(stats)));
             }
             Target::Exec { command, reply } => {

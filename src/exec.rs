@@ -131,6 +131,14 @@ impl ExecChannel {
     }
 
     fn close(&mut self, io: &SshIo, want_write: &mut bool) -> Step {
+        // libssh2's close sends a missing EOF from a stack buffer; send it ourselves, safely, first.
+        if !self.stdin_closed {
+            match io.attempt_small(want_write, |ch: &mut ssh2::Channel| ch.send_eof(), &mut self.ch) {
+                Attempt::Blocked => return Step::Continue,
+                _ => self.stdin_closed = true,
+            }
+        }
+        // Completes once the server closed its side too, i.e. the command has ended.
         match io.attempt(want_write, self.ch.close()) {
             Attempt::Blocked => Step::Continue,
             _ => Step::Finished,

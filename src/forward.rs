@@ -24,8 +24,9 @@ use crate::stats::{ActiveGuard, ChannelGuard, ForwardStats};
 
 /// How long a local connection waits for its channel (covers a reconnecting SSH link).
 pub const OPEN_WAIT: Duration = Duration::from_secs(10);
-/// terminate() lets accepted bytes drain for at most this long before cutting channels.
-const DRAIN_WAIT: Duration = Duration::from_millis(60);
+/// terminate() lets accepted bytes drain for at most this long before cutting channels (and must
+/// return within 100 ms in all).
+const DRAIN_WAIT: Duration = Duration::from_millis(80);
 /// Chunks in flight per direction per local connection; bounds memory and gives backpressure.
 const QUEUE_DEPTH: usize = 4;
 /// Largest chunk moved at once. Several SSH packets per chunk means fewer wake-ups per byte.
@@ -265,9 +266,10 @@ async fn accept_loop(listener: TcpListener, conn: Arc<Connection>, info: Arc<For
     }
     // Free the port first: callers may re-bind it as soon as terminate() returns.
     drop(listener);
-    // Local tasks stop at once on the same signal; anything slower is cut.
+    // Local tasks stop at once on the same signal (they only hand their queues to the actor); anything
+    // slower is cut.
     let all_done = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(DRAIN_WAIT, all_done).await.is_err() {
+    if tokio::time::timeout(Duration::from_millis(10), all_done).await.is_err() {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }

@@ -150,17 +150,54 @@ def test_terminate_frees_port_and_returns_fds_and_threads_to_baseline(
     assert hosts.thread_count() == threads
 
 
-def test_terminate_delivers_bytes_already_accepted(sshd: hosts.SshServer) -> None:
-    with hosts.EchoServer(mode="sink") as sink:
-        t = open_to(sshd, "127.0.0.1", sink.port)
-        s = hosts.connect("127.0.0.1", t.local_port)
-        payload = os.urandom(256 << 10)
-        s.sendall(payload)
-        hosts.wait_until(lambda: t.stats()["bytes_out"] == len(payload), 10, what="bytes accepted by the tunnel")
-        t.terminate()
-        s.close()
-        # The sink reports what it received per connection in its log line; the tunnel counted them out.
-        assert t.stats()["bytes_out"] == len(payload)
+COUNTING_SERVER = """
+import hashlib, socket, sys
+with socket.create_server(("127.0.0.1", 0)) as server:
+    print(server.getsockname()[1], flush=True)
+    conn, _ = server.accept()
+    h, n = hashlib.sha256(), 0
+    while chunk := conn.recv(65536):
+        h.update(chunk)
+        n += len(chunk)
+    print(n, h.hexdigest(), flush=True)
+"""
+
+
+def test_terminate_delivers_bytes_already_accepted(sshd_factory) -> None:
+    """terminate() while a client is still sending: every byte the tunnel took from the client reaches
+    the remote service, followed by EOF, before the channel closes."""
+    import hashlib
+    import subprocess
+    import sys
+
+    sshd = sshd_factory(log_level="INFO")  # per-packet DEBUG3 logging would slow sshd's draining
+    # The service runs in its own process, so it reads at full speed while this test spins.
+    with subprocess.Popen([sys.executable, "-c", COUNTING_SERVER], stdout=subprocess.PIPE, text=True) as service:
+        try:
+            port = int(service.stdout.readline())
+            t = open_to(sshd, "127.0.0.1", port)
+            s = hosts.connect("127.0.0.1", t.local_port)
+            s.setblocking(False)
+            payload = os.urandom(8 << 20)
+            sent = 0
+            try:
+                while sent < len(payload) and t.stats()["bytes_out"] < (1 << 20):
+                    try:
+                        sent += s.send(payload[sent : sent + 65536])
+                    except BlockingIOError:
+                        time.sleep(0.001)
+                start = time.monotonic()
+                t.terminate()  # mid-stream: part of what was sent is still queued inside the tunnel
+                assert time.monotonic() - start < 0.1
+            finally:
+                s.close()
+            count, digest = service.communicate(timeout=10)[0].split()
+        finally:
+            service.kill()
+    accepted = t.stats()["bytes_out"]
+    assert 0 < accepted <= sent
+    assert int(count) == accepted, "the remote service saw EOF before every accepted byte"
+    assert digest == hashlib.sha256(payload[:accepted]).hexdigest()
 
 
 # --- errors -------------------------------------------------------------------------------------

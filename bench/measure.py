@@ -249,20 +249,6 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float, poll: floa
     return time.perf_counter() - start
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=timeout / 2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout / 2)
-    if proc.stderr is not None:
-        with contextlib.suppress(OSError):
-            proc.stderr.close()
-
-
 # --- sshd log ---------------------------------------------------------------------------------
 
 _KEX_RE = re.compile(r"kex: client->server cipher: (\S+) MAC: (\S+)")

@@ -160,7 +160,7 @@ def ssh_forwards(lab: Lab, port: int, n: int, options: Sequence[str] = ()):
         yield procs
     finally:
         for proc, _ in procs:
-            measure.stop_process(proc)
+            hosts.stop_popen(proc)
 
 
 def connect_through(stack: contextlib.ExitStack, port: int) -> None:
@@ -371,7 +371,7 @@ def section_open(eg, lab: Lab, st: Settings) -> dict:
             measure.wait_listening(proc, lp, timeout=30.0)
             times["ssh -N -L"].append(time.perf_counter() - t0)
         finally:
-            measure.stop_process(proc)
+            hosts.stop_popen(proc)
     rows = [{"name": name, **measure.summary_ms(v)} for name, v in times.items()]
     by = {r["name"]: r for r in rows}
     return {

@@ -276,7 +276,8 @@ def _kill_and_wait(pids: Sequence[int], timeout: float = STOP_TIMEOUT) -> None:
         time.sleep(0.01)
 
 
-def _stop_popen(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+def stop_popen(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """terminate(), then kill() if it lingers; closes its pipes."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
@@ -737,7 +738,7 @@ def openssh_forward(
             time.sleep(0.01)
         yield fwd
     finally:
-        _stop_popen(proc)
+        stop_popen(proc)
         stderr_file.unlink(missing_ok=True)
 
 
@@ -812,7 +813,7 @@ class EchoServer:
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            _stop_popen(proc)
+            stop_popen(proc)
         # Connection threads die with the process; anything else carrying our mark goes too.
         _kill_and_wait([p for p, m in _owner_marks().items() if m == self.mark])
 
@@ -1212,7 +1213,7 @@ class RemoteHost:
                 child.close()
         self._children.clear()
         for proc in self._procs:
-            _stop_popen(proc)
+            stop_popen(proc)
         self._procs.clear()
         if self._created:
             self._created = False

@@ -117,19 +117,14 @@ class RoundTripper:
         self.samples: list[float] = []
 
     def run(self, count: int, record: bool = True) -> None:
-        s, payload, buf, size = self.sock, self.payload, self.buf, len(self.payload)
+        s, payload, buf = self.sock, self.payload, self.buf
         view = memoryview(buf)
         clock = time.perf_counter
         out = self.samples if record else []
         for _ in range(count):
             t0 = clock()
             s.sendall(payload)
-            got = 0
-            while got < size:
-                k = s.recv_into(view[got:])
-                if k == 0:
-                    raise ConnectionError(f"{self.name}: echo closed after {got} of {size} bytes")
-                got += k
+            hosts.recv_exact_into(s, view, f"{self.name}: echo")
             out.append(clock() - t0)
             if buf != payload:
                 raise AssertionError(f"{self.name}: echo returned different bytes")

@@ -843,15 +843,19 @@ def connect(host: str, port: int, timeout: float = START_TIMEOUT) -> socket.sock
     return s
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+def recv_exact_into(s: socket.socket, view: memoryview, what: str = "connection") -> None:
+    """Fill view from s; allocation-free, so timed loops can call it."""
+    got, n = 0, len(view)
     while got < n:
         k = s.recv_into(view[got:])
         if k == 0:
-            raise ConnectionError(f"connection closed after {got} of {n} bytes")
+            raise ConnectionError(f"{what} closed after {got} of {n} bytes")
         got += k
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    recv_exact_into(s, memoryview(buf))
     return bytes(buf)
 
 

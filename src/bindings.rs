@@ -38,12 +38,14 @@ fn to_py(err: Error, context: &str) -> PyErr {
     static HOST_KEY: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     static DOWN: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     static TIMEOUT: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static PROHIBITED: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     let msg = if context.is_empty() { err.to_string() } else { format!("{context}: {err}") };
     Python::with_gil(|py| {
         let (cell, name) = match &err {
             Error::Invalid(_) => return PyValueError::new_err(msg),
             // errno set so code written for sockets (EG checks `e.errno == ECONNREFUSED`) works as is.
             Error::Refused { .. } => return PyConnectionRefusedError::new_err((libc::ECONNREFUSED, msg)),
+            Error::Prohibited { .. } => (&PROHIBITED, "ForwardingProhibited"),
             Error::Bind { in_use: true, .. } => return PyOSError::new_err((libc::EADDRINUSE, msg)),
             Error::Bind { .. } => return PyOSError::new_err(msg),
             Error::Connect { .. } => (&CONNECT, "SshConnectError"),
@@ -231,8 +233,11 @@ fn spec(
     known_hosts: Option<&str>,
     host_key_policy: &str,
     connect_timeout: f64,
+    max_sessions: i64,
+    max_startups: i64,
 ) -> PyResult<ConnectSpec> {
     ConnectSpec::new(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout)
+        .and_then(|s| s.with_limits(max_sessions, max_startups))
         .map_err(|e| to_py(e, ""))
 }
 
@@ -241,10 +246,12 @@ fn spec(
 #[pyo3(signature = (
     host, remote_host, remote_port, *, channel = "SHELL", cull_idle_timeout = Seconds(0), keepalive_margin = 60,
     keepalive_count_max = 3, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
-    host_key_policy = "strict", local_port = 0, connect_timeout = 10.0, mode = "per-port", kernel_id = None
+    host_key_policy = "strict", local_port = 0, connect_timeout = 10.0, mode = "per-port", kernel_id = None,
+    verify = false, max_sessions = 8, max_startups = 3, refused_wait = 30.0
 ), text_signature = "(host, remote_host, remote_port, *, channel='SHELL', cull_idle_timeout=0, \
 keepalive_margin=60, keepalive_count_max=3, port=22, user=None, identity_file=None, password=None, known_hosts=None, \
-host_key_policy='strict', local_port=0, connect_timeout=10.0, mode='per-port', kernel_id=None)")]
+host_key_policy='strict', local_port=0, connect_timeout=10.0, mode='per-port', kernel_id=None, verify=False, \
+max_sessions=8, max_startups=3, refused_wait=30.0)")]
 #[allow(clippy::too_many_arguments)]
 fn open_tunnel(
     py: Python<'_>,
@@ -265,7 +272,12 @@ fn open_tunnel(
     connect_timeout: f64,
     mode: &str,
     kernel_id: Option<String>,
+    verify: bool,
+    max_sessions: i64,
+    max_startups: i64,
+    refused_wait: f64,
 ) -> PyResult<Tunnel> {
+    let refused_wait = if refused_wait == 0.0 { Duration::ZERO } else { positive_duration(refused_wait, "refused_wait")? };
     let ch = parse_channel(channel)?;
     let interval = keepalive::keep_alive_interval(ch, cull_idle_timeout.0, keepalive_margin).map_err(invalid)?;
     if keepalive_count_max < 1 || keepalive_count_max > u32::MAX as i64 {
@@ -274,7 +286,7 @@ fn open_tunnel(
     let remote_port = check_port("remote_port", remote_port, false).map_err(|e| to_py(e, ""))?;
     let local_port = check_port("local_port", local_port, true).map_err(|e| to_py(e, ""))?;
     let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
-    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout)?;
+    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, max_sessions, max_startups)?;
     let ctx = format!("{ch} tunnel to {remote_host}:{remote_port}");
     let req = ForwardRequest {
         channel: ch,
@@ -284,6 +296,8 @@ fn open_tunnel(
         keep_alive_interval: interval as u64,
         count_max: keepalive_count_max as u32,
         kernel_id,
+        verify,
+        refused_wait,
     };
     let fwd = py
         .allow_threads(|| runtime::block_on(pool::open_forward(&spec, mode, req)))
@@ -324,7 +338,7 @@ impl ExecResult {
 #[pyfunction]
 #[pyo3(signature = (
     host, command, *, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
-    host_key_policy = "strict", connect_timeout = 10.0, timeout = 30.0
+    host_key_policy = "strict", connect_timeout = 10.0, timeout = 30.0, max_sessions = 8, max_startups = 3
 ))]
 #[allow(clippy::too_many_arguments)]
 fn remote_exec(
@@ -339,9 +353,11 @@ fn remote_exec(
     host_key_policy: &str,
     connect_timeout: f64,
     timeout: f64,
+    max_sessions: i64,
+    max_startups: i64,
 ) -> PyResult<ExecResult> {
     let timeout = positive_duration(timeout, "timeout")?;
-    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout)?;
+    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, max_sessions, max_startups)?;
     let out = py
         .allow_threads(|| runtime::block_on(pool::exec(&spec, command, timeout)))
         .map_err(|e| to_py(e, "remote command"))?;
@@ -364,6 +380,8 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         d.set_item("keep_alive_interval", c.keep_alive_interval)?;
         d.set_item("keepalives_sent", c.keepalives_sent)?;
         d.set_item("last_error", &c.last_error)?;
+        d.set_item("session_budget", c.session_budget)?;
+        d.set_item("session_refusals", c.session_refusals)?;
         let forwards = PyList::empty_bound(py);
         for f in &c.forwards {
             let fd = PyDict::new_bound(py);

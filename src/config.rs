@@ -87,7 +87,19 @@ pub struct ConnectSpec {
     pub host_key_policy: HostKeyPolicy,
     /// Stored in milliseconds so the spec can be a hash key.
     pub connect_timeout_ms: u64,
+    /// Most session channels (remote commands) open at once on one connection; kept below the
+    /// server's MaxSessions (OpenSSH's default is 10).
+    pub max_sessions: usize,
+    /// Most handshakes in flight at once to one host and port; kept below the server's MaxStartups
+    /// (OpenSSH starts dropping beyond 10 unauthenticated connections).
+    pub max_startups: usize,
 }
+
+/// Defaults of the two server budgets, with room below OpenSSH's stock limits.
+pub const DEFAULT_MAX_SESSIONS: usize = 8;
+pub const DEFAULT_MAX_STARTUPS: usize = 3;
+/// Anything above this is a typo rather than a server limit.
+const MAX_BUDGET: i64 = 10_000;
 
 impl fmt::Debug for ConnectSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -143,7 +155,16 @@ impl ConnectSpec {
             known_hosts,
             host_key_policy: host_key_policy.parse()?,
             connect_timeout_ms: (connect_timeout * 1000.0).ceil() as u64,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_startups: DEFAULT_MAX_STARTUPS,
         })
+    }
+
+    /// Sets the per-connection session budget and the per-host handshake budget (both >= 1).
+    pub fn with_limits(mut self, max_sessions: i64, max_startups: i64) -> Result<Self> {
+        self.max_sessions = check_budget("max_sessions", max_sessions)?;
+        self.max_startups = check_budget("max_startups", max_startups)?;
+        Ok(self)
     }
 
     /// user@host:port, as every message names the destination.
@@ -160,6 +181,13 @@ impl ConnectSpec {
         let dir = current_user().home.join(".ssh");
         ["id_ed25519", "id_ecdsa", "id_rsa"].iter().map(|n| dir.join(n)).collect()
     }
+}
+
+fn check_budget(what: &str, n: i64) -> Result<usize> {
+    if !(1..=MAX_BUDGET).contains(&n) {
+        return Err(Error::Invalid(format!("{what} must be an integer from 1 to {MAX_BUDGET}, got {n}")));
+    }
+    Ok(n as usize)
 }
 
 /// Validates a TCP port; `allow_zero` for "pick any" local ports.
@@ -244,6 +272,17 @@ mod tests {
         assert!(ConnectSpec::new("", 22, None, None, None, None, "strict", 1.0).is_err());
         assert_eq!(check_port("local_port", 0, true).unwrap(), 0);
         assert!(check_port("local_port", -1, true).unwrap_err().to_string().contains("local_port"));
+    }
+
+    #[test]
+    fn limits_default_below_openssh_and_are_validated() {
+        let s = spec("strict").unwrap();
+        assert_eq!((s.max_sessions, s.max_startups), (8, 3));
+        let s = s.with_limits(1, 5).unwrap();
+        assert_eq!((s.max_sessions, s.max_startups), (1, 5));
+        let err = spec("strict").unwrap().with_limits(0, 3).unwrap_err().to_string();
+        assert!(err.contains("max_sessions") && err.contains("got 0"), "{err}");
+        assert!(spec("strict").unwrap().with_limits(8, -1).is_err());
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! Handles talk to the task over a command queue; local connections exchange bytes with it through
 //! bounded queues and wake it through one `Notify`. libssh2 sessions are single-threaded state
 //! machines, so one owner task avoids both lock contention and lost wake-ups.
+//!
+//! Remote commands take session channels, which sshd limits per connection (MaxSessions, 10 by
+//! default); the actor keeps at most `max_sessions` of them open and queues the rest in arrival order.
+//! A refused session channel lowers that budget to what was open and the command waits its turn again:
+//! only its own deadline can fail it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +24,7 @@ use crate::driver::{is_fatal, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::exec::{ExecChannel, ExecOutput};
 use crate::forward::{ForwardChannel, Step};
+use crate::idle_reader::{IdleReader, ReaderStep};
 use crate::keepalive::{probe_action, ProbeAction, MAX_KEEP_ALIVE_INTERVAL};
 use crate::net;
 use crate::session;
@@ -43,9 +49,21 @@ pub struct OpenRequest {
     pub target: Target,
     /// Past this instant the caller has given up; the request is answered with an error.
     pub deadline: Instant,
+    /// How often the server refused this request's session channel, and its last word on it.
+    refusals: u32,
+    refused_cause: Option<String>,
 }
 
 impl OpenRequest {
+    pub fn new(target: Target, deadline: Instant) -> Self {
+        OpenRequest { target, deadline, refusals: 0, refused_cause: None }
+    }
+
+    /// Session channels count against the server's MaxSessions; direct-tcpip channels do not.
+    fn is_session(&self) -> bool {
+        matches!(self.target, Target::Exec { .. })
+    }
+
     fn fail(self, err: Error) {
         match self.target {
             Target::Forward { reply, .. } => {
@@ -89,6 +107,10 @@ pub struct Shared {
     pub keepalives_sent: AtomicU64,
     pub interval: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Session channels allowed open at once: the configured budget, lowered by refusals.
+    pub session_budget: AtomicUsize,
+    /// Session channels the server refused (each retried).
+    pub session_refusals: AtomicU64,
     /// Forwards and in-flight remote commands using this connection (kept by the pool). A connection
     /// that dies with no users is not worth re-establishing.
     pub users: AtomicUsize,
@@ -114,6 +136,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 impl Connection {
     /// Starts the actor and waits for the first connection; on failure nothing is left running.
     pub async fn start(spec: ConnectSpec, mode: TunnelMode, interval: u64, count_max: u32) -> Result<Arc<Connection>> {
+        let max_sessions = spec.max_sessions;
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             spec,
@@ -123,6 +146,8 @@ impl Connection {
             keepalives_sent: AtomicU64::new(0),
             interval: AtomicU64::new(interval),
             last_error: Mutex::new(None),
+            session_budget: AtomicUsize::new(max_sessions),
+            session_refusals: AtomicU64::new(0),
             users: AtomicUsize::new(0),
             wake: Notify::new(),
         });
@@ -134,6 +159,7 @@ impl Connection {
             queue: VecDeque::new(),
             count_max,
             stopped: None,
+            session_retry_at: None,
         };
         let task = tokio::spawn(actor.run(ready_tx));
         let conn = Arc::new(Connection { shared, commands: tx, task: Mutex::new(Some(task)) });
@@ -197,6 +223,9 @@ struct Actor {
     count_max: u32,
     /// Set when retrying cannot help (host key changed, credentials refused): every request fails with it.
     stopped: Option<Error>,
+    /// After the server refused a session channel while none of ours was open, the next try waits
+    /// until then (the server may still be freeing a slot).
+    session_retry_at: Option<Instant>,
 }
 
 impl Actor {
@@ -338,9 +367,11 @@ impl Actor {
     }
 
     fn next_expiry(&self) -> Instant {
+        let retry = self.session_retry_at.filter(|_| self.queue.iter().any(OpenRequest::is_session));
         self.queue
             .iter()
             .map(|r| r.deadline)
+            .chain(retry)
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
     }
@@ -354,7 +385,17 @@ impl Actor {
             self.queue.drain(..).partition(|r| r.deadline <= now || r.caller_gone());
         self.queue = kept;
         for req in expired {
-            if self.shared.alive.load(Ordering::Acquire) {
+            if req.refusals > 0 {
+                let cause = format!(
+                    "the server refused session channels {} time(s) ({}) and none freed up in time; its \
+                     MaxSessions limit is lower than egtunnel's budget of {}: set EG_SSH_MAX_SESSIONS (or the \
+                     kernelspec's max_sessions) below the server's MaxSessions, or raise MaxSessions in its sshd_config",
+                    req.refusals,
+                    req.refused_cause.as_deref().unwrap_or("refused"),
+                    self.shared.spec.max_sessions
+                );
+                req.fail(Error::Other { dest: dest.clone(), cause });
+            } else if self.shared.alive.load(Ordering::Acquire) {
                 let what = req.what();
                 req.fail(Error::Timeout { dest: dest.clone(), what, secs: 0.0 });
             } else {
@@ -437,17 +478,68 @@ impl Actor {
         }
     }
 
+    /// The first queued request that may open now: forwards always, commands within the session budget.
+    fn next_request(&mut self, chans: &Channels) -> Option<OpenRequest> {
+        let now = Instant::now();
+        let sessions_ok = chans.sessions_open() < self.shared.session_budget.load(Ordering::Relaxed)
+            && self.session_retry_at.is_none_or(|t| now >= t);
+        loop {
+            let i = self.queue.iter().position(|r| sessions_ok || !r.is_session())?;
+            let req = self.queue.remove(i).expect("position is in range");
+            if !req.caller_gone() {
+                return Some(req);
+            }
+        }
+    }
+
+    /// The server refused a session channel: lower the budget to what was open and queue the command
+    /// again at the head, so it keeps its place.
+    fn session_refused(&mut self, chans: &Channels, mut req: OpenRequest, e: &ssh2::Error) {
+        let open = chans.sessions_open();
+        let budget = open.max(1);
+        let before = self.shared.session_budget.swap(budget, Ordering::Relaxed);
+        self.shared.session_refusals.fetch_add(1, Ordering::Relaxed);
+        req.refusals += 1;
+        req.refused_cause = Some(e.message().to_string());
+        self.session_retry_at = (open == 0).then(|| Instant::now() + refusal_backoff(req.refusals));
+        let msg = format!(
+            "SSH connection {}: the server refused a session channel with {open} open ({}); session budget {before} -> {budget} (its MaxSessions is lower than EG_SSH_MAX_SESSIONS)",
+            self.shared.spec.dest(),
+            e.message()
+        );
+        if budget < before {
+            warn!("{msg}");
+        } else {
+            debug!("{msg}");
+        }
+        self.queue.push_front(req);
+    }
+
     /// Moves everything that can move without blocking. Err means the session is dead.
     fn pump(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<(), String> {
         // Channels first: a partly sent packet of theirs must be finished before anything new goes out.
         chans.step_all(io, want_write)?;
-        // libssh2 runs one channel open at a time per session.
+        // libssh2 runs one channel open at a time per session; the idle reader's open is one of them.
         loop {
             if chans.opening.is_none() {
-                match self.queue.pop_front() {
-                    None => break,
-                    Some(req) if req.caller_gone() => continue,
+                if let Some(reader) = chans.reader.as_mut().filter(|r| r.holds_session()) {
+                    match reader.step(&io.sess, is_fatal_code) {
+                        ReaderStep::Pending if reader.is_opening() => break,
+                        ReaderStep::Pending | ReaderStep::Ready => {}
+                        ReaderStep::Refused(cause) => {
+                            debug!("SSH connection {}: no idle reader ({cause}); server keep-alives are answered only while a channel is open", self.shared.spec.dest());
+                        }
+                        ReaderStep::Fatal(cause) => return Err(format!("opening a channel: {cause}")),
+                    }
+                }
+                match self.next_request(chans) {
                     Some(req) => chans.opening = Some(req),
+                    None if chans.reader.is_none() && chans.is_idle() && self.queue.is_empty() => {
+                        // Nothing to do: the moment to set up the idle reader without delaying anyone.
+                        chans.reader = Some(IdleReader::new());
+                        continue;
+                    }
+                    None => break,
                 }
             }
             let req = chans.opening.as_ref().expect("set above");
@@ -460,11 +552,18 @@ impl Actor {
                 Attempt::Failed(e) if is_fatal(&e) => return Err(format!("opening a channel: {}", e.message())),
                 Attempt::Failed(e) => {
                     let req = chans.opening.take().expect("set above");
-                    let err = open_error(&self.shared.spec, &req, &e);
-                    req.fail(err);
+                    if req.is_session() {
+                        self.session_refused(chans, req, &e);
+                    } else {
+                        let err = open_error(&self.shared.spec, &req, &e);
+                        req.fail(err);
+                    }
                 }
                 Attempt::Done(ch) => {
                     let req = chans.opening.take().expect("set above");
+                    if req.is_session() {
+                        self.session_retry_at = None;
+                    }
                     chans.add(ch, req, &self.shared.spec);
                     // Give the new channel its first step right away.
                     chans.step_all(io, want_write)?;
@@ -473,6 +572,15 @@ impl Actor {
         }
         Ok(())
     }
+}
+
+fn is_fatal_code(code: std::os::raw::c_int) -> bool {
+    is_fatal(&ssh2::Error::new(ssh2::ErrorCode::Session(code), "fatal?"))
+}
+
+/// 50 ms doubling to 1 s between tries of a session channel refused while none of ours was open.
+fn refusal_backoff(refusals: u32) -> Duration {
+    Duration::from_millis((50u64 << refusals.saturating_sub(1).min(5)).min(1000))
 }
 
 fn nanos() -> u64 {
@@ -503,6 +611,11 @@ fn open_error(spec: &ConnectSpec, req: &OpenRequest, e: &ssh2::Error) -> Error {
         Target::Forward { host, port, .. } if msg.contains("connect failed") || msg.contains("Connection refused") => {
             Error::Refused { dest: spec.dest(), target: format!("{host}:{port}"), cause: msg }
         }
+        Target::Forward { host, port, .. } if msg.contains("administratively prohibited") => Error::Prohibited {
+            dest: spec.dest(),
+            target: format!("{host}:{port}"),
+            cause: msg,
+        },
         _ => Error::Other { dest: spec.dest(), cause: format!("cannot open {}: {msg}", req.what()) },
     }
 }
@@ -513,11 +626,22 @@ struct Channels {
     opening: Option<OpenRequest>,
     forwards: Vec<ForwardChannel>,
     execs: Vec<ExecChannel>,
+    /// Reads the transport when no other channel does (see `idle_reader`); set up once idle.
+    reader: Option<IdleReader>,
     /// Reused read buffer; channels copy out only what they read.
     scratch: Vec<u8>,
 }
 
 impl Channels {
+    /// Session channels that may occupy one of the server's MaxSessions slots.
+    fn sessions_open(&self) -> usize {
+        self.execs.len() + usize::from(self.reader.as_ref().is_some_and(IdleReader::holds_session))
+    }
+
+    fn is_idle(&self) -> bool {
+        self.opening.is_none() && self.forwards.is_empty() && self.execs.is_empty()
+    }
+
     fn add(&mut self, ch: ssh2::Channel, req: OpenRequest, spec: &ConnectSpec) {
         match req.target {
             Target::Forward { to_remote, from_remote, stats, reply, .. } => {
@@ -539,9 +663,15 @@ impl Channels {
         // Pull everything already in the socket into libssh2's queue before stepping any channel.
         // Otherwise a channel stepped early could have its data drained by a later channel's call:
         // the socket would then be empty, no readiness event would follow, and that data would wait.
-        for f in &mut self.forwards {
-            if f.drain(io, want_write)? {
-                break;
+        // This also answers the server's keep-alive probes, channels or not.
+        match self.reader.as_mut() {
+            Some(reader) if reader.is_ready() => reader.read(&io.sess, is_fatal_code)?,
+            _ => {
+                for f in &mut self.forwards {
+                    if f.drain(io, want_write)? {
+                        break;
+                    }
+                }
             }
         }
         let mut fatal = None;

@@ -19,6 +19,9 @@ pub enum Error {
     HostKey { dest: String, cause: String },
     /// The remote end refused the forwarded connection (nothing listens on the target).
     Refused { dest: String, target: String, cause: String },
+    /// The server's configuration forbids forwarding to the target (AllowTcpForwarding, PermitOpen,
+    /// DisableForwarding): retrying cannot help.
+    Prohibited { dest: String, target: String, cause: String },
     /// The SSH connection is down and being re-established.
     Down { dest: String, cause: String },
     /// An operation did not finish in time.
@@ -39,6 +42,7 @@ impl Error {
             Error::Auth { .. } => "auth",
             Error::HostKey { .. } => "host-key",
             Error::Refused { .. } => "refused",
+            Error::Prohibited { .. } => "prohibited",
             Error::Down { .. } => "down",
             Error::Timeout { .. } => "timeout",
             Error::Other { .. } => "other",
@@ -62,6 +66,11 @@ impl fmt::Display for Error {
             Error::Refused { dest, target, cause } => {
                 write!(f, "{target} refused the connection through {dest}: {cause}")
             }
+            Error::Prohibited { dest, target, cause } => write!(
+                f,
+                "the SSH server {dest} refuses to forward to {target} ({cause}): its sshd_config forbids it \
+                 (AllowTcpForwarding, DisableForwarding or PermitOpen); allow TCP forwarding to the kernel's ports"
+            ),
             Error::Down { dest, cause } => write!(f, "SSH connection {dest} is down: {cause}"),
             Error::Timeout { dest, what, secs } => write!(f, "{what} on {dest} timed out after {secs} s"),
             Error::Other { dest, cause } => write!(f, "{dest}: {cause}"),

@@ -24,6 +24,13 @@ use crate::stats::{ActiveGuard, ChannelGuard, ForwardStats};
 
 /// How long a local connection waits for its channel (covers a reconnecting SSH link).
 pub const OPEN_WAIT: Duration = Duration::from_secs(10);
+/// Default for how long a local connection is held while the remote port refuses. A kernel's launcher
+/// reports its ports before the kernel listens on them; holding the connection (instead of closing
+/// it, which makes ZMQ back off and reconnect) lets subscriptions go through the moment the kernel is up.
+pub const REFUSED_WAIT: Duration = Duration::from_secs(30);
+/// First and longest pause between channel opens to a port that refuses.
+const REFUSED_RETRY_FIRST: Duration = Duration::from_millis(10);
+const REFUSED_RETRY_MAX: Duration = Duration::from_millis(200);
 /// terminate() lets accepted bytes drain for at most this long before cutting channels (and must
 /// return within 100 ms in all).
 const DRAIN_WAIT: Duration = Duration::from_millis(80);
@@ -190,6 +197,8 @@ pub struct ForwardInfo {
     pub local_port: u16,
     pub keep_alive_interval: u64,
     pub count_max: u32,
+    /// How long a local connection is held while the target refuses (see `REFUSED_WAIT`).
+    pub refused_wait: Duration,
     pub stats: Arc<ForwardStats>,
     /// Set after a failed channel open was logged at warning; cleared by the next success. A dead
     /// kernel's ZMQ sockets retry many times a second, and one warning per outage says it all.
@@ -275,13 +284,13 @@ async fn accept_loop(listener: TcpListener, conn: Arc<Connection>, info: Arc<For
     }
 }
 
-async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {
-    let _active = ActiveGuard::new(info.stats.clone());
+/// Asks the actor for a channel to the forward's target; on success returns this connection's queues.
+async fn open_channel(conn: &Connection, info: &ForwardInfo) -> Result<(mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>)> {
     let (to_remote_tx, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-    let (from_remote_tx, mut from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
+    let (from_remote_tx, from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (reply_tx, reply_rx) = oneshot::channel();
-    conn.open(OpenRequest {
-        target: Target::Forward {
+    conn.open(OpenRequest::new(
+        Target::Forward {
             host: info.remote_host.clone(),
             port: info.remote_port,
             to_remote: to_remote_rx,
@@ -289,25 +298,51 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
             stats: info.stats.clone(),
             reply: reply_tx,
         },
-        deadline: Instant::now() + OPEN_WAIT,
-    });
-    let opened = tokio::select! {
-        r = reply_rx => r.unwrap_or_else(|_| Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() })),
-        _ = stop.changed() => return,
-    };
-    if let Err(e) = opened {
-        // Closing only this local connection; the forward keeps serving.
-        let msg = format!(
-            "{} forward 127.0.0.1:{} -> {}:{}: {e}; closing that local connection",
-            info.channel, info.local_port, info.remote_host, info.remote_port
-        );
-        if info.failing.swap(true, Ordering::Relaxed) {
-            debug!("{msg}");
-        } else {
-            warn!("{msg} (further failures of this forward are logged at debug until one succeeds)");
+        Instant::now() + OPEN_WAIT,
+    ));
+    reply_rx.await.unwrap_or_else(|_| Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }))?;
+    Ok((to_remote_tx, from_remote_rx))
+}
+
+async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {
+    let _active = ActiveGuard::new(info.stats.clone());
+    // Until the channel is open nothing is read from the local socket: whatever the client sent
+    // waits in the kernel's buffer and goes out on the channel that finally opens.
+    let started = Instant::now();
+    let mut pause = REFUSED_RETRY_FIRST;
+    let opened = loop {
+        let attempt = tokio::select! {
+            r = open_channel(&conn, &info) => r,
+            _ = stop.changed() => return,
+        };
+        match attempt {
+            Err(Error::Refused { .. }) if started.elapsed() + pause < info.refused_wait => {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => return,
+                }
+                pause = (pause * 2).min(REFUSED_RETRY_MAX);
+            }
+            other => break other,
         }
-        return;
-    }
+    };
+    let (to_remote_tx, mut from_remote_rx) = match opened {
+        Ok(queues) => queues,
+        Err(e) => {
+            // Closing only this local connection; the forward keeps serving.
+            let waited = if matches!(e, Error::Refused { .. }) { format!(" for {:?}", started.elapsed()) } else { String::new() };
+            let msg = format!(
+                "{} forward 127.0.0.1:{} -> {}:{}: {e}{waited}; closing that local connection",
+                info.channel, info.local_port, info.remote_host, info.remote_port
+            );
+            if info.failing.swap(true, Ordering::Relaxed) {
+                debug!("{msg}");
+            } else {
+                warn!("{msg} (further failures of this forward are logged at debug until one succeeds)");
+            }
+            return;
+        }
+    };
     if info.failing.swap(false, Ordering::Relaxed) {
         debug!("{} forward 127.0.0.1:{}: channel opens succeed again", info.channel, info.local_port);
     }

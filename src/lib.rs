@@ -7,6 +7,7 @@
 //! - `net`: socket options std lacks (TCP_QUICKACK, TCP_INFO).
 //! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
 //! - `session`: connect, host-key check, authentication, reconnect backoff.
+//! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
 //! - `connection`: the actor owning one SSH session: channel opens, pumping, keep-alive, reconnects.
 //! - `forward`: local listeners and the per-connection byte pump.
 //! - `exec`: remote commands over the same connection.
@@ -22,6 +23,7 @@ pub mod driver;
 pub mod error;
 pub mod exec;
 pub mod forward;
+pub mod idle_reader;
 pub mod keepalive;
 pub mod net;
 pub mod pool;

@@ -163,6 +163,9 @@ pub struct ForwardRequest {
     pub keep_alive_interval: u64,
     pub count_max: u32,
     pub kernel_id: Option<String>,
+    /// Prove before returning that the server forwards to the target (see `verify_forward`).
+    pub verify: bool,
+    pub refused_wait: Duration,
 }
 
 /// Opens a forward; returns once it listens and its connection is authenticated. On failure
@@ -189,6 +192,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         local_port,
         keep_alive_interval: req.keep_alive_interval,
         count_max: req.count_max,
+        refused_wait: req.refused_wait,
         stats: Arc::new(ForwardStats::default()),
         failing: AtomicBool::new(false),
     });
@@ -199,7 +203,61 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
             apply_keep_alive(entry);
         }
     }
-    Ok(Arc::new(Forward::start(listener, conn, info)))
+    let verify = req.verify;
+    let fwd = Arc::new(Forward::start(listener, conn, info));
+    if verify {
+        if let Err(e) = verify_forward(&fwd, VERIFY_WAIT).await {
+            close_forward(&fwd).await;
+            return Err(e);
+        }
+    }
+    Ok(fwd)
+}
+
+/// How long `verify_forward` waits for the server's answer.
+const VERIFY_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens one channel to the forward's target and closes it again, so that a server that forbids
+/// forwarding there (AllowTcpForwarding no, PermitOpen, DisableForwarding) fails the open now instead
+/// of every later connection. A target that refuses is fine: a kernel reports its ports before it
+/// listens on them. The launcher's comm port gets a liveness poll rather than an empty connection,
+/// which a launcher would try to parse as a request.
+pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
+    let outcome = if fwd.info.channel == Channel::EgComm {
+        send_request(fwd, br#"{"signum": 0}"#.to_vec(), timeout).await
+    } else {
+        let conn = &fwd.conn;
+        let (to_remote, to_remote_rx) = mpsc::channel(1);
+        let (from_remote_tx, from_remote) = mpsc::channel(1);
+        // Both queues closed from the start: the channel sends EOF and closes on its first step.
+        drop((to_remote, from_remote));
+        let (reply, reply_rx) = oneshot::channel();
+        conn.open(OpenRequest::new(
+            Target::Forward {
+                host: fwd.info.remote_host.clone(),
+                port: fwd.info.remote_port,
+                to_remote: to_remote_rx,
+                from_remote: from_remote_tx,
+                stats: fwd.info.stats.clone(),
+                reply,
+            },
+            Instant::now() + timeout,
+        ));
+        conn.wake().notify_one();
+        match tokio::time::timeout(timeout + Duration::from_millis(500), reply_rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }),
+            Err(_) => Err(Error::Timeout {
+                dest: conn.dest(),
+                what: format!("test channel to {}:{}", fwd.info.remote_host, fwd.info.remote_port),
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    };
+    match outcome {
+        Err(Error::Refused { .. }) => Ok(()),
+        other => other,
+    }
 }
 
 /// Terminates a forward and releases its connection. Idempotent.
@@ -213,10 +271,7 @@ pub async fn close_forward(fwd: &Forward) {
 pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Result<ExecOutput> {
     let conn = acquire(spec, TunnelMode::Shared, MAX_KEEP_ALIVE_INTERVAL as u64, 3).await?;
     let (reply, rx) = oneshot::channel();
-    conn.open(OpenRequest {
-        target: Target::Exec { command: command.to_string(), reply },
-        deadline: Instant::now() + timeout,
-    });
+    conn.open(OpenRequest::new(Target::Exec { command: command.to_string(), reply }, Instant::now() + timeout));
     let out = match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }),
@@ -242,8 +297,8 @@ pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Re
     let (from_remote_tx, mut from_remote) = mpsc::channel(4);
     let (reply, reply_rx) = oneshot::channel();
     let deadline = Instant::now() + timeout;
-    conn.open(OpenRequest {
-        target: Target::Forward {
+    conn.open(OpenRequest::new(
+        Target::Forward {
             host: fwd.info.remote_host.clone(),
             port: fwd.info.remote_port,
             to_remote: to_remote_rx,
@@ -252,7 +307,7 @@ pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Re
             reply,
         },
         deadline,
-    });
+    ));
     let timed_out = || Error::Timeout {
         dest: conn.dest(),
         what: format!("request to {}:{}", fwd.info.remote_host, fwd.info.remote_port),
@@ -283,6 +338,8 @@ pub struct ConnectionStatus {
     pub keep_alive_interval: u64,
     pub keepalives_sent: u64,
     pub last_error: Option<String>,
+    pub session_budget: usize,
+    pub session_refusals: u64,
     pub forwards: Vec<Arc<ForwardInfo>>,
 }
 
@@ -305,6 +362,8 @@ pub fn status() -> Vec<ConnectionStatus> {
                 keep_alive_interval: s.interval.load(Ordering::Relaxed),
                 keepalives_sent: s.keepalives_sent.load(Ordering::Relaxed),
                 last_error: s.last_error.lock().unwrap().clone(),
+                session_budget: s.session_budget.load(Ordering::Relaxed),
+                session_refusals: s.session_refusals.load(Ordering::Relaxed),
                 forwards,
             }
         })

@@ -1,44 +1,154 @@
 //! Establishing one SSH connection: TCP connect, handshake, host-key check and authentication.
 //!
 //! Runs entirely on the tokio runtime with libssh2 in non-blocking mode, bounded by the connect
-//! timeout, so opening hundreds of connections costs no threads.
+//! timeout, so opening hundreds of connections costs no threads. Handshakes to one (host, port) are
+//! limited to a few at a time, because a stock sshd drops unauthenticated connections beyond its
+//! MaxStartups; one it drops anyway is retried with jittered backoff until the connect timeout.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{debug, info};
+use once_cell::sync::Lazy;
 use ssh2::{CheckResult, HostKeyType, KnownHostFileKind, KnownHostKeyFormat};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::{ConnectSpec, HostKeyPolicy};
 use crate::driver::{RetryError, SshIo};
 use crate::error::{Error, Result};
 
+/// Handshake slots per (host, port), shared by every connection of the process to that server.
+static STARTUPS: Lazy<Mutex<HashMap<(String, u16), (usize, Arc<Semaphore>)>>> = Lazy::new(Mutex::default);
+
+fn startup_gate(spec: &ConnectSpec) -> Arc<Semaphore> {
+    let mut gates = STARTUPS.lock().unwrap();
+    let entry = gates
+        .entry((spec.host.clone(), spec.port))
+        .or_insert_with(|| (spec.max_startups, Arc::new(Semaphore::new(spec.max_startups))));
+    if entry.0 != spec.max_startups {
+        // A changed setting applies to handshakes that start from now on.
+        *entry = (spec.max_startups, Arc::new(Semaphore::new(spec.max_startups)));
+    }
+    entry.1.clone()
+}
+
+/// How one attempt ended when it did not succeed.
+enum Failure {
+    /// The server closed or reset the connection before key exchange finished: worth retrying.
+    Dropped(String),
+    Final(Error),
+}
+
 /// Connects and authenticates, or explains precisely why not. Nothing stays open on failure.
 pub async fn establish(spec: &ConnectSpec) -> Result<SshIo> {
     let deadline = Instant::now() + spec.connect_timeout();
+    let gate = startup_gate(spec);
+    let mut drops: u32 = 0;
+    loop {
+        let permit = timeout_at(deadline, gate.clone().acquire_owned()).await.map_err(|_| Error::Connect {
+            dest: spec.dest(),
+            cause: format!(
+                "no handshake slot within {} s ({} handshakes to {}:{} in flight, the EG_SSH_MAX_STARTUPS limit)",
+                spec.connect_timeout().as_secs_f64(),
+                spec.max_startups,
+                spec.host,
+                spec.port
+            ),
+        })?;
+        let attempt = attempt(spec, deadline).await;
+        drop(permit);
+        match attempt {
+            Ok(io) => {
+                if drops > 0 {
+                    debug!("connected to {} after {drops} dropped handshake(s)", spec.dest());
+                }
+                return Ok(io);
+            }
+            Err(Failure::Final(e)) => return Err(e),
+            Err(Failure::Dropped(cause)) => {
+                drops += 1;
+                let wait = handshake_backoff(drops, nanos_seed(spec, drops));
+                if Instant::now() + wait >= deadline {
+                    return Err(Error::Connect {
+                        dest: spec.dest(),
+                        cause: format!(
+                            "SSH handshake failed: {cause}; the server dropped {drops} handshake attempt(s) \
+                             within the {} s connect timeout (a server past its MaxStartups limit does this: \
+                             lower EG_SSH_MAX_STARTUPS, or raise MaxStartups in the server's sshd_config)",
+                            spec.connect_timeout().as_secs_f64()
+                        ),
+                    });
+                }
+                debug!("handshake with {} dropped ({cause}); retrying in {wait:?}", spec.dest());
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// One TCP connect, handshake, host-key check and authentication, all before `deadline`.
+async fn attempt(spec: &ConnectSpec, deadline: Instant) -> std::result::Result<SshIo, Failure> {
     let dest = spec.dest();
-    let timed_out = |stage: &str| Error::Connect {
-        dest: dest.clone(),
-        cause: format!("{stage} timed out after {} s", spec.connect_timeout().as_secs_f64()),
+    let timed_out = |stage: &str| {
+        Failure::Final(Error::Connect {
+            dest: dest.clone(),
+            cause: format!("{stage} timed out after {} s", spec.connect_timeout().as_secs_f64()),
+        })
     };
 
-    let stream = timeout_at(deadline, connect_tcp(spec)).await.map_err(|_| timed_out("TCP connect"))??;
-    let std_stream = stream.into_std().map_err(|e| connect_err(spec, e))?;
-    let io = SshIo::new(std_stream).map_err(|e| connect_err(spec, e))?;
-
-    timeout_at(deadline, io.retry(|s| s.clone().handshake()))
+    let stream = timeout_at(deadline, connect_tcp(spec))
         .await
-        .map_err(|_| timed_out("SSH handshake"))?
-        .map_err(|e| Error::Connect { dest: dest.clone(), cause: format!("SSH handshake failed: {e}") })?;
+        .map_err(|_| timed_out("TCP connect"))?
+        .map_err(Failure::Final)?;
+    let std_stream = stream.into_std().map_err(|e| Failure::Final(connect_err(spec, e)))?;
+    let io = SshIo::new(std_stream).map_err(|e| Failure::Final(connect_err(spec, e)))?;
 
-    check_host_key(&io, spec)?;
+    match timeout_at(deadline, io.retry(|s| s.clone().handshake())).await {
+        Err(_) => return Err(timed_out("SSH handshake")),
+        Ok(Err(e)) if is_transport_failure(&e) || is_banner_failure(&e) => return Err(Failure::Dropped(e.to_string())),
+        Ok(Err(e)) => {
+            return Err(Failure::Final(Error::Connect { dest: dest.clone(), cause: format!("SSH handshake failed: {e}") }))
+        }
+        Ok(Ok(())) => {}
+    }
 
-    timeout_at(deadline, authenticate(&io, spec)).await.map_err(|_| timed_out("authentication"))??;
+    check_host_key(&io, spec).map_err(Failure::Final)?;
+
+    timeout_at(deadline, authenticate(&io, spec))
+        .await
+        .map_err(|_| timed_out("authentication"))?
+        .map_err(Failure::Final)?;
     debug!("connected to {dest}");
     Ok(io)
+}
+
+/// 50 ms doubling to 1 s, with up to +/-50 % jitter so that retries of many connections spread out.
+fn handshake_backoff(drops: u32, seed: u64) -> Duration {
+    let base = 50u64.saturating_mul(1u64 << drops.saturating_sub(1).min(5)).min(1000);
+    let offset = splitmix(seed) % (base + 1);
+    Duration::from_millis(base / 2 + offset)
+}
+
+fn nanos_seed(spec: &ConnectSpec, drops: u32) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(spec.port) << 32) ^ u64::from(drops)
+}
+
+/// libssh2 reports a connection closed before or while the banner is exchanged as a banner failure.
+fn is_banner_failure(e: &RetryError) -> bool {
+    const BANNER_RECV: i32 = -2;
+    const BANNER_SEND: i32 = -3;
+    const KEX_FAILURE: i32 = -5;
+    const KEY_EXCHANGE_FAILURE: i32 = -8;
+    matches!(e, RetryError::Ssh(e) if matches!(e.code(), ssh2::ErrorCode::Session(BANNER_RECV | BANNER_SEND | KEX_FAILURE | KEY_EXCHANGE_FAILURE)))
 }
 
 async fn connect_tcp(spec: &ConnectSpec) -> Result<TcpStream> {
@@ -256,6 +366,18 @@ mod tests {
                 assert!((24_000..=36_000).contains(late), "{d:?}");
             }
         }
+    }
+
+    #[test]
+    fn handshake_backoff_is_short_jittered_and_capped() {
+        for seed in 0..200u64 {
+            let first = handshake_backoff(1, seed).as_millis();
+            assert!((25..=75).contains(&first), "{first}");
+            let late = handshake_backoff(20, seed).as_millis();
+            assert!((500..=1500).contains(&late), "{late}");
+        }
+        let distinct: std::collections::HashSet<_> = (0..50u64).map(|s| handshake_backoff(3, s)).collect();
+        assert!(distinct.len() > 10);
     }
 
     #[test]

@@ -90,18 +90,38 @@ def test_half_close_is_carried_both_ways(sshd: hosts.SshServer, echo_server: hos
             assert hosts._recv_all(s) == b"abc"  # ...and its EOF must come back after the echo
 
 
-def test_refused_remote_port_closes_that_connection_only(
+def test_connection_to_a_port_not_listening_yet_is_held_until_it_listens(
     sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # A kernel's launcher reports its ports before the kernel listens: the local connection must wait
+    # for the remote port (bytes kept), not be closed, and nothing is worth a warning meanwhile.
     port = hosts.free_port()
     caplog.set_level(logging.WARNING, logger="egtunnel")
     with open_to(sshd, "127.0.0.1", port) as t:
         with hosts.connect("127.0.0.1", t.local_port) as s:
+            s.sendall(b"sent before the port listened\n")
+            time.sleep(0.8)
+            with hosts.EchoServer(port=port):
+                s.settimeout(10)
+                assert hosts._recv_exact(s, 30) == b"sent before the port listened\n"
+        assert t.is_alive()
+    assert not [r for r in caplog.records if f"127.0.0.1:{port}" in r.getMessage()]
+
+
+def test_refused_remote_port_closes_that_connection_only_after_the_wait(
+    sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = hosts.free_port()
+    caplog.set_level(logging.WARNING, logger="egtunnel")
+    with open_to(sshd, "127.0.0.1", port, refused_wait=1.0) as t:
+        with hosts.connect("127.0.0.1", t.local_port) as s:
             s.settimeout(10)
+            start = time.monotonic()
             try:
                 assert s.recv(1) == b""
             except ConnectionResetError:
                 pass
+            assert 0.9 <= time.monotonic() - start < 5
         hosts.wait_until(lambda: any(f"127.0.0.1:{port}" in r.getMessage() for r in caplog.records), 5,
                          what="warning naming the refused port")  # fmt: skip
         with hosts.EchoServer(port=port):

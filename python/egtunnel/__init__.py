@@ -17,7 +17,15 @@ from ._native import (
     remote_exec,
     status,
 )
-from .errors import ConnectionDown, HostKeyError, SshAuthError, SshConnectError, TunnelError, TunnelTimeout
+from .errors import (
+    ConnectionDown,
+    ForwardingProhibited,
+    HostKeyError,
+    SshAuthError,
+    SshConnectError,
+    TunnelError,
+    TunnelTimeout,
+)
 
 __all__ = [
     "CHANNELS",
@@ -36,6 +44,7 @@ __all__ = [
     "HostKeyError",
     "ConnectionDown",
     "TunnelTimeout",
+    "ForwardingProhibited",
     "NativeTunnelMixin",
     "DistributedProcessProxy",
     "YarnClusterProcessProxy",

@@ -83,6 +83,10 @@ def open_tunnel(
     connect_timeout: float = 10.0,
     mode: str = "per-port",
     kernel_id: Optional[str] = None,
+    verify: bool = False,
+    max_sessions: int = 8,
+    max_startups: int = 3,
+    refused_wait: float = 30.0,
 ) -> Tunnel: ...
 
 def remote_exec(
@@ -97,6 +101,8 @@ def remote_exec(
     host_key_policy: str = "strict",
     connect_timeout: float = 10.0,
     timeout: float = 30.0,
+    max_sessions: int = 8,
+    max_startups: int = 3,
 ) -> ExecResult: ...
 
 def status() -> list[dict[str, object]]: ...

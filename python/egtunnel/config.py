@@ -19,6 +19,8 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_KEEPALIVE_COUNT_MAX",
     "DEFAULT_KEEPALIVE_MARGIN",
+    "DEFAULT_MAX_SESSIONS",
+    "DEFAULT_MAX_STARTUPS",
     "DEFAULT_SSH_PORT",
     "MAX_KEEPALIVE_COUNT_MAX",
     "MAX_KEEPALIVE_MARGIN",
@@ -35,6 +37,10 @@ DEFAULT_SSH_PORT = 22
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_KEEPALIVE_MARGIN = 60
 DEFAULT_KEEPALIVE_COUNT_MAX = 3
+# Below OpenSSH's stock MaxSessions (10) and the MaxStartups start (10), with room for other clients.
+DEFAULT_MAX_SESSIONS = 8
+DEFAULT_MAX_STARTUPS = 3
+MAX_SERVER_BUDGET = 10_000
 ALLOWED_HOST_KEY_POLICIES = ("strict", "accept-new", "off")
 ALLOWED_TUNNEL_MODES = ("shared", "per-port")
 
@@ -69,6 +75,8 @@ class SshSettings:
     host_key_policy: str = "strict"
     identity_file: Optional[str] = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_startups: int = DEFAULT_MAX_STARTUPS
 
     def destination(self, host: str) -> str:
         """`user@host:port`, the form every error message names."""
@@ -85,6 +93,8 @@ class SshSettings:
             "host_key_policy": self.host_key_policy,
             "identity_file": self.identity_file,
             "connect_timeout": self.connect_timeout,
+            "max_sessions": self.max_sessions,
+            "max_startups": self.max_startups,
         }
 
 
@@ -168,13 +178,31 @@ def parse_tunneling(proxy_config: Optional[Mapping[str, Any]], eg_default: bool)
     raise SettingError(_kernelspec_name("tunneling"), raw, "must be true or false")
 
 
+def _budget(environ: Mapping[str, str], env_name: str, cfg: Mapping[str, Any], key: Optional[str], default: int) -> int:
+    raw, setting = _pick(environ, env_name, cfg, key)
+    if raw is None:
+        return default
+    return _int_setting(
+        raw,
+        setting,
+        minimum=1,
+        maximum=MAX_SERVER_BUDGET,
+        expected=f"must be a positive integer (at most {MAX_SERVER_BUDGET}), below the server's limit",
+    )
+
+
 def parse_ssh_settings(
     environ: Mapping[str, str],
     *,
     user: Optional[str] = None,
     password: Optional[str] = None,
+    proxy_config: Optional[Mapping[str, Any]] = None,
 ) -> SshSettings:
-    """SSH settings from EG's variables; `user` and `password` come from EG's own proxy (EG_REMOTE_*)."""
+    """SSH settings from EG's variables; `user` and `password` come from EG's own proxy (EG_REMOTE_*).
+
+    The session budget may also come from the kernelspec (`max_sessions`), which then wins; the handshake
+    budget is per host for the whole gateway, so only the environment sets it.
+    """
     port_raw = _env_value(environ, "EG_SSH_PORT")
     port = DEFAULT_SSH_PORT
     if port_raw is not None:
@@ -206,6 +234,8 @@ def parse_ssh_settings(
         host_key_policy=policy,
         identity_file=_path(_env_value(environ, "EG_SSH_IDENTITY_FILE")),
         connect_timeout=connect_timeout,
+        max_sessions=_budget(environ, "EG_SSH_MAX_SESSIONS", _config(proxy_config), "max_sessions", DEFAULT_MAX_SESSIONS),
+        max_startups=_budget(environ, "EG_SSH_MAX_STARTUPS", {}, None, DEFAULT_MAX_STARTUPS),
     )
 
 

@@ -4,7 +4,15 @@ Defined in Python (not in Rust) so that callers can subclass, pickle and import 
 extension being loaded.
 """
 
-__all__ = ["TunnelError", "SshConnectError", "SshAuthError", "HostKeyError", "ConnectionDown", "TunnelTimeout"]
+__all__ = [
+    "TunnelError",
+    "SshConnectError",
+    "SshAuthError",
+    "HostKeyError",
+    "ConnectionDown",
+    "TunnelTimeout",
+    "ForwardingProhibited",
+]
 
 
 class TunnelError(Exception):
@@ -29,3 +37,8 @@ class ConnectionDown(TunnelError):
 
 class TunnelTimeout(TunnelError, TimeoutError):
     """A request over an established connection got no answer in time (the link may be stalled)."""
+
+
+class ForwardingProhibited(TunnelError):
+    """The SSH server's configuration forbids forwarding to the target (AllowTcpForwarding no,
+    DisableForwarding yes, or a PermitOpen list without it)."""

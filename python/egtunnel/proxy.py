@@ -200,7 +200,7 @@ class NativeTunnelMixin:
         if self._egt_ssh_settings is None:
             try:
                 self._egt_ssh_settings = parse_ssh_settings(
-                    os.environ, user=self.remote_user, password=self.remote_pwd
+                    os.environ, user=self.remote_user, password=self.remote_pwd, proxy_config=self.proxy_config
                 )
             except SettingError as exc:
                 self._egt_setting_failed(exc)
@@ -293,6 +293,8 @@ class NativeTunnelMixin:
             local_port=int(local_port),
             mode=tunnels.mode,
             kernel_id=self.kernel_id,
+            # A server that forbids forwarding fails the start here, not the kernel's first message.
+            verify=True,
             **kwargs,
         )
 

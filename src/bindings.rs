@@ -41,7 +41,7 @@ fn to_py(err: Error, context: &str) -> PyErr {
     static PROHIBITED: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     let msg = if context.is_empty() { err.to_string() } else { format!("{context}: {err}") };
     Python::with_gil(|py| {
-        let (cell, name) = match &err {
+        let (cell, name) = match err.primary() {
             Error::Invalid(_) => return PyValueError::new_err(msg),
             // errno set so code written for sockets (EG checks `e.errno == ECONNREFUSED`) works as is.
             Error::Refused { .. } => return PyConnectionRefusedError::new_err((libc::ECONNREFUSED, msg)),
@@ -53,7 +53,7 @@ fn to_py(err: Error, context: &str) -> PyErr {
             Error::HostKey { .. } => (&HOST_KEY, "HostKeyError"),
             Error::Down { .. } => (&DOWN, "ConnectionDown"),
             Error::Timeout { .. } => (&TIMEOUT, "TunnelTimeout"),
-            Error::Other { .. } => (&TUNNEL, "TunnelError"),
+            Error::Other { .. } | Error::Channels { .. } => (&TUNNEL, "TunnelError"),
         };
         match exc_type(py, cell, name) {
             Ok(t) => PyErr::from_type_bound(t.clone(), msg),
@@ -173,10 +173,33 @@ impl Tunnel {
         let timeout = positive_duration(timeout, "timeout")?;
         let fwd = self.fwd.clone();
         let ctx = format!("{} request", fwd.info.channel);
-        py.allow_threads(|| runtime::block_on(pool::send_request(&fwd, data, timeout))).map_err(|e| to_py(e, &ctx))
+        let Some(in_flight) = fwd.begin_request() else {
+            return Err(to_py(terminated(&fwd), &ctx));
+        };
+        let r = py.allow_threads(|| runtime::block_on(pool::send_request(&fwd, data, timeout)));
+        drop(in_flight);
+        r.map_err(|e| to_py(e, &ctx))
     }
 
-    /// Stops listening and every task of this forward; idempotent.
+    /// Awaitable form of `send_request`: driven by egtunnel's runtime, no thread of the caller's.
+    /// Closing the tunnel meanwhile lets the request finish first.
+    #[pyo3(signature = (data, timeout = 10.0))]
+    fn request<'py>(&self, py: Python<'py>, data: Vec<u8>, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        let fwd = self.fwd.clone();
+        let ctx = format!("{} request", fwd.info.channel);
+        let Some(in_flight) = fwd.begin_request() else {
+            return Err(to_py(terminated(&fwd), &ctx));
+        };
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let r = pool::send_request(&fwd, data, timeout).await;
+            drop(in_flight);
+            r.map_err(|e| to_py(e, &ctx))
+        })
+    }
+
+    /// Stops listening (the port is free on return) and hands draining to the background; returns
+    /// without waiting on the network. Idempotent.
     fn terminate(&self, py: Python<'_>) {
         let fwd = self.fwd.clone();
         py.allow_threads(|| runtime::block_on(pool::close_forward(&fwd)));
@@ -213,6 +236,10 @@ impl Drop for Tunnel {
             runtime::spawn(async move { pool::close_forward(&fwd).await });
         }
     }
+}
+
+fn terminated(fwd: &Forward) -> Error {
+    Error::Other { dest: fwd.conn.dest(), cause: format!("the {} tunnel was terminated", fwd.info.channel) }
 }
 
 fn positive_duration(secs: f64, what: &str) -> PyResult<Duration> {
@@ -364,6 +391,191 @@ fn remote_exec(
     Ok(ExecResult { out })
 }
 
+/// One SSH destination with its settings, validated once: remote commands and a kernel's forwards,
+/// each as a blocking call or as an asyncio awaitable driven by egtunnel's runtime (no thread of the
+/// caller's). Cancelling an awaitable stops the native work and releases what it held.
+#[pyclass(frozen, module = "egtunnel._native")]
+struct SshTarget {
+    spec: ConnectSpec,
+}
+
+/// What `SshTarget.open_forwards` takes besides the forwards; parsed once for both call forms.
+struct PlanArgs {
+    mode: TunnelMode,
+    plan: pool::KernelPlan,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_args(
+    forwards: Vec<(String, String, i64)>,
+    port_range: (i64, i64),
+    bind_attempts: i64,
+    mode: &str,
+    cull_idle_timeout: i64,
+    keepalive_margin: i64,
+    keepalive_count_max: i64,
+    kernel_id: Option<String>,
+    verify: bool,
+    refused_wait: f64,
+) -> PyResult<PlanArgs> {
+    let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
+    if keepalive_count_max < 1 || keepalive_count_max > u32::MAX as i64 {
+        return Err(invalid(format!("keepalive_count_max must be a positive integer, got {keepalive_count_max}")));
+    }
+    if !(1..=10_000).contains(&bind_attempts) {
+        return Err(invalid(format!("bind_attempts must be an integer from 1 to 10000, got {bind_attempts}")));
+    }
+    let lo = check_port("port_range lower bound", port_range.0, true).map_err(|e| to_py(e, ""))?;
+    let hi = check_port("port_range upper bound", port_range.1, true).map_err(|e| to_py(e, ""))?;
+    let refused_wait = if refused_wait == 0.0 { Duration::ZERO } else { positive_duration(refused_wait, "refused_wait")? };
+    if forwards.is_empty() {
+        return Err(invalid("forwards must name at least one (channel, remote_host, remote_port)".into()));
+    }
+    let mut reqs = Vec::with_capacity(forwards.len());
+    for (channel, remote_host, remote_port) in forwards {
+        let ch = parse_channel(&channel)?;
+        if reqs.iter().any(|r: &ForwardRequest| r.channel == ch) {
+            return Err(invalid(format!("channel {ch} appears twice in forwards")));
+        }
+        if remote_host.is_empty() {
+            return Err(invalid(format!("{ch}: remote_host must not be empty")));
+        }
+        let interval = keepalive::keep_alive_interval(ch, cull_idle_timeout, keepalive_margin).map_err(invalid)?;
+        reqs.push(ForwardRequest {
+            channel: ch,
+            remote_host,
+            remote_port: check_port(&format!("{ch} remote_port"), remote_port, false).map_err(|e| to_py(e, ""))?,
+            local_port: 0,
+            keep_alive_interval: interval as u64,
+            count_max: keepalive_count_max as u32,
+            kernel_id: kernel_id.clone(),
+            verify: false,
+            refused_wait,
+        });
+    }
+    let plan = pool::KernelPlan { forwards: reqs, port_range: (lo, hi), bind_attempts: bind_attempts as u32, verify };
+    Ok(PlanArgs { mode, plan })
+}
+
+fn tunnels(forwards: Vec<Arc<Forward>>) -> Vec<Tunnel> {
+    forwards.into_iter().map(|fwd| Tunnel { fwd }).collect()
+}
+
+#[pymethods]
+impl SshTarget {
+    #[new]
+    #[pyo3(signature = (
+        host, *, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
+        host_key_policy = "strict", connect_timeout = 10.0, max_sessions = 8, max_startups = 3
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        host: &str,
+        port: i64,
+        user: Option<&str>,
+        identity_file: Option<&str>,
+        password: Option<&str>,
+        known_hosts: Option<&str>,
+        host_key_policy: &str,
+        connect_timeout: f64,
+        max_sessions: i64,
+        max_startups: i64,
+    ) -> PyResult<Self> {
+        let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, max_sessions, max_startups)?;
+        Ok(SshTarget { spec })
+    }
+
+    /// user@host:port, as every message names it.
+    #[getter]
+    fn destination(&self) -> String {
+        self.spec.dest()
+    }
+
+    /// Runs `command` on the pooled connection; blocks the calling thread (GIL released).
+    #[pyo3(signature = (command, timeout = 30.0))]
+    fn exec(&self, py: Python<'_>, command: &str, timeout: f64) -> PyResult<ExecResult> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        let spec = self.spec.clone();
+        let out = py
+            .allow_threads(|| runtime::block_on(pool::exec(&spec, command, timeout)))
+            .map_err(|e| to_py(e, "remote command"))?;
+        Ok(ExecResult { out })
+    }
+
+    /// Awaitable form of `exec`.
+    #[pyo3(signature = (command, timeout = 30.0))]
+    fn exec_async<'py>(&self, py: Python<'py>, command: String, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        let spec = self.spec.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let out = pool::exec(&spec, &command, timeout).await.map_err(|e| to_py(e, "remote command"))?;
+            Ok(ExecResult { out })
+        })
+    }
+
+    /// Opens a kernel's forwards, all or nothing; returns the tunnels in the order given. Blocks.
+    #[pyo3(signature = (
+        forwards, *, port_range = (0, 0), bind_attempts = 6, mode = "shared", cull_idle_timeout = Seconds(0),
+        keepalive_margin = 60, keepalive_count_max = 3, kernel_id = None, verify = true, refused_wait = 30.0
+    ), text_signature = "(self, /, forwards, *, port_range=(0, 0), bind_attempts=6, mode='shared', \
+cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None, verify=True, refused_wait=30.0)")]
+    #[allow(clippy::too_many_arguments)]
+    fn open_forwards(
+        &self,
+        py: Python<'_>,
+        forwards: Vec<(String, String, i64)>,
+        port_range: (i64, i64),
+        bind_attempts: i64,
+        mode: &str,
+        cull_idle_timeout: Seconds,
+        keepalive_margin: i64,
+        keepalive_count_max: i64,
+        kernel_id: Option<String>,
+        verify: bool,
+        refused_wait: f64,
+    ) -> PyResult<Vec<Tunnel>> {
+        let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
+                             keepalive_count_max, kernel_id, verify, refused_wait)?;
+        let spec = self.spec.clone();
+        let opened = py.allow_threads(|| runtime::block_on(pool::open_kernel_forwards(&spec, args.mode, args.plan)));
+        opened.map(tunnels).map_err(|e| to_py(e, "tunnels"))
+    }
+
+    /// Awaitable form of `open_forwards`; cancelling it closes whatever it had opened.
+    #[pyo3(signature = (
+        forwards, *, port_range = (0, 0), bind_attempts = 6, mode = "shared", cull_idle_timeout = Seconds(0),
+        keepalive_margin = 60, keepalive_count_max = 3, kernel_id = None, verify = true, refused_wait = 30.0
+    ), text_signature = "(self, /, forwards, *, port_range=(0, 0), bind_attempts=6, mode='shared', \
+cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None, verify=True, refused_wait=30.0)")]
+    #[allow(clippy::too_many_arguments)]
+    fn open_forwards_async<'py>(
+        &self,
+        py: Python<'py>,
+        forwards: Vec<(String, String, i64)>,
+        port_range: (i64, i64),
+        bind_attempts: i64,
+        mode: &str,
+        cull_idle_timeout: Seconds,
+        keepalive_margin: i64,
+        keepalive_count_max: i64,
+        kernel_id: Option<String>,
+        verify: bool,
+        refused_wait: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
+                             keepalive_count_max, kernel_id, verify, refused_wait)?;
+        let spec = self.spec.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let opened = pool::open_kernel_forwards(&spec, args.mode, args.plan).await;
+            opened.map(tunnels).map_err(|e| to_py(e, "tunnels"))
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<SshTarget {}>", self.spec.dest())
+    }
+}
+
 /// Every live SSH connection with its forwards.
 #[pyfunction]
 fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
@@ -405,6 +617,8 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Awaitables run on egtunnel's one runtime rather than a second one of the bridge's.
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::handle());
     // Rust `log` records go to Python logging under the "egtunnel" logger.
     let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?
         .filter_target("egtunnel".to_owned(), log::LevelFilter::Trace)
@@ -420,5 +634,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(status, m)?)?;
     m.add_class::<Tunnel>()?;
     m.add_class::<ExecResult>()?;
+    m.add_class::<SshTarget>()?;
     Ok(())
 }

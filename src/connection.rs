@@ -163,7 +163,11 @@ impl Connection {
         };
         let task = tokio::spawn(actor.run(ready_tx));
         let conn = Arc::new(Connection { shared, commands: tx, task: Mutex::new(Some(task)) });
-        match ready_rx.await {
+        // A caller that stops waiting (a cancelled kernel start) must not leave the actor running.
+        let abandoned = StopOnDrop(Some(conn.commands.clone()));
+        let ready = ready_rx.await;
+        abandoned.disarm();
+        match ready {
             Ok(Ok(())) => Ok(conn),
             Ok(Err(e)) => {
                 conn.shutdown().await;
@@ -205,6 +209,23 @@ impl Connection {
             if tokio::time::timeout(Duration::from_millis(200), &mut Box::pin(task)).await.is_err() {
                 warn!("connection {} did not stop in time", self.dest());
             }
+        }
+    }
+}
+
+/// Stops an actor whose start was abandoned; disarmed once the start has an answer.
+struct StopOnDrop(Option<mpsc::UnboundedSender<Command>>);
+
+impl StopOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Command::Shutdown);
         }
     }
 }

@@ -28,6 +28,9 @@ pub enum Error {
     Timeout { dest: String, what: String, secs: f64 },
     /// Anything else on an established connection (protocol error, channel failure, local I/O).
     Other { dest: String, cause: String },
+    /// Some of a kernel's forwards failed: `primary` (the most telling failure, whose kind this error
+    /// takes) and every channel that failed.
+    Channels { channels: Vec<String>, primary: Box<Error> },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -46,12 +49,33 @@ impl Error {
             Error::Down { .. } => "down",
             Error::Timeout { .. } => "timeout",
             Error::Other { .. } => "other",
+            Error::Channels { primary, .. } => primary.kind(),
         }
     }
 
     /// Errors that retrying cannot cure: a reconnect loop stops on them.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Error::Auth { .. } | Error::HostKey { .. } | Error::Invalid(_))
+        match self {
+            Error::Channels { primary, .. } => primary.is_permanent(),
+            e => matches!(e, Error::Auth { .. } | Error::HostKey { .. } | Error::Invalid(_)),
+        }
+    }
+
+    /// One error for several failed channels; an authentication or host-key refusal explains the
+    /// others (they fail for the same reason), so it is the primary one.
+    pub fn channels(mut failures: Vec<(crate::keepalive::Channel, Error)>) -> Error {
+        failures.sort_by_key(|(_, e)| !matches!(e, Error::Auth { .. } | Error::HostKey { .. }));
+        let channels = failures.iter().map(|(c, _)| c.as_str().to_string()).collect();
+        let primary = failures.into_iter().next().map(|(_, e)| e).unwrap_or(Error::Invalid("no failure".into()));
+        Error::Channels { channels, primary: Box::new(primary) }
+    }
+
+    /// The error that decides the exception class: itself, or the primary one of a channel set.
+    pub fn primary(&self) -> &Error {
+        match self {
+            Error::Channels { primary, .. } => primary.primary(),
+            e => e,
+        }
     }
 }
 
@@ -74,6 +98,7 @@ impl fmt::Display for Error {
             Error::Down { dest, cause } => write!(f, "SSH connection {dest} is down: {cause}"),
             Error::Timeout { dest, what, secs } => write!(f, "{what} on {dest} timed out after {secs} s"),
             Error::Other { dest, cause } => write!(f, "{dest}: {cause}"),
+            Error::Channels { channels, primary } => write!(f, "{} failed: {primary}", channels.join(", ")),
         }
     }
 }
@@ -101,6 +126,19 @@ mod tests {
         let e = Error::Refused { dest: "a@h:22".into(), target: "10.0.0.2:5555".into(), cause: "connect failed".into() };
         assert!(e.to_string().contains("10.0.0.2:5555") && e.to_string().contains("a@h:22"));
         assert!(!e.is_permanent());
+    }
+
+    #[test]
+    fn channel_sets_put_authentication_first_and_name_every_channel() {
+        use crate::keepalive::Channel;
+        let refused = Error::Refused { dest: "a@h:22".into(), target: "h:1".into(), cause: "x".into() };
+        let auth = Error::Auth { dest: "a@h:22".into(), cause: "publickey refused".into() };
+        let e = Error::channels(vec![(Channel::Shell, refused), (Channel::Iopub, auth.clone())]);
+        assert_eq!(e.primary(), &auth);
+        assert_eq!(e.kind(), "auth");
+        assert!(e.is_permanent());
+        let text = e.to_string();
+        assert!(text.starts_with("IOPUB, SHELL failed: authentication to a@h:22"), "{text}");
     }
 
     #[test]

@@ -31,9 +31,9 @@ pub const REFUSED_WAIT: Duration = Duration::from_secs(30);
 /// First and longest pause between channel opens to a port that refuses.
 const REFUSED_RETRY_FIRST: Duration = Duration::from_millis(10);
 const REFUSED_RETRY_MAX: Duration = Duration::from_millis(200);
-/// terminate() lets accepted bytes drain for at most this long before cutting channels (and must
-/// return within 100 ms in all).
-const DRAIN_WAIT: Duration = Duration::from_millis(80);
+/// After a forward is closed, how long its accepted bytes and requests in flight may take to reach
+/// the remote end before their channels are cut. This runs in the background: closing returns at once.
+const DRAIN_WAIT: Duration = Duration::from_secs(15);
 /// Chunks in flight per direction per local connection; bounds memory and gives backpressure.
 const QUEUE_DEPTH: usize = 4;
 /// Largest chunk moved at once. Several SSH packets per chunk means fewer wake-ups per byte.
@@ -205,12 +205,15 @@ pub struct ForwardInfo {
     pub failing: AtomicBool,
 }
 
-/// A listening forward. `terminate` is idempotent and bounded in time.
+/// A listening forward. Closing it is two steps: `close_listener` (the port is free when it returns,
+/// nothing waits on the network) and `finish` (drains in the background).
 pub struct Forward {
     pub info: Arc<ForwardInfo>,
     pub conn: Arc<Connection>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Resolves once the accept loop has dropped its listener.
+    listener_closed: Mutex<Option<oneshot::Receiver<()>>>,
     terminated: AtomicBool,
 }
 
@@ -218,31 +221,59 @@ impl Forward {
     /// Starts serving an already bound listener over `conn`.
     pub fn start(listener: TcpListener, conn: Arc<Connection>, info: Arc<ForwardInfo>) -> Forward {
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, conn.clone(), info.clone(), stop_rx));
-        Forward { info, conn, stop, task: Mutex::new(Some(task)), terminated: AtomicBool::new(false) }
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let task = tokio::spawn(accept_loop(listener, conn.clone(), info.clone(), stop_rx, closed_tx));
+        Forward {
+            info,
+            conn,
+            stop,
+            task: Mutex::new(Some(task)),
+            listener_closed: Mutex::new(Some(closed_rx)),
+            terminated: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a request to the remote port as one of this forward's channels until the guard drops,
+    /// so that closing the forward lets it finish first. None once the forward is terminated.
+    pub fn begin_request(&self) -> Option<ChannelGuard> {
+        (!self.is_terminated()).then(|| ChannelGuard::new(self.info.stats.clone()))
     }
 
     pub fn is_terminated(&self) -> bool {
         self.terminated.load(Ordering::Acquire)
     }
 
-    /// Closes the listener, lets accepted bytes reach the remote end (briefly), and stops every task
-    /// of this forward. Returns false if it had already been terminated.
-    pub async fn terminate(&self) -> bool {
+    /// Stops accepting and frees the local port; local connections hand their queues to the actor.
+    /// Only local work: returns in microseconds however busy the SSH connection is. False if the
+    /// forward had already been closed.
+    pub async fn close_listener(&self) -> bool {
         if self.terminated.swap(true, Ordering::AcqRel) {
             return false;
         }
         let _ = self.stop.send(true);
+        let closed = self.listener_closed.lock().unwrap().take();
+        if let Some(closed) = closed {
+            let _ = closed.await;
+        }
+        true
+    }
+
+    /// Whether nothing of this forward is left for the actor to flush.
+    pub fn is_drained(&self) -> bool {
+        self.info.stats.open_channels() == 0 && self.task.lock().unwrap().as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// After `close_listener`: waits until the local tasks are gone and (bounded) until the actor has
+    /// flushed and closed their channels and any request in flight has finished.
+    pub async fn finish(&self) {
         let task = self.task.lock().unwrap().take();
         if let Some(task) = task {
             let _ = task.await;
         }
-        // The local tasks are gone; wait (bounded) for the actor to flush and close their channels.
         let drained = tokio::time::timeout(DRAIN_WAIT, self.info.stats.all_channels_closed()).await;
         if drained.is_err() {
-            debug!("{} forward: channels still closing after {:?}", self.info.channel, DRAIN_WAIT);
+            debug!("{} forward: channels still open after {:?}; cutting them", self.info.channel, DRAIN_WAIT);
         }
-        true
     }
 }
 
@@ -254,7 +285,13 @@ pub async fn bind_local(port: u16) -> Result<TcpListener> {
         .map_err(|e| Error::Bind { port, in_use: e.kind() == std::io::ErrorKind::AddrInUse, cause: e.to_string() })
 }
 
-async fn accept_loop(listener: TcpListener, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    conn: Arc<Connection>,
+    info: Arc<ForwardInfo>,
+    mut stop: watch::Receiver<bool>,
+    listener_closed: oneshot::Sender<()>,
+) {
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -273,8 +310,9 @@ async fn accept_loop(listener: TcpListener, conn: Arc<Connection>, info: Arc<For
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
-    // Free the port first: callers may re-bind it as soon as terminate() returns.
+    // Free the port first: callers may re-bind it as soon as closing returns.
     drop(listener);
+    let _ = listener_closed.send(());
     // Local tasks stop at once on the same signal (they only hand their queues to the actor); anything
     // slower is cut.
     let all_done = async { while tasks.join_next().await.is_some() {} };

@@ -92,59 +92,55 @@ fn take_shared(pool: &mut Pool, spec: &ConnectSpec) -> Option<Arc<Connection>> {
     Some(entry.conn.clone())
 }
 
-/// Gives a user slot back; closes the connection now (per-port) or after LINGER (shared).
-async fn release(conn: &Arc<Connection>, forward: Option<u64>) {
+/// Gives a user slot back. Bookkeeping only, so status() is right at once: a connection that is now
+/// unused is closed in the background, at once (per-port, or dead) or after LINGER (shared).
+fn release(conn: &Arc<Connection>, forward: Option<u64>) {
     let id = conn.shared.id;
-    let close_now = {
-        let mut pool = POOL.lock().unwrap();
-        let Some(entry) = pool.entries.get_mut(&id) else { return };
-        if let Some(f) = forward {
-            entry.forwards.remove(&f);
-            apply_keep_alive(entry);
-        }
-        let users = &entry.conn.shared.users;
-        let left = users.load(Ordering::Acquire).saturating_sub(1);
-        users.store(left, Ordering::Release);
-        entry.generation += 1;
-        if left > 0 {
-            return;
-        }
-        if conn.shared.mode == TunnelMode::PerPort || !conn.is_alive() {
-            // Per-port connections belong to their forward; a dead one has nothing to linger for
-            // (and must stop reconnecting now).
-            pool.entries.remove(&id);
-            if pool.shared.get(&conn.shared.spec) == Some(&id) {
-                pool.shared.remove(&conn.shared.spec);
-            }
-            true
-        } else {
-            let generation = entry.generation;
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(LINGER).await;
-                let expired = {
-                    let mut pool = POOL.lock().unwrap();
-                    let idle = pool.entries.get(&id).is_some_and(|e| {
-                        e.conn.shared.users.load(Ordering::Acquire) == 0 && e.generation == generation
-                    });
-                    if idle {
-                        pool.entries.remove(&id);
-                        if pool.shared.get(&conn.shared.spec) == Some(&id) {
-                            pool.shared.remove(&conn.shared.spec);
-                        }
-                    }
-                    idle
-                };
-                if expired {
-                    conn.shutdown().await;
-                }
-            });
-            false
-        }
-    };
-    if close_now {
-        conn.shutdown().await;
+    let mut pool = POOL.lock().unwrap();
+    let Some(entry) = pool.entries.get_mut(&id) else { return };
+    if let Some(f) = forward {
+        entry.forwards.remove(&f);
+        apply_keep_alive(entry);
     }
+    let users = &entry.conn.shared.users;
+    let left = users.load(Ordering::Acquire).saturating_sub(1);
+    users.store(left, Ordering::Release);
+    entry.generation += 1;
+    if left > 0 {
+        return;
+    }
+    if conn.shared.mode == TunnelMode::PerPort || !conn.is_alive() {
+        // Per-port connections belong to their forward; a dead one has nothing to linger for
+        // (and must stop reconnecting now).
+        pool.entries.remove(&id);
+        if pool.shared.get(&conn.shared.spec) == Some(&id) {
+            pool.shared.remove(&conn.shared.spec);
+        }
+        let conn = conn.clone();
+        tokio::spawn(async move { conn.shutdown().await });
+        return;
+    }
+    let generation = entry.generation;
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(LINGER).await;
+        let expired = {
+            let mut pool = POOL.lock().unwrap();
+            let idle = pool.entries.get(&id).is_some_and(|e| {
+                e.conn.shared.users.load(Ordering::Acquire) == 0 && e.generation == generation
+            });
+            if idle {
+                pool.entries.remove(&id);
+                if pool.shared.get(&conn.shared.spec) == Some(&id) {
+                    pool.shared.remove(&conn.shared.spec);
+                }
+            }
+            idle
+        };
+        if expired {
+            conn.shutdown().await;
+        }
+    });
 }
 
 /// A connection probes as often as its most demanding forward needs; with none, never.
@@ -155,6 +151,7 @@ fn apply_keep_alive(entry: &Entry) {
 }
 
 /// What a new forward needs besides the connection settings.
+#[derive(Clone)]
 pub struct ForwardRequest {
     pub channel: Channel,
     pub remote_host: String,
@@ -224,6 +221,7 @@ const VERIFY_WAIT: Duration = Duration::from_secs(10);
 /// which a launcher would try to parse as a request.
 pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
     let outcome = if fwd.info.channel == Channel::EgComm {
+        let _in_flight = fwd.begin_request();
         send_request(fwd, br#"{"signum": 0}"#.to_vec(), timeout).await
     } else {
         let conn = &fwd.conn;
@@ -260,11 +258,22 @@ pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
     }
 }
 
-/// Terminates a forward and releases its connection. Idempotent.
-pub async fn close_forward(fwd: &Forward) {
-    if fwd.terminate().await {
-        release(&fwd.conn, Some(fwd.info.id)).await;
+/// Closes a forward: its port is free when this returns, and nothing here waits on the network.
+/// Accepted bytes and requests in flight drain in the background before the connection is released.
+/// Idempotent.
+pub async fn close_forward(fwd: &Arc<Forward>) {
+    if !fwd.close_listener().await {
+        return;
     }
+    if fwd.is_drained() {
+        release(&fwd.conn, Some(fwd.info.id));
+        return;
+    }
+    let fwd = fwd.clone();
+    tokio::spawn(async move {
+        fwd.finish().await;
+        release(&fwd.conn, Some(fwd.info.id));
+    });
 }
 
 /// Runs `command` on the pooled connection for `spec`, within `timeout`.
@@ -277,16 +286,16 @@ pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Resul
         Ok(Err(_)) => Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }),
         Err(_) => Err(Error::Timeout { dest: conn.dest(), what: "remote command".into(), secs: timeout.as_secs_f64() }),
     };
-    release(&conn, None).await;
+    release(&conn, None);
     out
 }
 
 /// Sends one request to the forward's remote port on a fresh channel and waits until the remote end
 /// has closed its side: by then the request was delivered. A refusal is reported as `Refused`.
+///
+/// The caller holds the forward's `begin_request` guard (taken before the forward could be closed), so
+/// closing the forward meanwhile lets this request finish first.
 pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
-    if fwd.is_terminated() {
-        return Err(Error::Other { dest: fwd.conn.dest(), cause: format!("the {} tunnel was terminated", fwd.info.channel) });
-    }
     let conn = &fwd.conn;
     if !conn.is_alive() {
         // Liveness unknown: report it at once rather than queue a stale request until reconnection.
@@ -325,6 +334,125 @@ pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Re
         Ok(())
     };
     tokio::time::timeout_at(deadline, work).await.unwrap_or_else(|_| Err(timed_out()))
+}
+
+/// A kernel's forwards as one unit: where each goes, and the local port range they must use.
+pub struct KernelPlan {
+    pub forwards: Vec<ForwardRequest>,
+    /// Inclusive local port range; (0, 0) lets the system pick any free port.
+    pub port_range: (u16, u16),
+    /// Candidate ports tried per forward before giving up on the range.
+    pub bind_attempts: u32,
+    /// Prove each forward with a test channel before returning (see `verify_forward`).
+    pub verify: bool,
+}
+
+/// Forwards opened so far by `open_kernel_forwards`; closed again unless the whole set came up,
+/// including when the caller stops waiting (a cancelled open drops this).
+struct Opened(std::sync::Mutex<Vec<Arc<Forward>>>);
+
+impl Opened {
+    fn push(&self, fwd: Arc<Forward>) {
+        self.0.lock().unwrap().push(fwd);
+    }
+
+    fn take(&self) -> Vec<Arc<Forward>> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        for fwd in self.take() {
+            crate::runtime::spawn(async move { close_forward(&fwd).await });
+        }
+    }
+}
+
+/// Opens a kernel's forwards, all or nothing: concurrently (in shared mode after the first, which
+/// brings up or reuses the host's connection, so that a failing host costs one handshake and reports
+/// one cause), each on a local port within the range, retrying ports taken meanwhile. On failure
+/// every forward opened is closed again and the error names each channel that failed.
+pub async fn open_kernel_forwards(spec: &ConnectSpec, mode: TunnelMode, plan: KernelPlan) -> Result<Vec<Arc<Forward>>> {
+    let (lo, hi) = plan.port_range;
+    if lo > hi || (lo == 0) != (hi == 0) {
+        return Err(Error::Invalid(format!("port_range must be (0, 0) or (lower, upper) with 0 < lower <= upper, got ({lo}, {hi})")));
+    }
+    if plan.bind_attempts == 0 {
+        return Err(Error::Invalid("bind_attempts must be a positive integer, got 0".into()));
+    }
+    let opened = Opened(std::sync::Mutex::new(Vec::new()));
+    let taken = std::sync::Mutex::new(std::collections::HashSet::new());
+    let n = plan.forwards.len();
+    let split = if mode == TunnelMode::Shared && n > 1 { 1 } else { 0 };
+    let (first, rest) = plan.forwards.split_at(split);
+    let mut failures: Vec<(Channel, Error)> = Vec::new();
+    for group in [first, rest] {
+        let outcomes = futures::future::join_all(group.iter().map(|req| async {
+            let r = open_in_range(spec, mode, req, (lo, hi), plan.bind_attempts, &taken).await;
+            r.map(|fwd| opened.push(fwd))
+        }))
+        .await;
+        failures.extend(group.iter().zip(outcomes).filter_map(|(req, o)| o.err().map(|e| (req.channel, e))));
+        if !failures.is_empty() {
+            break;
+        }
+    }
+    if failures.is_empty() && plan.verify {
+        let forwards = opened.0.lock().unwrap().clone();
+        let outcomes = futures::future::join_all(forwards.iter().map(|f| verify_forward(f, VERIFY_WAIT))).await;
+        failures.extend(forwards.iter().zip(outcomes).filter_map(|(f, o)| o.err().map(|e| (f.info.channel, e))));
+    }
+    if !failures.is_empty() {
+        return Err(Error::channels(failures));
+    }
+    let mut forwards = opened.take();
+    // The caller's order, whatever order the opens finished in.
+    forwards.sort_by_key(|f| plan.forwards.iter().position(|r| r.channel == f.info.channel));
+    Ok(forwards)
+}
+
+/// One forward on a free local port within `range` ((0, 0): any port).
+async fn open_in_range(
+    spec: &ConnectSpec,
+    mode: TunnelMode,
+    req: &ForwardRequest,
+    range: (u16, u16),
+    attempts: u32,
+    taken: &std::sync::Mutex<std::collections::HashSet<u16>>,
+) -> Result<Arc<Forward>> {
+    if range == (0, 0) {
+        return open_forward(spec, mode, ForwardRequest { local_port: 0, ..req.clone() }).await;
+    }
+    let mut seed = crate::session::seed(req.remote_port);
+    for _ in 0..attempts {
+        let Some(candidate) = pick_port(range, &mut seed, &taken.lock().unwrap()) else { break };
+        taken.lock().unwrap().insert(candidate);
+        match open_forward(spec, mode, ForwardRequest { local_port: candidate, ..req.clone() }).await {
+            // Taken by someone else between the check and the bind: try another.
+            Err(Error::Bind { .. }) => continue,
+            other => return other,
+        }
+    }
+    Err(Error::Bind {
+        port: range.0,
+        in_use: true,
+        cause: format!("no free local port within the range {}..{} after {attempts} attempts", range.0, range.1),
+    })
+}
+
+/// A random port of `range` that no forward of this kernel took and nothing listens on (tested like
+/// Enterprise Gateway does, on all interfaces, since kernels and other services share the range).
+fn pick_port(range: (u16, u16), seed: &mut u64, taken: &std::collections::HashSet<u16>) -> Option<u16> {
+    let span = u64::from(range.1 - range.0) + 1;
+    for _ in 0..span.min(64) {
+        *seed = crate::session::splitmix(*seed);
+        let port = range.0 + (*seed % span) as u16;
+        if !taken.contains(&port) && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Some(port);
+        }
+    }
+    None
 }
 
 /// A snapshot of one live connection for status().

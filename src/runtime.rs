@@ -19,6 +19,11 @@ static RUNTIME: Lazy<Runtime> = Lazy::new(|| {
         .expect("egtunnel: cannot start the tokio runtime")
 });
 
+/// The runtime itself, for the asyncio bridge to drive awaitables on.
+pub fn handle() -> &'static Runtime {
+    &RUNTIME
+}
+
 /// Runs `fut` to completion from a thread outside the runtime.
 pub fn block_on<F: Future>(fut: F) -> F::Output {
     RUNTIME.block_on(fut)

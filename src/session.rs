@@ -134,6 +134,15 @@ fn handshake_backoff(drops: u32, seed: u64) -> Duration {
     Duration::from_millis(base / 2 + offset)
 }
 
+/// A seed for jitter and random choices: the clock's nanoseconds mixed with `salt`.
+pub fn seed(salt: u16) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(salt) << 32)
+}
+
 fn nanos_seed(spec: &ConnectSpec, drops: u32) -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -344,7 +353,7 @@ pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
     Duration::from_millis(base - span + offset)
 }
 
-fn splitmix(mut x: u64) -> u64 {
+pub fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

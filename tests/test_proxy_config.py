@@ -326,9 +326,10 @@ def test_proxy_uses_eg_remote_user_and_password(monkeypatch):
     monkeypatch.setenv("EG_REMOTE_PWD", "pw-not-logged")
     monkeypatch.setenv("EG_SSH_PORT", "2022")
     proxy = _proxy(egtunnel.DistributedProcessProxy, _kernel_manager(300), {"tunneling": True})
-    ssh = proxy._egt_ssh()
+    ssh = proxy.egtunnel.ssh
     assert (ssh.user, ssh.password, ssh.port) == ("kerneluser", "pw-not-logged", 2022)
-    assert proxy._egt_dest("10.1.2.3") == "kerneluser@10.1.2.3:2022"
+    assert proxy.egtunnel.destination("10.1.2.3") == "kerneluser@10.1.2.3:2022"
+    assert "pw-not-logged" not in repr(ssh)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 # Type stubs for the Rust extension egtunnel._native: the whole surface the Python package builds on.
-from typing import Optional, TypedDict, final
+from typing import Awaitable, Optional, TypedDict, final
 
 __all__ = [
     "MAX_KEEP_ALIVE_INTERVAL",
@@ -7,6 +7,7 @@ __all__ = [
     "TUNNEL_MODES",
     "HOST_KEY_POLICIES",
     "ExecResult",
+    "SshTarget",
     "Tunnel",
     "keep_alive_interval",
     "open_tunnel",
@@ -60,6 +61,7 @@ class Tunnel:
     def is_connected(self) -> bool: ...
     def stats(self) -> _TunnelStats: ...
     def send_request(self, data: bytes, timeout: float = 10.0) -> None: ...
+    def request(self, data: bytes, timeout: float = 10.0) -> Awaitable[None]: ...
     def terminate(self) -> None: ...
     def __enter__(self) -> "Tunnel": ...
     def __exit__(self, *exc: object) -> None: ...
@@ -104,5 +106,56 @@ def remote_exec(
     max_sessions: int = 8,
     max_startups: int = 3,
 ) -> ExecResult: ...
+
+_ForwardSpec = tuple[str, str, int]
+
+@final
+class SshTarget:
+    def __new__(
+        cls,
+        host: str,
+        *,
+        port: int = 22,
+        user: Optional[str] = None,
+        identity_file: Optional[str] = None,
+        password: Optional[str] = None,
+        known_hosts: Optional[str] = None,
+        host_key_policy: str = "strict",
+        connect_timeout: float = 10.0,
+        max_sessions: int = 8,
+        max_startups: int = 3,
+    ) -> "SshTarget": ...
+    @property
+    def destination(self) -> str: ...
+    def exec(self, command: str, timeout: float = 30.0) -> ExecResult: ...
+    def exec_async(self, command: str, timeout: float = 30.0) -> Awaitable[ExecResult]: ...
+    def open_forwards(
+        self,
+        forwards: list[_ForwardSpec],
+        *,
+        port_range: tuple[int, int] = (0, 0),
+        bind_attempts: int = 6,
+        mode: str = "shared",
+        cull_idle_timeout: int = 0,
+        keepalive_margin: int = 60,
+        keepalive_count_max: int = 3,
+        kernel_id: Optional[str] = None,
+        verify: bool = True,
+        refused_wait: float = 30.0,
+    ) -> list[Tunnel]: ...
+    def open_forwards_async(
+        self,
+        forwards: list[_ForwardSpec],
+        *,
+        port_range: tuple[int, int] = (0, 0),
+        bind_attempts: int = 6,
+        mode: str = "shared",
+        cull_idle_timeout: int = 0,
+        keepalive_margin: int = 60,
+        keepalive_count_max: int = 3,
+        kernel_id: Optional[str] = None,
+        verify: bool = True,
+        refused_wait: float = 30.0,
+    ) -> Awaitable[list[Tunnel]]: ...
 
 def status() -> list[dict[str, object]]: ...

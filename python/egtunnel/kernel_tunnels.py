@@ -1,0 +1,379 @@
+"""One kernel's native tunnels and remote commands: its settings, forwards and their lifecycle.
+
+Enterprise Gateway's process proxies keep a kernel's tunnels in `tunnel_processes` and reach the
+kernel's launcher through its communication port. `KernelTunnels` does that work for the egtunnel
+proxies, which keep only EG's hook methods, each handing over to it:
+
+- opening a kernel's forwards is one native call, all or nothing, awaited by coroutines (no thread);
+- comm-port requests and remote signals follow EG's liveness rule: a refused comm port means the
+  kernel is gone, a connection that is down means liveness unknown (the kernel is kept);
+- on the gateway's event loop nothing waits on the network: requests run on egtunnel's runtime and a
+  poll answers from the kernel's last known liveness while one refresh per kernel is in flight.
+  Off the loop (a worker thread, the gateway's start-up revival) the same calls simply block.
+
+No Enterprise Gateway import here: the module works with any object that gives it a logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from . import _native
+from .config import SshSettings, TunnelSettings
+from .errors import ConnectionDown, HostKeyError, SshAuthError, TunnelError
+
+__all__ = ["ALIVE", "DEAD", "UNKNOWN", "Forward", "KernelTunnels", "LivenessProbe", "on_event_loop"]
+
+COMM = "EG_COMM"
+# EG's order of the five ZMQ forwards and the connection-info key of each remote port.
+KERNEL_PORTS = (
+    ("SHELL", "shell_port"),
+    ("IOPUB", "iopub_port"),
+    ("STDIN", "stdin_port"),
+    ("HB", "hb_port"),
+    ("CONTROL", "control_port"),
+)
+# A comm-port request that has not completed by then is abandoned (TunnelTimeout).
+REQUEST_TIMEOUT = 10.0
+# EG's rsh uses exec_command(timeout=30).
+EXEC_TIMEOUT = 30.0
+
+ALIVE, DEAD, UNKNOWN = "alive", "dead", "unknown"
+
+
+def on_event_loop() -> Optional[asyncio.AbstractEventLoop]:
+    """The running event loop when called on its thread, else None."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One port to forward: which kernel channel, where it goes, and through which SSH server."""
+
+    channel: str
+    remote_host: str
+    remote_port: int
+    server: str
+    port: int
+
+
+def http_status(exc: BaseException) -> int:
+    """EG's status for a failed start: 403 when SSH refused us (credentials, host key), else 500."""
+    return 403 if isinstance(exc, (SshAuthError, HostKeyError)) else 500
+
+
+class LivenessProbe:
+    """A kernel's last known liveness, refreshed by one request at a time.
+
+    `check(start)` is what a poll calls: off the event loop it runs `start()` to completion and
+    returns the fresh answer; on the loop it returns the last known state at once and, unless one is
+    already out, starts a refresh whose outcome the next poll sees. `start()` returns an awaitable
+    resolving to ALIVE, DEAD or UNKNOWN.
+    """
+
+    def __init__(self, what: str, log: logging.Logger) -> None:
+        self.what = what
+        self.state = ALIVE
+        self._log = log
+        self._in_flight: Optional[asyncio.Future] = None
+        self._unknown_logged = False
+
+    def check(self, start: Callable[[], Any], blocking: Callable[[], str]) -> str:
+        if on_event_loop() is None:
+            self._record(blocking())
+            return self.state
+        if self._in_flight is None or self._in_flight.done():
+            self._in_flight = asyncio.ensure_future(start())
+            self._in_flight.add_done_callback(self._refreshed)
+        return self.state
+
+    def _refreshed(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        self._record(UNKNOWN if exc is not None else future.result(), exc)
+
+    def _record(self, state: str, cause: object = None) -> None:
+        if state == UNKNOWN:
+            # Polls come every few seconds: say it once at warning, then at debug until the link answers.
+            message = f"{self.what} got no answer ({cause or 'connection down'}); liveness is unknown, so the kernel is treated as alive."
+            (self._log.debug if self._unknown_logged else self._log.warning)(message)
+            self._unknown_logged = True
+            if self.state == DEAD:
+                return
+            self.state = ALIVE
+            return
+        self._unknown_logged = False
+        self.state = state
+
+    def forget(self) -> None:
+        """Drops the refresh in flight (the kernel is being shut down)."""
+        if self._in_flight is not None and not self._in_flight.done():
+            self._in_flight.cancel()
+        self._in_flight = None
+
+
+class KernelTunnels:
+    """A kernel's forwards (kept in EG's `tunnel_processes` dict) and its comm-port requests."""
+
+    def __init__(
+        self,
+        kernel_id: str,
+        log: logging.Logger,
+        ssh: SshSettings,
+        settings: TunnelSettings,
+        store: dict,
+        cull_idle_timeout: Callable[[], int],
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.log = log
+        self.ssh = ssh
+        self.settings = settings
+        # EG's `tunnel_processes`: EG's own cleanup() and shutdown_listener() terminate what is here.
+        self.store = store
+        self._cull_idle_timeout = cull_idle_timeout
+        self._targets: dict[tuple[str, int], Any] = {}
+        self.comm = LivenessProbe(f"Poll through the EG_COMM tunnel for KernelID '{kernel_id}'", log)
+        self.remote = LivenessProbe(f"Remote poll for KernelID '{kernel_id}'", log)
+
+    # ------------------------------------------------------------------------------------------ settings
+
+    def destination(self, host: str, port: Optional[int] = None) -> str:
+        return SshSettings(port=self.ssh.port if port is None else port, user=self.ssh.user).destination(host)
+
+    def target(self, host: str, port: Optional[int] = None) -> Any:
+        """The native SSH target for `host` (validated once, cached)."""
+        key = (host, self.ssh.port if port is None else int(port))
+        found = self._targets.get(key)
+        if found is None:
+            kwargs = self.ssh.native_kwargs()
+            kwargs["port"] = key[1]
+            found = self._targets[key] = _native.SshTarget(host, **kwargs)
+        return found
+
+    def keep_alive_interval(self, channel: str) -> int:
+        return _native.keep_alive_interval(channel, self.cull_idle_timeout(), self.settings.keepalive_margin)
+
+    def cull_idle_timeout(self) -> int:
+        return max(0, self._cull_idle_timeout())
+
+    # ------------------------------------------------------------------------------------------- opening
+
+    def layout(self, connect_info: dict, host: str) -> list[Forward]:
+        """EG's tunnel layout: every port goes to the kernel host's address, through sshd on that host."""
+        forwards = [
+            Forward(channel, connect_info["ip"], int(connect_info[field]), host, self.ssh.port)
+            for channel, field in KERNEL_PORTS
+        ]
+        if "comm_port" in connect_info:
+            forwards.append(Forward(COMM, connect_info["ip"], int(connect_info["comm_port"]), host, self.ssh.port))
+        return forwards
+
+    def _open_args(self, forwards: list[Forward], port_range: tuple[int, int], bind_attempts: int) -> tuple[Any, list, dict]:
+        servers = {(f.server, f.port) for f in forwards}
+        if len(servers) != 1:
+            raise ValueError(f"a kernel's forwards go through one SSH server, got {sorted(servers)}")
+        (server, port), = servers
+        spec = [(f.channel, f.remote_host, f.remote_port) for f in forwards]
+        kwargs = {
+            "port_range": port_range,
+            "bind_attempts": bind_attempts,
+            "mode": self.settings.mode,
+            "cull_idle_timeout": self.cull_idle_timeout(),
+            "keepalive_margin": self.settings.keepalive_margin,
+            "keepalive_count_max": self.settings.keepalive_count_max,
+            "kernel_id": self.kernel_id,
+            # A server that forbids forwarding fails the start here, not the kernel's first message.
+            "verify": True,
+        }
+        return self.target(server, port), spec, kwargs
+
+    async def open(self, forwards: list[Forward], port_range: tuple[int, int] = (0, 0), bind_attempts: int = 6) -> dict[str, Any]:
+        """Opens the forwards, all or nothing, and records them; returns {channel: tunnel}."""
+        target, spec, kwargs = self._open_args(forwards, port_range, bind_attempts)
+        tunnels = await target.open_forwards_async(spec, **kwargs)
+        return self._record(forwards, tunnels)
+
+    def open_blocking(self, forwards: list[Forward], port_range: tuple[int, int] = (0, 0), bind_attempts: int = 6) -> dict[str, Any]:
+        """As `open`, blocking the calling thread (the gateway's start-up revival, EG's plain hooks)."""
+        target, spec, kwargs = self._open_args(forwards, port_range, bind_attempts)
+        return self._record(forwards, target.open_forwards(spec, **kwargs))
+
+    def _record(self, forwards: list[Forward], tunnels: Iterable[Any]) -> dict[str, Any]:
+        opened = {}
+        for forward, tunnel in zip(forwards, tunnels):
+            previous = self.store.get(forward.channel)
+            if previous is not None and previous is not tunnel:
+                previous.terminate()
+            self.store[forward.channel] = tunnel
+            opened[forward.channel] = tunnel
+            self.log.debug(
+                f"Native SSH tunnel for '{forward.channel}' of KernelID '{self.kernel_id}': "
+                f"127.0.0.1:{tunnel.local_port} -> {forward.remote_host}:{forward.remote_port} via "
+                f"{tunnel.destination}, keep-alive {tunnel.keep_alive_interval} s, mode {tunnel.mode}"
+            )
+        self.comm.state = ALIVE
+        return opened
+
+    def failure_reason(self, forwards: list[Forward], exc: BaseException) -> str:
+        """The HTTP reason for a failed open: the channels, where they went, and the native cause."""
+        first = forwards[0]
+        return (
+            f"Could not open SSH tunnels for KernelID '{self.kernel_id}' (ports "
+            f"{', '.join(f.channel for f in forwards)} on {first.remote_host} via "
+            f"{self.destination(first.server, first.port)}): {type(exc).__name__}: {exc}"
+        )
+
+    # -------------------------------------------------------------------------------------- comm requests
+
+    def request(self, request: dict, fallback: Callable[[int], Any]) -> None:
+        """EG's comm-port request with EG's outcomes: raises ConnectionRefusedError (errno ECONNREFUSED)
+        when the launcher is gone, returns when delivered or when liveness is unknown.
+
+        On the event loop a poll (`{"signum": 0}`) answers from the last known liveness, and other
+        requests are sent in the background, their outcome logged; a signal the launcher cannot take
+        goes to `fallback(signum)` (EG's remote signal), as EG would have done.
+        """
+        tunnel = self.store.get(COMM)
+        if tunnel is None:
+            # EG's own local connect would be refused once the EG_COMM forward is gone (after
+            # shutdown_listener or cleanup), which is how it learns the launcher has exited.
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, f"EG_COMM tunnel of KernelID '{self.kernel_id}' is closed; cannot send {request}"
+            )
+        data = json.dumps(request).encode("utf-8")
+        signum = request.get("signum")
+        if signum == 0:
+            state = self.comm.check(lambda: self._probe(tunnel, data), lambda: self._probe_blocking(tunnel, data))
+            if state == DEAD:
+                raise ConnectionRefusedError(errno.ECONNREFUSED, f"KernelID '{self.kernel_id}': no launcher listening")
+            return
+        if on_event_loop() is None:
+            try:
+                tunnel.send_request(data, REQUEST_TIMEOUT)
+            except ConnectionDown as exc:
+                self.log.warning(f"Request {request} for KernelID '{self.kernel_id}' not delivered: {exc}")
+            return
+        future = asyncio.ensure_future(tunnel.request(data, REQUEST_TIMEOUT))
+        future.add_done_callback(lambda f: self._request_done(f, request, fallback))
+
+    async def _probe(self, tunnel: Any, data: bytes) -> str:
+        try:
+            await tunnel.request(data, REQUEST_TIMEOUT)
+        except ConnectionRefusedError:
+            return DEAD
+        except (TunnelError, TimeoutError):
+            return UNKNOWN
+        return ALIVE
+
+    def _probe_blocking(self, tunnel: Any, data: bytes) -> str:
+        try:
+            tunnel.send_request(data, REQUEST_TIMEOUT)
+        except ConnectionRefusedError:
+            return DEAD
+        except (TunnelError, TimeoutError):
+            return UNKNOWN
+        return ALIVE
+
+    def _request_done(self, future: asyncio.Future, request: dict, fallback: Callable[[int], Any]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self.log.debug(f"Request {request} delivered to KernelID '{self.kernel_id}' via its communication port.")
+            return
+        if isinstance(exc, ConnectionRefusedError):
+            self.comm.state = DEAD
+            self.log.debug(f"Request {request} for KernelID '{self.kernel_id}': no launcher listening ({exc}).")
+            return
+        signum = request.get("signum")
+        self.log.warning(f"Request {request} for KernelID '{self.kernel_id}' failed: {type(exc).__name__}: {exc}")
+        if isinstance(signum, int) and signum > 0 and not isinstance(exc, ConnectionDown):
+            fallback(signum)
+
+    # ------------------------------------------------------------------------------------- remote signals
+
+    def remote_signal(self, host: str, command: str, signum: int) -> Optional[bool]:
+        """EG's `kill -N target; echo $?` on the kernel's host: None when delivered, False otherwise.
+
+        A poll (signal 0) that cannot reach the host because the connection is down or timing out
+        reports the kernel alive: an unreachable host says nothing about the kernel, and EG would
+        otherwise discard a healthy kernel after a network blip. On the event loop a poll answers from
+        the last known state and other signals are sent in the background, their outcome logged.
+        """
+        target = self.target(host)
+        if signum == 0:
+            state = self.remote.check(lambda: self._remote_probe(target, command),
+                                      lambda: self._remote_outcome(lambda: target.exec(command, EXEC_TIMEOUT), 0))  # fmt: skip
+            return False if state == DEAD else None
+        if on_event_loop() is None:
+            state = self._remote_outcome(lambda: target.exec(command, EXEC_TIMEOUT), signum)
+            return None if state == ALIVE else False
+        future = asyncio.ensure_future(target.exec_async(command, EXEC_TIMEOUT))
+        future.add_done_callback(lambda f: self._signal_done(f, target, signum))
+        return None
+
+    async def _remote_probe(self, target: Any, command: str) -> str:
+        try:
+            result = await target.exec_async(command, EXEC_TIMEOUT)
+        except (SshAuthError, HostKeyError) as exc:
+            self.log.warning(f"Remote poll on {target.destination} failed with exception '{exc}'.")
+            return DEAD
+        except (TunnelError, TimeoutError):
+            return UNKNOWN
+        except Exception as exc:  # noqa: BLE001 - EG reports any other failure as a dead kernel
+            self.log.warning(f"Remote poll on {target.destination} failed with exception '{exc}'.")
+            return DEAD
+        return ALIVE if _delivered(result) else DEAD
+
+    def _remote_outcome(self, run: Callable[[], Any], signum: int) -> str:
+        try:
+            result = run()
+        except (TunnelError, TimeoutError) as exc:
+            if signum == 0 and not isinstance(exc, (SshAuthError, HostKeyError)):
+                return UNKNOWN
+            self.log.warning(f"Remote signal({signum}) for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
+            return DEAD
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning(f"Remote signal({signum}) for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
+            return DEAD
+        return ALIVE if _delivered(result) else DEAD
+
+    def _signal_done(self, future: asyncio.Future, target: Any, signum: int) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self.log.warning(f"Remote signal({signum}) on {target.destination} for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
+        elif not _delivered(future.result()):
+            self.log.debug(f"Remote signal({signum}) for KernelID '{self.kernel_id}': no such process.")
+            self.remote.state = DEAD
+        else:
+            self.log.debug(f"Remote signal({signum}) delivered for KernelID '{self.kernel_id}'.")
+
+    # ------------------------------------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        """Closes every forward of the kernel; returns at once (draining goes on natively)."""
+        self.comm.forget()
+        self.remote.forget()
+        for tunnel in list(self.store.values()):
+            try:
+                tunnel.terminate()
+            except Exception as exc:  # noqa: BLE001 - closing the others matters more
+                self.log.debug(f"Closing a tunnel of KernelID '{self.kernel_id}': {exc}")
+        self.store.clear()
+
+
+def _delivered(result: Any) -> bool:
+    """`kill ...; echo $?` printed 0."""
+    lines = [line.strip() for line in result.lines()]
+    return bool(lines) and lines[-1] == "0"

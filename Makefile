@@ -88,7 +88,7 @@ fi
 endef
 export DEPS_SH
 
-.PHONY: help deps venv build cargo-test pytest test demo bench soak lint clean distclean
+.PHONY: help deps venv build cargo-test pytest test demo bench soak scale lint clean distclean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -128,6 +128,9 @@ demo: deps build ## Run examples/demo.py
 
 bench: deps build ## Run the benchmarks (bench/run.py)
 	$(VENV_PY) bench/run.py
+
+scale: deps build ## A gateway with 100 kernels: egtunnel against tunneling off (bench/scale.py)
+	$(VENV_PY) bench/scale.py $(SCALE_ARGS)
 
 soak: deps build ## Reliability run: real gateway, two stock-sshd hosts, 40+20 kernels at once, 200 cycles
 	$(VENV_PY) bench/soak.py $(SOAK_ARGS)

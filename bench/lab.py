@@ -91,7 +91,8 @@ class Lab:
         self.gateway = Gateway(self.dir / name, cfg).start()
         return self.gateway
 
-    def close(self) -> None:
+    def stop_gateway(self) -> None:
+        """Stops the gateway and whatever kernel it failed to stop (they carry its response address)."""
         if self.gateway is not None:
             gw, self.gateway = self.gateway, None
             try:
@@ -100,6 +101,9 @@ class Lab:
                 marker = f"{gw.config.response_ip}:{gw.response_port}"
                 for host in self.hosts:
                     procs.kill_procs(p for p in procs.netns_procs(host.name) if marker in p.cmdline)
+
+    def close(self) -> None:
+        self.stop_gateway()
         for host in reversed(self.hosts):
             host.close()
         self.hosts.clear()

@@ -538,7 +538,7 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None,
                              keepalive_count_max, kernel_id, verify, refused_wait)?;
         let spec = self.spec.clone();
         let opened = py.allow_threads(|| runtime::block_on(pool::open_kernel_forwards(&spec, args.mode, args.plan)));
-        opened.map(tunnels).map_err(|e| to_py(e, "tunnels"))
+        opened.map(tunnels).map_err(|e| to_py(e, ""))
     }
 
     /// Awaitable form of `open_forwards`; cancelling it closes whatever it had opened.
@@ -567,7 +567,7 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None,
         let spec = self.spec.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let opened = pool::open_kernel_forwards(&spec, args.mode, args.plan).await;
-            opened.map(tunnels).map_err(|e| to_py(e, "tunnels"))
+            opened.map(tunnels).map_err(|e| to_py(e, ""))
         })
     }
 

@@ -98,7 +98,7 @@ impl fmt::Display for Error {
             Error::Down { dest, cause } => write!(f, "SSH connection {dest} is down: {cause}"),
             Error::Timeout { dest, what, secs } => write!(f, "{what} on {dest} timed out after {secs} s"),
             Error::Other { dest, cause } => write!(f, "{dest}: {cause}"),
-            Error::Channels { channels, primary } => write!(f, "{} failed: {primary}", channels.join(", ")),
+            Error::Channels { channels, primary } => write!(f, "forwards {} failed: {primary}", channels.join(", ")),
         }
     }
 }
@@ -138,7 +138,7 @@ mod tests {
         assert_eq!(e.kind(), "auth");
         assert!(e.is_permanent());
         let text = e.to_string();
-        assert!(text.starts_with("IOPUB, SHELL failed: authentication to a@h:22"), "{text}");
+        assert!(text.starts_with("forwards IOPUB, SHELL failed: authentication to a@h:22"), "{text}");
     }
 
     #[test]

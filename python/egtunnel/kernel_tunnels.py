@@ -224,12 +224,12 @@ class KernelTunnels:
         return opened
 
     def failure_reason(self, forwards: list[Forward], exc: BaseException) -> str:
-        """The HTTP reason for a failed open: the channels, where they went, and the native cause."""
+        """The HTTP reason for a failed open: the kernel, where its forwards went, and the native cause
+        (which names each failed channel)."""
         first = forwards[0]
         return (
-            f"Could not open SSH tunnels for KernelID '{self.kernel_id}' (ports "
-            f"{', '.join(f.channel for f in forwards)} on {first.remote_host} via "
-            f"{self.destination(first.server, first.port)}): {type(exc).__name__}: {exc}"
+            f"Could not open SSH tunnels for KernelID '{self.kernel_id}' to {first.remote_host} via "
+            f"{self.destination(first.server, first.port)}: {type(exc).__name__}: {exc}"
         )
 
     # -------------------------------------------------------------------------------------- comm requests

@@ -1,0 +1,189 @@
+"""SshTarget: a kernel's forwards in one all-or-nothing call, and remote commands and comm-port requests
+as asyncio awaitables driven by egtunnel's runtime (no Python thread per call)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import egtunnel
+import hosts
+from e2e import procs
+
+CHANNELS = ["SHELL", "IOPUB", "STDIN", "HB", "CONTROL"]
+
+
+def target(server: hosts.SshServer, **kw: object) -> egtunnel.SshTarget:
+    args = {k: v for k, v in server.connect_kwargs().items() if k != "host"}
+    return egtunnel.SshTarget(server.host, **{**args, **kw})
+
+
+def conn_status(server: hosts.SshServer) -> list[dict]:
+    return [c for c in egtunnel.status() if c["port"] == server.port and c["host"] == server.host]
+
+
+def python_threads() -> int:
+    return threading.active_count()
+
+
+@pytest.mark.parametrize("mode", ["shared", "per-port"])
+def test_open_forwards_opens_all_in_order_within_the_port_range(sshd: hosts.SshServer, echo_server: hosts.EchoServer,
+                                                                mode: str) -> None:  # fmt: skip
+    lo = hosts.free_port()
+    hi = min(lo + 200, 65535)
+    t = target(sshd)
+    tunnels = t.open_forwards([(ch, "127.0.0.1", echo_server.port) for ch in CHANNELS], port_range=(lo, hi),
+                              mode=mode, cull_idle_timeout=300, kernel_id="k1")  # fmt: skip
+    try:
+        assert [x.channel for x in tunnels] == CHANNELS
+        assert all(lo <= x.local_port <= hi for x in tunnels)
+        assert len({x.local_port for x in tunnels}) == len(CHANNELS)
+        assert [x.keep_alive_interval for x in tunnels] == [360] * 4 + [egtunnel.MAX_KEEP_ALIVE_INTERVAL]
+        for x in tunnels:
+            assert hosts.echo_once("127.0.0.1", x.local_port) == b"hello egtunnel\n"
+        assert len(conn_status(sshd)) == (1 if mode == "shared" else len(CHANNELS))
+    finally:
+        for x in tunnels:
+            x.terminate()
+
+
+def test_ports_taken_within_the_range_are_skipped(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    lo = hosts.free_port()
+    busy = []
+    for p in range(lo, lo + 3):  # two of the four candidates are taken by someone else
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+            s.listen()
+            busy.append(s)
+        except OSError:
+            s.close()
+    try:
+        free = [p for p in range(lo, lo + 6) if p not in {s.getsockname()[1] for s in busy}]
+        tunnels = target(sshd).open_forwards([("SHELL", "127.0.0.1", echo_server.port), ("HB", "127.0.0.1", echo_server.port)],
+                                             port_range=(lo, lo + 5), bind_attempts=20)  # fmt: skip
+        try:
+            assert {x.local_port for x in tunnels} <= set(free)
+        finally:
+            for x in tunnels:
+                x.terminate()
+    finally:
+        for s in busy:
+            s.close()
+
+
+def test_failure_closes_everything_and_names_each_failed_channel(sshd_factory, echo_server: hosts.EchoServer) -> None:
+    # PermitOpen lets SHELL's target through and forbids the others: the set fails as one.
+    other = hosts.free_port()
+    server = sshd_factory(extra_config=[f"PermitOpen 127.0.0.1:{echo_server.port}"])
+    ports_before = procs.listening_ports(pid=os.getpid())
+    with pytest.raises(egtunnel.ForwardingProhibited) as info:
+        target(server).open_forwards([("SHELL", "127.0.0.1", echo_server.port), ("IOPUB", "127.0.0.1", other),
+                                      ("HB", "127.0.0.1", other)], mode="shared")  # fmt: skip
+    message = str(info.value)
+    assert "IOPUB" in message and "HB" in message and f"127.0.0.1:{other}" in message
+    assert message.startswith("forwards HB, IOPUB failed") or message.startswith("forwards IOPUB, HB failed"), message
+    assert procs.listening_ports(pid=os.getpid()) <= ports_before
+    hosts.wait_until(lambda: conn_status(server) == [], 10, what="no connection left")
+
+
+def test_bad_plans_are_refused_before_any_network(sshd: hosts.SshServer) -> None:
+    t = target(sshd)
+    with pytest.raises(ValueError, match="appears twice"):
+        t.open_forwards([("SHELL", "127.0.0.1", 1), ("SHELL", "127.0.0.1", 2)])
+    with pytest.raises(ValueError, match="port_range"):
+        t.open_forwards([("SHELL", "127.0.0.1", 1)], port_range=(2000, 1000))
+    with pytest.raises(ValueError, match="channel"):
+        t.open_forwards([("NOPE", "127.0.0.1", 1)])
+    with pytest.raises(ValueError, match="at least one"):
+        t.open_forwards([])
+    assert sshd.log_count("Connection from") == 0
+
+
+def test_awaitables_run_without_python_threads(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+    t = target(sshd)
+
+    async def main() -> tuple[list, int]:
+        before = python_threads()
+        results = await asyncio.gather(*(t.exec_async(f"echo {i}") for i in range(12)))
+        tunnels = await t.open_forwards_async([(ch, "127.0.0.1", echo_server.port) for ch in CHANNELS])
+        peak = python_threads() - before
+        for x in tunnels:
+            x.terminate()
+        return [r.lines() for r in results], peak
+
+    lines, extra_threads = asyncio.run(main())
+    assert lines == [[str(i)] for i in range(12)]
+    assert extra_threads == 0
+
+
+def test_cancelled_open_leaves_nothing_listening(sshd_factory, echo_server: hosts.EchoServer) -> None:
+    server = sshd_factory()
+    t = target(server)
+    ports_before = procs.listening_ports(pid=os.getpid())
+
+    async def main() -> None:
+        task = asyncio.ensure_future(t.open_forwards_async([(ch, "127.0.0.1", echo_server.port) for ch in CHANNELS],
+                                                           mode="per-port"))  # fmt: skip
+        await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    hosts.wait_until(lambda: conn_status(server) == [] and server.established_connections() == 0, 10,
+                     what="every connection of the cancelled open closed")  # fmt: skip
+    assert procs.listening_ports(pid=os.getpid()) <= ports_before
+
+
+def test_request_awaitable_and_terminate_lets_it_finish(sshd: hosts.SshServer) -> None:
+    received: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        time.sleep(0.3)  # the launcher takes its time before closing
+        received.append(data)
+        conn.close()
+
+    server_thread = threading.Thread(target=serve, daemon=True)
+    server_thread.start()
+    tunnel = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=port,
+                                  channel="EG_COMM", mode="per-port")  # fmt: skip
+
+    async def main() -> float:
+        pending = asyncio.ensure_future(tunnel.request(b'{"shutdown": 1}', 10.0))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        tunnel.terminate()  # as EG does right after sending the shutdown request
+        took = time.monotonic() - started
+        await pending
+        return took
+
+    took = asyncio.run(main())
+    server_thread.join(10)
+    listener.close()
+    assert took < 0.02
+    assert received == [b'{"shutdown": 1}']
+    with pytest.raises(egtunnel.TunnelError, match="terminated"):
+        asyncio.run(_request(tunnel))
+
+
+async def _request(tunnel: egtunnel.Tunnel) -> None:
+    await tunnel.request(b"{}", 1.0)
+
+
+def test_request_to_a_closed_port_raises_connection_refused(sshd: hosts.SshServer) -> None:
+    port = hosts.free_port()
+    with egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=port) as tunnel:
+        with pytest.raises(ConnectionRefusedError):
+            asyncio.run(_request(tunnel))

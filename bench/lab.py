@@ -163,13 +163,27 @@ def start_many(gw: Gateway, spec: str, n: int, at_once: int) -> tuple[list[Gatew
     return clients, kernels, time.monotonic() - started
 
 
-def first_cells(kernels: list[Kernel], at_once: int) -> list[bool]:
+def first_cells(kernels: list[Kernel], at_once: int, timeout: float = 30.0) -> list[bool]:
     """Each kernel runs `v = i; print(i)`; True where the output arrived intact."""
 
     def run(ik: tuple[int, Kernel]) -> bool:
         i, k = ik
         try:
-            return k.execute(f"v = {i}; print({i})", timeout=60).stdout == f"{i}\n"
+            return k.execute(f"v = {i}; print({i})", timeout=timeout).stdout == f"{i}\n"
+        except Exception:
+            return False
+
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(run, enumerate(kernels)))
+
+
+def second_cells(kernels: list[Kernel], at_once: int) -> list[bool]:
+    """Each kernel prints `v` (set by its first cell): True where it answers with its own state."""
+
+    def run(ik: tuple[int, Kernel]) -> bool:
+        i, k = ik
+        try:
+            return k.execute("print(v)", timeout=30).stdout == f"{i}\n"
         except Exception:
             return False
 

@@ -18,6 +18,7 @@ use crate::exec::ExecOutput;
 use crate::forward::Forward;
 use crate::keepalive::{self, Channel, MAX_KEEP_ALIVE_INTERVAL};
 use crate::pool::{self, ForwardRequest};
+use crate::requests;
 use crate::runtime;
 
 /// Looks up an exception class of egtunnel.errors once; they are defined in Python so callers can
@@ -198,11 +199,44 @@ impl Tunnel {
         })
     }
 
+    /// The last known liveness of what listens behind the tunnel ("alive", "dead" or "unknown") and,
+    /// unless one is already out, a background probe delivering `data` whose answer the next call
+    /// returns. Never waits on the network.
+    #[pyo3(signature = (data, timeout = 10.0))]
+    fn probe(&self, data: Vec<u8>, timeout: f64) -> PyResult<&'static str> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        Ok(requests::probe(&self.fwd, data, timeout).as_str())
+    }
+
+    /// Delivers `data` in the background and logs the outcome under `what`; never waits on the network.
+    /// When the remote port cannot take it (other than refusing, or the connection being down),
+    /// `fallback_command` runs on `fallback_target` instead.
+    #[pyo3(signature = (data, what, timeout = 10.0, fallback_target = None, fallback_command = None))]
+    fn send_background(
+        &self,
+        data: Vec<u8>,
+        what: String,
+        timeout: f64,
+        fallback_target: Option<PyRef<'_, SshTarget>>,
+        fallback_command: Option<String>,
+    ) -> PyResult<()> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        let fallback = match (fallback_target, fallback_command) {
+            (Some(t), Some(command)) => {
+                Some(requests::Fallback { spec: t.spec.clone(), command, timeout: Duration::from_secs(30) })
+            }
+            (None, None) => None,
+            _ => return Err(invalid("fallback_target and fallback_command go together".into())),
+        };
+        let ctx = format!("{} request", self.fwd.info.channel);
+        requests::send(&self.fwd, data, timeout, what, fallback).map_err(|e| to_py(e, &ctx))
+    }
+
     /// Stops listening (the port is free on return) and hands draining to the background; returns
     /// without waiting on the network. Idempotent.
-    fn terminate(&self, py: Python<'_>) {
-        let fwd = self.fwd.clone();
-        py.allow_threads(|| runtime::block_on(pool::close_forward(&fwd)));
+    fn terminate(&self) {
+        // Quick enough to keep the GIL: no runtime or network wait.
+        pool::close_forward(&self.fwd);
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -210,8 +244,8 @@ impl Tunnel {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) {
-        self.terminate(py);
+    fn __exit__(&self, _exc: &Bound<'_, pyo3::types::PyTuple>) {
+        self.terminate();
     }
 
     fn __repr__(&self) -> String {
@@ -232,8 +266,7 @@ impl Drop for Tunnel {
     fn drop(&mut self) {
         // An unreferenced tunnel must not keep a port and a connection alive behind the caller's back.
         if !self.fwd.is_terminated() {
-            let fwd = self.fwd.clone();
-            runtime::spawn(async move { pool::close_forward(&fwd).await });
+            pool::close_forward(&self.fwd);
         }
     }
 }
@@ -615,14 +648,29 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
     Ok(list)
 }
 
+static LOG_RESET: once_cell::sync::OnceCell<pyo3_log::ResetHandle> = once_cell::sync::OnceCell::new();
+
+/// Forgets the cached levels of the `egtunnel` loggers; call after changing them at run time.
+#[pyfunction]
+fn refresh_log_levels() {
+    if let Some(handle) = LOG_RESET.get() {
+        handle.reset();
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Awaitables run on egtunnel's one runtime rather than a second one of the bridge's.
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::handle());
-    // Rust `log` records go to Python logging under the "egtunnel" logger.
-    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?
+    // Rust `log` records go to Python logging under the "egtunnel" logger. Levels are cached too, so a
+    // disabled record (every debug line of a busy gateway) never takes the GIL from a runtime thread;
+    // `refresh_log_levels()` makes a later change of Python's levels visible.
+    if let Ok(handle) = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
         .filter_target("egtunnel".to_owned(), log::LevelFilter::Trace)
-        .install();
+        .install()
+    {
+        let _ = LOG_RESET.set(handle);
+    }
     m.add("MAX_KEEP_ALIVE_INTERVAL", MAX_KEEP_ALIVE_INTERVAL)?;
     let py = m.py();
     m.add("CHANNELS", PyTuple::new_bound(py, Channel::ALL.iter().map(|c| c.as_str())))?;
@@ -632,6 +680,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_tunnel, m)?)?;
     m.add_function(wrap_pyfunction!(remote_exec, m)?)?;
     m.add_function(wrap_pyfunction!(status, m)?)?;
+    m.add_function(wrap_pyfunction!(refresh_log_levels, m)?)?;
     m.add_class::<Tunnel>()?;
     m.add_class::<ExecResult>()?;
     m.add_class::<SshTarget>()?;

@@ -38,6 +38,8 @@ const DRAIN_WAIT: Duration = Duration::from_secs(15);
 const QUEUE_DEPTH: usize = 4;
 /// Largest chunk moved at once. Several SSH packets per chunk means fewer wake-ups per byte.
 pub const CHUNK: usize = 128 * 1024;
+/// A local connection's first read buffer; it doubles (up to CHUNK) whenever a read fills it.
+const FIRST_READ: usize = 4096;
 
 /// What one step of a channel concluded.
 pub enum Step {
@@ -203,17 +205,20 @@ pub struct ForwardInfo {
     /// Set after a failed channel open was logged at warning; cleared by the next success. A dead
     /// kernel's ZMQ sockets retry many times a second, and one warning per outage says it all.
     pub failing: AtomicBool,
+    /// What listens behind the forward, as the last request found it (see `requests`).
+    pub liveness: crate::requests::Liveness,
 }
 
-/// A listening forward. Closing it is two steps: `close_listener` (the port is free when it returns,
-/// nothing waits on the network) and `finish` (drains in the background).
+/// A listening forward. Closing it is two steps: `close_listener` (synchronous: the port is free when
+/// it returns, and nothing waits for the runtime or the network) and `finish` (drains in the background).
 pub struct Forward {
     pub info: Arc<ForwardInfo>,
     pub conn: Arc<Connection>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Resolves once the accept loop has dropped its listener.
-    listener_closed: Mutex<Option<oneshot::Receiver<()>>>,
+    /// Shared with the accept loop, which polls it under the lock; closing takes it out and drops it
+    /// on the caller's thread, so a busy runtime cannot delay freeing the port.
+    listener: Arc<Mutex<Option<TcpListener>>>,
     terminated: AtomicBool,
 }
 
@@ -221,16 +226,9 @@ impl Forward {
     /// Starts serving an already bound listener over `conn`.
     pub fn start(listener: TcpListener, conn: Arc<Connection>, info: Arc<ForwardInfo>) -> Forward {
         let (stop, stop_rx) = watch::channel(false);
-        let (closed_tx, closed_rx) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, conn.clone(), info.clone(), stop_rx, closed_tx));
-        Forward {
-            info,
-            conn,
-            stop,
-            task: Mutex::new(Some(task)),
-            listener_closed: Mutex::new(Some(closed_rx)),
-            terminated: AtomicBool::new(false),
-        }
+        let listener = Arc::new(Mutex::new(Some(listener)));
+        let task = tokio::spawn(accept_loop(listener.clone(), conn.clone(), info.clone(), stop_rx));
+        Forward { info, conn, stop, task: Mutex::new(Some(task)), listener, terminated: AtomicBool::new(false) }
     }
 
     /// Counts a request to the remote port as one of this forward's channels until the guard drops,
@@ -244,23 +242,20 @@ impl Forward {
     }
 
     /// Stops accepting and frees the local port; local connections hand their queues to the actor.
-    /// Only local work: returns in microseconds however busy the SSH connection is. False if the
-    /// forward had already been closed.
-    pub async fn close_listener(&self) -> bool {
+    /// Runs on the caller's thread and returns in microseconds, however busy the runtime or the SSH
+    /// connection. False if the forward had already been closed.
+    pub fn close_listener(&self) -> bool {
         if self.terminated.swap(true, Ordering::AcqRel) {
             return false;
         }
         let _ = self.stop.send(true);
-        let closed = self.listener_closed.lock().unwrap().take();
-        if let Some(closed) = closed {
-            let _ = closed.await;
-        }
+        drop(self.listener.lock().unwrap().take());
         true
     }
 
     /// Whether nothing of this forward is left for the actor to flush.
     pub fn is_drained(&self) -> bool {
-        self.info.stats.open_channels() == 0 && self.task.lock().unwrap().as_ref().is_none_or(|t| t.is_finished())
+        self.info.stats.open_channels() == 0 && self.info.stats.active.load(Ordering::Acquire) == 0
     }
 
     /// After `close_listener`: waits until the local tasks are gone and (bounded) until the actor has
@@ -286,22 +281,29 @@ pub async fn bind_local(port: u16) -> Result<TcpListener> {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<Mutex<Option<TcpListener>>>,
     conn: Arc<Connection>,
     info: Arc<ForwardInfo>,
     mut stop: watch::Receiver<bool>,
-    listener_closed: oneshot::Sender<()>,
 ) {
     let mut tasks = JoinSet::new();
+    // None once the forward was closed (the listener is gone).
+    let accept = || {
+        std::future::poll_fn(|cx| match listener.lock().unwrap().as_ref() {
+            Some(l) => l.poll_accept(cx).map(Some),
+            None => std::task::Poll::Ready(None),
+        })
+    };
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
+            r = accept() => match r {
+                None => break,
+                Some(Ok((stream, _))) => {
                     let _ = stream.set_nodelay(true);
                     tasks.spawn(serve_local(stream, conn.clone(), info.clone(), stop.clone()));
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     // Out of descriptors and the like: back off briefly instead of spinning.
                     warn!("{} forward on 127.0.0.1:{}: accept failed: {e}", info.channel, info.local_port);
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -310,9 +312,8 @@ async fn accept_loop(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
-    // Free the port first: callers may re-bind it as soon as closing returns.
-    drop(listener);
-    let _ = listener_closed.send(());
+    // The closer took the listener already; make sure it is gone whatever ended the loop.
+    drop(listener.lock().unwrap().take());
     // Local tasks stop at once on the same signal (they only hand their queues to the actor); anything
     // slower is cut.
     let all_done = async { while tasks.join_next().await.is_some() {} };
@@ -389,9 +390,10 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
     let wake = &conn.shared.wake;
     let upstream = async move {
         let tx = to_remote_tx;
-        // One read buffer per connection; each message is an exact-size copy, so a 1 KiB request
-        // neither zeroes nor pins a whole chunk.
-        let mut buf = vec![0u8; CHUNK];
+        // One read buffer per connection, small until reads fill it: an idle kernel's ZMQ connection
+        // (a hundred kernels hold six or seven each) keeps a page, a bulk transfer grows to CHUNK.
+        // Each message is an exact-size copy.
+        let mut buf = vec![0u8; FIRST_READ];
         loop {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -400,6 +402,9 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
                         break;
                     }
                     wake.notify_one();
+                    if n == buf.len() && n < CHUNK {
+                        buf.resize((2 * n).min(CHUNK), 0);
+                    }
                 }
             }
         }

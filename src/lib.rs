@@ -11,6 +11,7 @@
 //! - `connection`: the actor owning one SSH session: channel opens, pumping, keep-alive, reconnects.
 //! - `forward`: local listeners and the per-connection byte pump.
 //! - `exec`: remote commands over the same connection.
+//! - `requests`: background requests to a forward's remote port (liveness probes, signals).
 //! - `pool`: one connection per host (shared) or per port, lingering and status.
 //! - `stats`: counters read without disturbing the actor.
 //! - `runtime`: the process-wide tokio runtime.
@@ -27,6 +28,7 @@ pub mod idle_reader;
 pub mod keepalive;
 pub mod net;
 pub mod pool;
+pub mod requests;
 pub mod runtime;
 pub mod session;
 pub mod stats;

@@ -117,12 +117,12 @@ fn release(conn: &Arc<Connection>, forward: Option<u64>) {
             pool.shared.remove(&conn.shared.spec);
         }
         let conn = conn.clone();
-        tokio::spawn(async move { conn.shutdown().await });
+        crate::runtime::spawn(async move { conn.shutdown().await });
         return;
     }
     let generation = entry.generation;
     let conn = conn.clone();
-    tokio::spawn(async move {
+    crate::runtime::spawn(async move {
         tokio::time::sleep(LINGER).await;
         let expired = {
             let mut pool = POOL.lock().unwrap();
@@ -192,6 +192,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         refused_wait: req.refused_wait,
         stats: Arc::new(ForwardStats::default()),
         failing: AtomicBool::new(false),
+        liveness: Default::default(),
     });
     {
         let mut pool = POOL.lock().unwrap();
@@ -204,7 +205,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
     let fwd = Arc::new(Forward::start(listener, conn, info));
     if verify {
         if let Err(e) = verify_forward(&fwd, VERIFY_WAIT).await {
-            close_forward(&fwd).await;
+            close_forward(&fwd);
             return Err(e);
         }
     }
@@ -261,8 +262,9 @@ pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
 /// Closes a forward: its port is free when this returns, and nothing here waits on the network.
 /// Accepted bytes and requests in flight drain in the background before the connection is released.
 /// Idempotent.
-pub async fn close_forward(fwd: &Arc<Forward>) {
-    if !fwd.close_listener().await {
+/// Runs on the caller's thread (any thread), never waiting for the runtime.
+pub fn close_forward(fwd: &Arc<Forward>) {
+    if !fwd.close_listener() {
         return;
     }
     if fwd.is_drained() {
@@ -270,7 +272,7 @@ pub async fn close_forward(fwd: &Arc<Forward>) {
         return;
     }
     let fwd = fwd.clone();
-    tokio::spawn(async move {
+    crate::runtime::spawn(async move {
         fwd.finish().await;
         release(&fwd.conn, Some(fwd.info.id));
     });
@@ -364,7 +366,7 @@ impl Opened {
 impl Drop for Opened {
     fn drop(&mut self) {
         for fwd in self.take() {
-            crate::runtime::spawn(async move { close_forward(&fwd).await });
+            close_forward(&fwd);
         }
     }
 }
@@ -441,18 +443,16 @@ async fn open_in_range(
     })
 }
 
-/// A random port of `range` that no forward of this kernel took and nothing listens on (tested like
-/// Enterprise Gateway does, on all interfaces, since kernels and other services share the range).
+/// A port of `range` that no forward of this kernel took and nothing listens on (tested like
+/// Enterprise Gateway does, on all interfaces, since kernels and other services share the range):
+/// the first such port from a random start, so that every free port is found and kernels spread out.
 fn pick_port(range: (u16, u16), seed: &mut u64, taken: &std::collections::HashSet<u16>) -> Option<u16> {
     let span = u64::from(range.1 - range.0) + 1;
-    for _ in 0..span.min(64) {
-        *seed = crate::session::splitmix(*seed);
-        let port = range.0 + (*seed % span) as u16;
-        if !taken.contains(&port) && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
-            return Some(port);
-        }
-    }
-    None
+    *seed = crate::session::splitmix(*seed);
+    let start = *seed % span;
+    (0..span.min(4096))
+        .map(|k| range.0 + ((start + k) % span) as u16)
+        .find(|p| !taken.contains(p) && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())
 }
 
 /// A snapshot of one live connection for status().

@@ -42,6 +42,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         report.sections.append((f"sshd log {server.host}:{server.port} (last {LOG_TAIL_LINES} lines)", tail))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_levels() -> Iterator[None]:
+    """egtunnel caches its loggers' levels; a test that sets them (caplog.set_level) does so before
+    its first record, so forgetting the cache at the start of each test makes the new level count."""
+    try:
+        import egtunnel
+    except ImportError:
+        yield
+        return
+    egtunnel.refresh_log_levels()
+    yield
+    egtunnel.refresh_log_levels()
+
+
 def _require_sshd() -> None:
     reason = hosts.sshd_unavailable_reason()
     if reason:

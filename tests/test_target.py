@@ -187,3 +187,34 @@ def test_request_to_a_closed_port_raises_connection_refused(sshd: hosts.SshServe
     with egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=port) as tunnel:
         with pytest.raises(ConnectionRefusedError):
             asyncio.run(_request(tunnel))
+
+
+def test_probe_answers_at_once_and_the_next_call_sees_the_answer(sshd: hosts.SshServer) -> None:
+    port = hosts.free_port()
+    with egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=port,
+                              channel="EG_COMM") as tunnel:  # fmt: skip
+        started = time.monotonic()
+        assert tunnel.probe(b'{"signum": 0}') == "alive"  # nothing known yet; a probe is now out
+        assert time.monotonic() - started < 0.01
+        hosts.wait_until(lambda: tunnel.probe(b'{"signum": 0}') == "dead", 5, what="refusal recorded")
+        with hosts.EchoServer(port=port):
+            hosts.wait_until(lambda: tunnel.probe(b'{"signum": 0}') == "alive", 5, what="listener seen again")
+
+
+def test_send_background_delivers_and_runs_the_fallback_when_the_port_cannot_take_it(
+        sshd: hosts.SshServer, tmp_path) -> None:  # fmt: skip
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers nor closes
+    port = silent.getsockname()[1]
+    marker = tmp_path / "fallback-ran"
+    tunnel = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=port,
+                                  channel="EG_COMM")  # fmt: skip
+    try:
+        started = time.monotonic()
+        tunnel.send_background(b'{"signum": 9}', "SIGKILL for a test kernel", 0.5, target(sshd), f"touch {marker}")
+        assert time.monotonic() - started < 0.01
+        hosts.wait_until(marker.exists, 10, what="fallback command ran")
+        with pytest.raises(ValueError, match="together"):
+            tunnel.send_background(b"{}", "x", 1.0, target(sshd), None)
+    finally:
+        tunnel.terminate()
+        silent.close()

@@ -15,6 +15,7 @@ from ._native import (
     Tunnel,
     keep_alive_interval,
     open_tunnel,
+    refresh_log_levels,
     remote_exec,
     status,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "keep_alive_interval",
     "open_tunnel",
     "remote_exec",
+    "refresh_log_levels",
     "status",
     "TunnelError",
     "SshConnectError",

@@ -114,6 +114,14 @@ class LivenessProbe:
         self._unknown_logged = False
         self.state = state
 
+    def observe(self, state: str) -> None:
+        """Records a state found elsewhere (a native probe), logging an unknown one as `check` does."""
+        if state == UNKNOWN:
+            self._record(UNKNOWN)
+        else:
+            self._unknown_logged = False
+            self.state = state
+
     def forget(self) -> None:
         """Drops the refresh in flight (the kernel is being shut down)."""
         if self._in_flight is not None and not self._in_flight.done():
@@ -234,13 +242,14 @@ class KernelTunnels:
 
     # -------------------------------------------------------------------------------------- comm requests
 
-    def request(self, request: dict, fallback: Callable[[int], Any]) -> None:
+    def request(self, request: dict, fallback: Optional[tuple[Any, str]] = None) -> None:
         """EG's comm-port request with EG's outcomes: raises ConnectionRefusedError (errno ECONNREFUSED)
         when the launcher is gone, returns when delivered or when liveness is unknown.
 
-        On the event loop a poll (`{"signum": 0}`) answers from the last known liveness, and other
-        requests are sent in the background, their outcome logged; a signal the launcher cannot take
-        goes to `fallback(signum)` (EG's remote signal), as EG would have done.
+        On the event loop nothing waits: a poll (`{"signum": 0}`) answers from the last known liveness
+        while a native probe refreshes it, and other requests are sent natively in the background, their
+        outcome logged. `fallback` (an SshTarget and a command) runs natively when a signal cannot be
+        delivered, as EG falls back to its remote signal.
         """
         tunnel = self.store.get(COMM)
         if tunnel is None:
@@ -250,9 +259,9 @@ class KernelTunnels:
                 errno.ECONNREFUSED, f"EG_COMM tunnel of KernelID '{self.kernel_id}' is closed; cannot send {request}"
             )
         data = json.dumps(request).encode("utf-8")
-        signum = request.get("signum")
-        if signum == 0:
-            state = self.comm.check(lambda: self._probe(tunnel, data), lambda: self._probe_blocking(tunnel, data))
+        if request.get("signum") == 0:
+            state = tunnel.probe(data, REQUEST_TIMEOUT) if on_event_loop() else self._probe_blocking(tunnel, data)
+            self.comm.observe(state)
             if state == DEAD:
                 raise ConnectionRefusedError(errno.ECONNREFUSED, f"KernelID '{self.kernel_id}': no launcher listening")
             return
@@ -262,17 +271,9 @@ class KernelTunnels:
             except ConnectionDown as exc:
                 self.log.warning(f"Request {request} for KernelID '{self.kernel_id}' not delivered: {exc}")
             return
-        future = asyncio.ensure_future(tunnel.request(data, REQUEST_TIMEOUT))
-        future.add_done_callback(lambda f: self._request_done(f, request, fallback))
-
-    async def _probe(self, tunnel: Any, data: bytes) -> str:
-        try:
-            await tunnel.request(data, REQUEST_TIMEOUT)
-        except ConnectionRefusedError:
-            return DEAD
-        except (TunnelError, TimeoutError):
-            return UNKNOWN
-        return ALIVE
+        target, command = fallback if fallback is not None else (None, None)
+        tunnel.send_background(data, f"Request {request} for KernelID '{self.kernel_id}'", REQUEST_TIMEOUT,
+                               target, command)  # fmt: skip
 
     def _probe_blocking(self, tunnel: Any, data: bytes) -> str:
         try:
@@ -282,22 +283,6 @@ class KernelTunnels:
         except (TunnelError, TimeoutError):
             return UNKNOWN
         return ALIVE
-
-    def _request_done(self, future: asyncio.Future, request: dict, fallback: Callable[[int], Any]) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is None:
-            self.log.debug(f"Request {request} delivered to KernelID '{self.kernel_id}' via its communication port.")
-            return
-        if isinstance(exc, ConnectionRefusedError):
-            self.comm.state = DEAD
-            self.log.debug(f"Request {request} for KernelID '{self.kernel_id}': no launcher listening ({exc}).")
-            return
-        signum = request.get("signum")
-        self.log.warning(f"Request {request} for KernelID '{self.kernel_id}' failed: {type(exc).__name__}: {exc}")
-        if isinstance(signum, int) and signum > 0 and not isinstance(exc, ConnectionDown):
-            fallback(signum)
 
     # ------------------------------------------------------------------------------------- remote signals
 

@@ -249,12 +249,18 @@ class NativeTunnelMixin:
         """
         if not self.native_tunneling or self.comm_port <= 0:
             return super()._send_listener_request(request, shutdown_socket)  # type: ignore[misc]
-        self.egtunnel.request(request, self._egtunnel_fallback_signal)  # type: ignore[union-attr]
+        self.egtunnel.request(request, self._egtunnel_fallback(request))  # type: ignore[union-attr]
         return None
 
-    def _egtunnel_fallback_signal(self, signum: int) -> None:
-        # EG's path when the launcher cannot take a signal: the process proxy's own (remote) signal.
-        super(_pp.RemoteProcessProxy, self).send_signal(signum)  # type: ignore[misc]
+    def _egtunnel_fallback(self, request: dict) -> Optional[tuple[Any, str]]:
+        """EG's path when the launcher cannot take a signal: `kill` on the kernel's host, natively."""
+        signum = request.get("signum")
+        if not self._egtunnel_remote_exec or not isinstance(signum, int) or signum <= 0 or not (self.ip and self.pid > 0):
+            return None
+        if _pp.BaseProcessProxyABC.ip_is_local(self.ip) or getattr(self, "use_gss", False):
+            return None
+        target = "-" + str(self.pgid) if self.pgid > 0 else str(self.pid)
+        return self.egtunnel.target(self.ip), f"kill -{int(signum)} {target}; echo $?"  # type: ignore[union-attr]
 
 
 class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):

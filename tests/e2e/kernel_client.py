@@ -151,14 +151,18 @@ class Kernel:
     def recv(self, deadline: float) -> Optional[dict[str, Any]]:
         """The next message, or None once the deadline has passed."""
         ws = self.ws()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        ws.settimeout(remaining)
-        try:
-            raw = ws.recv()
-        except websocket.WebSocketTimeoutException:
-            return None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            # Short socket timeouts: websocket-client answers the server's pings inside recv() and
+            # starts its timeout afresh after each, so one long timeout could outlive the deadline.
+            ws.settimeout(min(remaining, 1.0))
+            try:
+                raw = ws.recv()
+                break
+            except websocket.WebSocketTimeoutException:
+                continue
         if isinstance(raw, bytes):  # binary frames carry buffers this client never asks for
             return {}
         msg = json.loads(raw)

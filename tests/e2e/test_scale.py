@@ -42,7 +42,7 @@ def test_deleting_twenty_kernels_at_once_does_not_hold_the_event_loop(tmp_path: 
     assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr[-4000:]}"
     res = json.loads(out.read_text())
     off, egt = res["off"], res["egtunnel"]
-    assert egt["cells_ok"] == egt["n"] == 20 and off["cells_ok"] == 20
+    assert egt["working"] == egt["n"] == 20 and off["working"] == 20
     worst_off, worst_egt = max(off["probe_delete"]), max(egt["probe_delete"])
     report("scale n=20", delete_off=off["delete_s"], delete_egt=egt["delete_s"],
            probe_max_off=worst_off, probe_max_egt=worst_egt)  # fmt: skip

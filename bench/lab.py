@@ -46,7 +46,7 @@ def _keygen(path: Path) -> Path:
 class Lab:
     """`n_hosts` namespace hosts with stock sshd on one port, and (after start_gateway) a gateway."""
 
-    def __init__(self, n_hosts: int, cull_idle_timeout: int = 300) -> None:
+    def __init__(self, n_hosts: int, cull_idle_timeout: int = 300, remote_niceness: int = 0) -> None:
         for reason in (hosts.netns_unavailable_reason(), hosts.sshd_unavailable_reason()):
             if reason:
                 raise SystemExit(f"cannot build the lab: {reason}")
@@ -62,6 +62,11 @@ class Lab:
             host.ssh_server(workdir=self.dir / f"sshd-{i}", port=port, log_level="VERBOSE")
             port = host.sshd.port
             host.sshd.authorized_keys.write_text(Path(f"{self.identity}.pub").read_text())
+            if remote_niceness:
+                # The "remote" kernels share the gateway's CPUs here; on a real cluster they burn another
+                # machine's. What sshd starts inherits its niceness, so the kernels yield to the gateway
+                # and the figures measure the gateway, not the CPU race with its own kernels.
+                os.setpriority(os.PRIO_PROCESS, host.sshd.pid, remote_niceness)
         first = self.hosts[0]
         for host in self.hosts[1:]:
             # Launchers on every host report to the gateway's response address on the first host's veth.
@@ -191,8 +196,17 @@ def second_cells(kernels: list[Kernel], at_once: int) -> list[bool]:
         return list(pool.map(run, enumerate(kernels)))
 
 
+def close_websockets(kernels: list[Kernel]) -> float:
+    """Closes every kernel's websocket at once (as clients leave); returns the wall time."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(max(1, len(kernels))) as pool:
+        list(pool.map(lambda k: k.close_ws(), kernels))
+    return time.monotonic() - started
+
+
 def delete_all(kernels: list[Kernel], clients: list[GatewayClient]) -> float:
     """Deletes every kernel at once; returns the wall time until the last DELETE answered."""
+    close_websockets(kernels)
     started = time.monotonic()
     with ThreadPoolExecutor(max(1, len(kernels))) as pool:
         list(pool.map(lambda k: k.delete(timeout=120), kernels))

@@ -4,7 +4,9 @@
 For each mode, a fresh Enterprise Gateway: N kernels (default 100) start six at a time and each runs one
 cell; all sit idle; then all are deleted at once. GET /api/kernelspecs is sampled throughout (every
 50 ms) as a probe of the gateway's event loop. Tunneling off uses the same proxy class and host with
-the kernelspec's `tunneling: false`, so the difference is the tunnels.
+the kernelspec's `tunneling: false`, so the difference is the tunnels. The namespace host shares the
+gateway's two cores, so its kernels run at niceness 10 in both runs: on a real cluster their start-up
+and exit burn another machine's CPU, not the gateway's.
 
     .venv/bin/python bench/scale.py                    # N = 100, 30 s idle (make scale)
     .venv/bin/python bench/scale.py -n 20 --idle 3     # the reduced run of the test suite
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from lab import (
     Lab,
+    close_websockets,
     cpu_seconds,
     delete_all,
     first_cells,
@@ -41,6 +44,8 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 import hosts  # noqa: E402
 
 AT_ONCE = 6
+# Both runs alike: the kernels on the namespace host run at this niceness (see Lab).
+REMOTE_NICENESS = 10
 
 
 @dataclass
@@ -53,6 +58,8 @@ class Run:
     probe_start: list[float] = field(default_factory=list)
     idle_cpu_pct: float = 0.0
     probe_idle: list[float] = field(default_factory=list)
+    close_ws_s: float = 0.0
+    probe_close: list[float] = field(default_factory=list)
     delete_s: float = 0.0
     probe_delete: list[float] = field(default_factory=list)
     rss_per_kernel_mb: float = 0.0
@@ -89,12 +96,15 @@ def one_run(lab: Lab, spec: str, n: int, idle: float) -> Run:
             run.rss_per_kernel_mb = (rss_mb(gw.pid) - base_rss) / n
             run.threads_per_kernel = (gw.threads() - base_threads) / n
             run.fds_per_kernel = (gw.fds() - base_fds) / n
+            probe.mark("close")
+            run.close_ws_s = close_websockets(kernels)
             probe.mark("delete")
             run.delete_s = delete_all(kernels, clients)
             time.sleep(1.0)
             probe.mark("after")
         run.probe_start = probe.window("start")
         run.probe_idle = probe.window("idle")
+        run.probe_close = probe.window("close")
         run.probe_delete = probe.window("delete")
         wait_until(lambda: not kernel_side_procs(lab.hosts[0]), 30)
         run.left_on_host = len(kernel_side_procs(lab.hosts[0]))
@@ -120,6 +130,8 @@ def render(off: Run, egt: Run) -> tuple[str, list[tuple[str, bool]]]:
          f"{ms(egt.probe_start, 50)} / {ms(egt.probe_start, 99)} / {ms(egt.probe_start, 100)}", ""],
         [f"gateway CPU, {egt.n} idle kernels (% of a core)", f"{off.idle_cpu_pct:.1f}", f"{egt.idle_cpu_pct:.1f}", ratio(off.idle_cpu_pct, egt.idle_cpu_pct)],
         ["GET /api/kernelspecs p99, idle (ms)", ms(off.probe_idle, 99), ms(egt.probe_idle, 99), ""],
+        [f"clients close all {egt.n} websockets at once (s)", f"{off.close_ws_s:.2f}", f"{egt.close_ws_s:.2f}", ""],
+        ["GET /api/kernelspecs max, while they close (ms)", ms(off.probe_close, 100), ms(egt.probe_close, 100), ""],
         [f"delete all {egt.n} at once (s)", f"{off.delete_s:.2f}", f"{egt.delete_s:.2f}", ratio(off.delete_s, egt.delete_s)],
         ["GET /api/kernelspecs max, while deleting (ms)", ms(off.probe_delete, 100), ms(egt.probe_delete, 100), ""],
         ["gateway RSS per kernel (MB)", f"{off.rss_per_kernel_mb:.2f}", f"{egt.rss_per_kernel_mb:.2f}", ""],
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--no-targets", action="store_true", help="exit 0 whenever the runs complete")
     args = p.parse_args(argv)
-    with Lab(1) as lab:
+    with Lab(1, remote_niceness=REMOTE_NICENESS) as lab:
         log(f"tunneling off: {args.n} kernels")
         off = one_run(lab, "egt-notunnel", args.n, args.idle)
         log(f"egtunnel: {args.n} kernels")

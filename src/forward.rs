@@ -118,8 +118,10 @@ impl ForwardChannel {
             }
         }
 
-        // Inbound: remote → local, only as far as the local side has room (backpressure).
-        while !self.remote_eof && !self.local_gone {
+        // Inbound: remote → local, only as far as the local side has room (backpressure). The pump has
+        // already pulled the socket into libssh2's queue, so a channel with nothing queued is skipped:
+        // a read would only cost a recv() that says "try again", once per idle channel per wake-up.
+        while !self.remote_eof && !self.local_gone && (self.ch.read_window().available > 0 || self.ch.eof()) {
             let Some(tx) = self.from_remote.as_ref() else { break };
             let permit = match tx.try_reserve() {
                 Ok(p) => p,
@@ -199,8 +201,13 @@ pub struct ForwardInfo {
     pub local_port: u16,
     pub keep_alive_interval: u64,
     pub count_max: u32,
-    /// How long a local connection is held while the target refuses (see `REFUSED_WAIT`).
+    /// How long a local connection is held while the target refuses (see `REFUSED_WAIT`), as long as
+    /// the target never accepted a channel: once it has, a refusal means it is gone, and the local
+    /// connection is closed at once as a direct connection would be refused (a dead kernel's ZMQ
+    /// sockets reconnect every 100 ms; holding each would keep sshd and the runtime busy for nothing).
     pub refused_wait: Duration,
+    /// Set by the first channel the target accepted.
+    pub listened: AtomicBool,
     pub stats: Arc<ForwardStats>,
     /// Set after a failed channel open was logged at warning; cleared by the next success. A dead
     /// kernel's ZMQ sockets retry many times a second, and one warning per outage says it all.
@@ -355,7 +362,9 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
             _ = stop.changed() => return,
         };
         match attempt {
-            Err(Error::Refused { .. }) if started.elapsed() + pause < info.refused_wait => {
+            Err(Error::Refused { .. })
+                if !info.listened.load(Ordering::Acquire) && started.elapsed() + pause < info.refused_wait =>
+            {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = stop.changed() => return,
@@ -382,6 +391,7 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
             return;
         }
     };
+    info.listened.store(true, Ordering::Release);
     if info.failing.swap(false, Ordering::Relaxed) {
         debug!("{} forward 127.0.0.1:{}: channel opens succeed again", info.channel, info.local_port);
     }

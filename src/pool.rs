@@ -190,6 +190,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         keep_alive_interval: req.keep_alive_interval,
         count_max: req.count_max,
         refused_wait: req.refused_wait,
+        listened: AtomicBool::new(false),
         stats: Arc::new(ForwardStats::default()),
         failing: AtomicBool::new(false),
         liveness: Default::default(),
@@ -255,6 +256,10 @@ pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
     };
     match outcome {
         Err(Error::Refused { .. }) => Ok(()),
+        Ok(()) => {
+            fwd.info.listened.store(true, Ordering::Release);
+            Ok(())
+        }
         other => other,
     }
 }

@@ -46,7 +46,7 @@ def _keygen(path: Path) -> Path:
 class Lab:
     """`n_hosts` namespace hosts with stock sshd on one port, and (after start_gateway) a gateway."""
 
-    def __init__(self, n_hosts: int, cull_idle_timeout: int = 300, remote_niceness: int = 0) -> None:
+    def __init__(self, n_hosts: int, cull_idle_timeout: int = 300, separate_cpus: bool = False) -> None:
         for reason in (hosts.netns_unavailable_reason(), hosts.sshd_unavailable_reason()):
             if reason:
                 raise SystemExit(f"cannot build the lab: {reason}")
@@ -62,11 +62,12 @@ class Lab:
             host.ssh_server(workdir=self.dir / f"sshd-{i}", port=port, log_level="VERBOSE")
             port = host.sshd.port
             host.sshd.authorized_keys.write_text(Path(f"{self.identity}.pub").read_text())
-            if remote_niceness:
-                # The "remote" kernels share the gateway's CPUs here; on a real cluster they burn another
-                # machine's. What sshd starts inherits its niceness, so the kernels yield to the gateway
-                # and the figures measure the gateway, not the CPU race with its own kernels.
-                os.setpriority(os.PRIO_PROCESS, host.sshd.pid, remote_niceness)
+            self.separate_cpus = separate_cpus and len(os.sched_getaffinity(0)) >= 2
+            if self.separate_cpus:
+                # The "remote" kernels share the gateway's machine here; on a real cluster they start
+                # and exit on another one. What sshd starts inherits its CPU affinity: the host's kernels
+                # get the last CPU, and start_gateway gives the gateway the others.
+                os.sched_setaffinity(host.sshd.pid, {max(os.sched_getaffinity(0))})
         first = self.hosts[0]
         for host in self.hosts[1:]:
             # Launchers on every host report to the gateway's response address on the first host's veth.
@@ -94,6 +95,10 @@ class Lab:
             setattr(cfg, key, value)
         cfg.env = {hosts.OWNER_ENV: f"{os.getpid()}:lab-gateway", **cfg.env}
         self.gateway = Gateway(self.dir / name, cfg).start()
+        if getattr(self, "separate_cpus", False):
+            cpus = os.sched_getaffinity(0) - {max(os.sched_getaffinity(0))}
+            for tid in os.listdir(f"/proc/{self.gateway.pid}/task"):
+                os.sched_setaffinity(int(tid), cpus)
         return self.gateway
 
     def stop_gateway(self) -> None:

@@ -5,8 +5,8 @@ For each mode, a fresh Enterprise Gateway: N kernels (default 100) start six at 
 cell; all sit idle; then all are deleted at once. GET /api/kernelspecs is sampled throughout (every
 50 ms) as a probe of the gateway's event loop. Tunneling off uses the same proxy class and host with
 the kernelspec's `tunneling: false`, so the difference is the tunnels. The namespace host shares the
-gateway's two cores, so its kernels run at niceness 10 in both runs: on a real cluster their start-up
-and exit burn another machine's CPU, not the gateway's.
+gateway's machine, so in both runs its kernels get one CPU and the gateway the other(s): on a real
+cluster the kernels' start-up and exit burn another machine's CPU, not the gateway's.
 
     .venv/bin/python bench/scale.py                    # N = 100, 30 s idle (make scale)
     .venv/bin/python bench/scale.py -n 20 --idle 3     # the reduced run of the test suite
@@ -44,8 +44,6 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 import hosts  # noqa: E402
 
 AT_ONCE = 6
-# Both runs alike: the kernels on the namespace host run at this niceness (see Lab).
-REMOTE_NICENESS = 10
 
 
 @dataclass
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--no-targets", action="store_true", help="exit 0 whenever the runs complete")
     args = p.parse_args(argv)
-    with Lab(1, remote_niceness=REMOTE_NICENESS) as lab:
+    with Lab(1, separate_cpus=True) as lab:
         log(f"tunneling off: {args.n} kernels")
         off = one_run(lab, "egt-notunnel", args.n, args.idle)
         log(f"egtunnel: {args.n} kernels")

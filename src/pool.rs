@@ -303,14 +303,33 @@ pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Resul
 /// The caller holds the forward's `begin_request` guard (taken before the forward could be closed), so
 /// closing the forward meanwhile lets this request finish first.
 pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
-    let conn = &fwd.conn;
+    start_request(fwd, data, timeout)?.finish().await
+}
+
+/// A request whose channel open is queued on the connection; `finish` waits for its outcome.
+pub struct PendingRequest {
+    conn: Arc<Connection>,
+    reply: oneshot::Receiver<Result<()>>,
+    from_remote: mpsc::Receiver<Vec<u8>>,
+    deadline: Instant,
+    target: String,
+    timeout: Duration,
+}
+
+/// Queues the request's channel open now, on the caller's thread: requests to one remote port reach
+/// it in the order they were started (the connection opens channels first come, first served, and
+/// the data and EOF go out as soon as each channel is open), while their round trips overlap.
+pub fn start_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<PendingRequest> {
+    let conn = fwd.conn.clone();
     if !conn.is_alive() {
         // Liveness unknown: report it at once rather than queue a stale request until reconnection.
         let cause = conn.shared.last_error.lock().unwrap().clone().unwrap_or_else(|| "reconnecting".into());
         return Err(Error::Down { dest: conn.dest(), cause });
     }
     let (to_remote, to_remote_rx) = mpsc::channel(1);
-    let (from_remote_tx, mut from_remote) = mpsc::channel(4);
+    to_remote.try_send(data).expect("an empty queue of one takes one message");
+    drop(to_remote); // EOF after the request
+    let (from_remote_tx, from_remote) = mpsc::channel(4);
     let (reply, reply_rx) = oneshot::channel();
     let deadline = Instant::now() + timeout;
     conn.open(OpenRequest::new(
@@ -324,23 +343,26 @@ pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Re
         },
         deadline,
     ));
-    let timed_out = || Error::Timeout {
-        dest: conn.dest(),
-        what: format!("request to {}:{}", fwd.info.remote_host, fwd.info.remote_port),
-        secs: timeout.as_secs_f64(),
-    };
-    let work = async {
-        reply_rx.await.map_err(|_| Error::Other { dest: conn.dest(), cause: "connection closed".into() })??;
-        let _ = to_remote.send(data).await;
-        drop(to_remote);
-        conn.wake().notify_one();
-        // Drain until the remote end closes; the launcher closes after handling the request.
-        while from_remote.recv().await.is_some() {
-            conn.wake().notify_one();
-        }
-        Ok(())
-    };
-    tokio::time::timeout_at(deadline, work).await.unwrap_or_else(|_| Err(timed_out()))
+    conn.wake().notify_one();
+    let target = format!("{}:{}", fwd.info.remote_host, fwd.info.remote_port);
+    Ok(PendingRequest { conn, reply: reply_rx, from_remote, deadline, target, timeout })
+}
+
+impl PendingRequest {
+    pub async fn finish(self) -> Result<()> {
+        let PendingRequest { conn, reply, mut from_remote, deadline, target, timeout } = self;
+        let work = async {
+            reply.await.map_err(|_| Error::Other { dest: conn.dest(), cause: "connection closed".into() })??;
+            // Drain until the remote end closes; the launcher closes after handling the request.
+            while from_remote.recv().await.is_some() {
+                conn.wake().notify_one();
+            }
+            Ok(())
+        };
+        tokio::time::timeout_at(deadline, work).await.unwrap_or_else(|_| {
+            Err(Error::Timeout { dest: conn.dest(), what: format!("request to {target}"), secs: timeout.as_secs_f64() })
+        })
+    }
 }
 
 /// A kernel's forwards as one unit: where each goes, and the local port range they must use.

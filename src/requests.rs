@@ -77,9 +77,13 @@ pub fn probe(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
         live.probing.store(false, Ordering::Release);
         return State::Dead;
     };
+    let pending = pool::start_request(fwd, data, timeout);
     let fwd = fwd.clone();
     runtime::spawn(async move {
-        let outcome = pool::send_request(&fwd, data, timeout).await;
+        let outcome = match pending {
+            Ok(p) => p.finish().await,
+            Err(e) => Err(e),
+        };
         drop(in_flight);
         let live = &fwd.info.liveness;
         let new = State::of(&outcome);
@@ -102,17 +106,23 @@ pub struct Fallback {
     pub timeout: Duration,
 }
 
-/// Delivers `data` in the background; closing the forward meanwhile lets it finish first. `what`
-/// names the request in the log line that reports its outcome. A refusal marks the remote end dead;
-/// a failure other than a down connection runs `fallback`.
+/// Delivers `data` in the background; closing the forward meanwhile lets it finish first. The channel
+/// open is queued before this returns, so sends to one forward reach the remote end in the order they
+/// were made, as Enterprise Gateway sends them (a launcher told to shut down before it got SIGTERM
+/// stops its kernel the slow way). `what` names the request in the log line that reports its outcome.
+/// A refusal marks the remote end dead; a failure other than a down connection runs `fallback`.
 pub fn send(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration, what: String, fallback: Option<Fallback>) -> Result<()> {
     let in_flight = fwd.begin_request().ok_or_else(|| Error::Other {
         dest: fwd.conn.dest(),
         cause: format!("the {} tunnel was terminated", fwd.info.channel),
     })?;
+    let pending = pool::start_request(fwd, data, timeout);
     let fwd = fwd.clone();
     runtime::spawn(async move {
-        let outcome = pool::send_request(&fwd, data, timeout).await;
+        let outcome = match pending {
+            Ok(p) => p.finish().await,
+            Err(e) => Err(e),
+        };
         drop(in_flight);
         match outcome {
             Ok(()) => debug!("{what}: delivered"),

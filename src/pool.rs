@@ -231,19 +231,7 @@ pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
         let (from_remote_tx, from_remote) = mpsc::channel(1);
         // Both queues closed from the start: the channel sends EOF and closes on its first step.
         drop((to_remote, from_remote));
-        let (reply, reply_rx) = oneshot::channel();
-        conn.open(OpenRequest::new(
-            Target::Forward {
-                host: fwd.info.remote_host.clone(),
-                port: fwd.info.remote_port,
-                to_remote: to_remote_rx,
-                from_remote: from_remote_tx,
-                stats: fwd.info.stats.clone(),
-                reply,
-            },
-            Instant::now() + timeout,
-        ));
-        conn.wake().notify_one();
+        let reply_rx = open_to_target(fwd, to_remote_rx, from_remote_tx, Instant::now() + timeout);
         match tokio::time::timeout(timeout + Duration::from_millis(500), reply_rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }),
@@ -330,22 +318,41 @@ pub fn start_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<
     to_remote.try_send(data).expect("an empty queue of one takes one message");
     drop(to_remote); // EOF after the request
     let (from_remote_tx, from_remote) = mpsc::channel(4);
-    let (reply, reply_rx) = oneshot::channel();
     let deadline = Instant::now() + timeout;
-    conn.open(OpenRequest::new(
+    let reply_rx = open_to_target(fwd, to_remote_rx, from_remote_tx, deadline);
+    let target = format!("{}:{}", fwd.info.remote_host, fwd.info.remote_port);
+    Ok(PendingRequest { conn, reply: reply_rx, from_remote, deadline, target, timeout })
+}
+
+/// Queues a channel to the forward's target on its connection; resolves with the open's outcome.
+fn open_to_target(
+    fwd: &Forward,
+    to_remote: mpsc::Receiver<Vec<u8>>,
+    from_remote: mpsc::Sender<Vec<u8>>,
+    deadline: Instant,
+) -> oneshot::Receiver<Result<()>> {
+    let (reply, reply_rx) = oneshot::channel();
+    fwd.conn.open(OpenRequest::new(
         Target::Forward {
             host: fwd.info.remote_host.clone(),
             port: fwd.info.remote_port,
-            to_remote: to_remote_rx,
-            from_remote: from_remote_tx,
+            to_remote,
+            from_remote,
             stats: fwd.info.stats.clone(),
             reply,
         },
         deadline,
     ));
-    conn.wake().notify_one();
-    let target = format!("{}:{}", fwd.info.remote_host, fwd.info.remote_port);
-    Ok(PendingRequest { conn, reply: reply_rx, from_remote, deadline, target, timeout })
+    fwd.conn.wake().notify_one();
+    reply_rx
+}
+
+/// The outcome of a request started with `start_request` (or the reason it could not start).
+pub async fn finish_request(started: Result<PendingRequest>) -> Result<()> {
+    match started {
+        Ok(pending) => pending.finish().await,
+        Err(e) => Err(e),
+    }
 }
 
 impl PendingRequest {

@@ -80,10 +80,7 @@ pub fn probe(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
     let pending = pool::start_request(fwd, data, timeout);
     let fwd = fwd.clone();
     runtime::spawn(async move {
-        let outcome = match pending {
-            Ok(p) => p.finish().await,
-            Err(e) => Err(e),
-        };
+        let outcome = pool::finish_request(pending).await;
         drop(in_flight);
         let live = &fwd.info.liveness;
         let new = State::of(&outcome);
@@ -119,10 +116,7 @@ pub fn send(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration, what: String, 
     let pending = pool::start_request(fwd, data, timeout);
     let fwd = fwd.clone();
     runtime::spawn(async move {
-        let outcome = match pending {
-            Ok(p) => p.finish().await,
-            Err(e) => Err(e),
-        };
+        let outcome = pool::finish_request(pending).await;
         drop(in_flight);
         match outcome {
             Ok(()) => debug!("{what}: delivered"),

@@ -343,7 +343,8 @@ fn open_to_target(
         },
         deadline,
     ));
-    fwd.conn.wake().notify_one();
+    // No extra wake-up: the queued command wakes the actor, and the data and EOF already queued go
+    // out on the new channel's first step.
     reply_rx
 }
 

@@ -106,10 +106,17 @@ impl ExecChannel {
             }
         }
         if self.out_eof && self.err_eof {
-            let exit_status = self.ch.exit_status().ok();
-            let out = ExecOutput { exit_status, stdout: std::mem::take(&mut self.out), stderr: std::mem::take(&mut self.err) };
-            self.answer(Ok(out));
-            return self.close(io, want_write);
+            // sshd may send the streams' EOF before the exit-status request (the pipe drains before
+            // the child is reaped); it always sends it before its close. Answer once closed.
+            return match self.close(io, want_write) {
+                Step::Finished => {
+                    let exit_status = self.ch.exit_status().ok();
+                    let out = ExecOutput { exit_status, stdout: std::mem::take(&mut self.out), stderr: std::mem::take(&mut self.err) };
+                    self.answer(Ok(out));
+                    Step::Finished
+                }
+                other => other,
+            };
         }
         Step::Continue
     }

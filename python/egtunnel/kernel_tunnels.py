@@ -122,12 +122,6 @@ class LivenessProbe:
             self._unknown_logged = False
             self.state = state
 
-    def forget(self) -> None:
-        """Drops the refresh in flight (the kernel is being shut down)."""
-        if self._in_flight is not None and not self._in_flight.done():
-            self._in_flight.cancel()
-        self._in_flight = None
-
 
 class KernelTunnels:
     """A kernel's forwards (kept in EG's `tunnel_processes` dict) and its comm-port requests."""
@@ -343,19 +337,6 @@ class KernelTunnels:
             self.remote.state = DEAD
         else:
             self.log.debug(f"Remote signal({signum}) delivered for KernelID '{self.kernel_id}'.")
-
-    # ------------------------------------------------------------------------------------------- closing
-
-    def close(self) -> None:
-        """Closes every forward of the kernel; returns at once (draining goes on natively)."""
-        self.comm.forget()
-        self.remote.forget()
-        for tunnel in list(self.store.values()):
-            try:
-                tunnel.terminate()
-            except Exception as exc:  # noqa: BLE001 - closing the others matters more
-                self.log.debug(f"Closing a tunnel of KernelID '{self.kernel_id}': {exc}")
-        self.store.clear()
 
 
 def _delivered(result: Any) -> bool:

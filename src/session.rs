@@ -23,8 +23,11 @@ use crate::driver::{RetryError, SshIo, Stream};
 use crate::jump;
 use crate::error::{Error, Result};
 
+/// A server's handshake budget and the semaphore that enforces it.
+type Gate = (usize, Arc<Semaphore>);
+
 /// Handshake slots per (host, port), shared by every connection of the process to that server.
-static STARTUPS: Lazy<Mutex<HashMap<(String, u16), (usize, Arc<Semaphore>)>>> = Lazy::new(Mutex::default);
+static STARTUPS: Lazy<Mutex<HashMap<(String, u16), Gate>>> = Lazy::new(Mutex::default);
 
 fn startup_gate(spec: &ConnectSpec) -> Arc<Semaphore> {
     let mut gates = STARTUPS.lock().unwrap();

@@ -6,7 +6,10 @@ gateway's response address through NAT on the bastion.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -132,3 +135,22 @@ def test_kernel_behind_a_bastion_starts_via_proxyjump_and_recovers(ssh_config_ga
         client.close()
     wait_for(lambda: not kernel_side_procs(behind), 30, what="nothing left on the host behind the bastion")
     report("proxyjump", start=start_seconds, recovery=recovered)
+
+
+def test_check_walks_both_hops_to_the_host_behind_the_bastion(topology: Topology, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EG_")}
+    env["EG_SSH_CONFIG"] = str(topology.config)
+    r = subprocess.run([sys.executable, "-m", "egtunnel", "check", "kh-behind", "--cull-idle-timeout", "300"],
+                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert f"Route: gateway -> {topology.dest(topology.bastion)} -> {topology.dest(topology.behind)}  (ProxyJump)" in out
+    assert "[ ok ] 1/2 TCP connect" in out and "[ ok ] 2/2 channel through the previous hop" in out
+    assert f"{topology.config}:" in out and "proxyjump" in out
+    assert "Result: OK, all 10 steps passed" in out
+    # The host itself is out of the gateway's reach: a check without the hop fails at TCP connect.
+    r = subprocess.run([sys.executable, "-m", "egtunnel", "check", topology.behind.address, "--port",
+                        str(topology.behind.sshd.port), "--ssh-config", "none"],
+                       env={**env, "EG_SSH_CONNECT_TIMEOUT": "2"}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "[FAIL] TCP connect" in r.stdout, r.stdout

@@ -59,7 +59,11 @@ impl ForwardStats {
 }
 
 /// Held by the driver for each live channel of a forward.
-pub struct ChannelGuard(Arc<ForwardStats>, OpenChannel);
+pub struct ChannelGuard(
+    Arc<ForwardStats>,
+    // Held only for its Drop: counts the channel in the destination's metrics while it lives.
+    #[allow(dead_code)] OpenChannel,
+);
 
 impl ChannelGuard {
     pub fn new(stats: Arc<ForwardStats>) -> Self {

@@ -17,7 +17,6 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector as _CollectorBase
-from prometheus_client.utils import floatToGoString
 
 from . import _native
 
@@ -33,46 +32,55 @@ log = logging.getLogger("egtunnel.metrics")
 _DEST = ["user", "host", "port"]
 
 
-def _families() -> dict[str, Metric]:
-    """Every family egtunnel exports, empty; `collect` fills them and `describe` names them."""
-    return {
-        "connections": GaugeMetricFamily(
+class _Families:
+    """Every family egtunnel exports, empty; `Collector.collect` fills them, `describe` names them."""
+
+    def __init__(self) -> None:
+        self.connections = GaugeMetricFamily(
             "egtunnel_ssh_connections", "Live SSH connections by state (connected, reconnecting, stopped).",
-            labels=[*_DEST, "state"]),
-        "connections_opened": CounterMetricFamily(
+            labels=[*_DEST, "state"])
+        self.connections_opened = CounterMetricFamily(
             "egtunnel_ssh_connections_opened_total", "SSH connections established for a caller (reconnects excluded).",
-            labels=_DEST),
-        "reconnects": CounterMetricFamily(
-            "egtunnel_ssh_reconnects_total", "SSH connections re-established after they died.", labels=_DEST),
-        "forwards": GaugeMetricFamily(
-            "egtunnel_forwards", "Open forwards (listening local ports) by kernel channel.", labels=[*_DEST, "channel"]),
-        "forwards_opened": CounterMetricFamily(
-            "egtunnel_forwards_opened_total", "Forwards opened.", labels=_DEST),
-        "open_channels": GaugeMetricFamily(
+            labels=_DEST)
+        self.reconnects = CounterMetricFamily(
+            "egtunnel_ssh_reconnects_total", "SSH connections re-established after they died.", labels=_DEST)
+        self.forwards = GaugeMetricFamily(
+            "egtunnel_forwards", "Open forwards (listening local ports) by kernel channel.", labels=[*_DEST, "channel"])
+        self.forwards_opened = CounterMetricFamily("egtunnel_forwards_opened_total", "Forwards opened.", labels=_DEST)
+        self.open_channels = GaugeMetricFamily(
             "egtunnel_open_channels",
-            "SSH channels open now: forwarded connections, requests and remote commands.", labels=_DEST),
-        "bytes": CounterMetricFamily(
+            "SSH channels open now: forwarded connections, requests and remote commands.", labels=_DEST)
+        self.bytes = CounterMetricFamily(
             "egtunnel_forwarded_bytes_total",
             "Bytes carried by forwards; direction to_remote is local to remote, from_remote the reverse.",
-            labels=[*_DEST, "direction"]),
-        "keepalives": CounterMetricFamily(
-            "egtunnel_keepalive_probes_total", "Keep-alive probes sent.", labels=_DEST),
-        "unanswered": GaugeMetricFamily(
+            labels=[*_DEST, "direction"])
+        self.keepalives = CounterMetricFamily(
+            "egtunnel_keepalive_probes_total", "Keep-alive probes sent.", labels=_DEST)
+        self.unanswered = GaugeMetricFamily(
             "egtunnel_keepalive_probes_unanswered",
             "Keep-alive probes sent since the server last sent anything, summed over live connections.",
-            labels=_DEST),
-        "commands": CounterMetricFamily(
+            labels=_DEST)
+        self.commands = CounterMetricFamily(
             "egtunnel_remote_commands_total",
             "Remote commands queued on a connection, by outcome (ok: ran and returned its exit status).",
-            labels=[*_DEST, "outcome"]),
-        "command_seconds": HistogramMetricFamily(
+            labels=[*_DEST, "outcome"])
+        self.command_seconds = HistogramMetricFamily(
             "egtunnel_remote_command_duration_seconds",
-            "Remote command latency on its connection, from queueing to the exit status.", labels=_DEST),
-        "failures": CounterMetricFamily(
+            "Remote command latency on its connection, from queueing to the exit status.", labels=_DEST)
+        self.failures = CounterMetricFamily(
             "egtunnel_open_failures_total",
             "Failed forward opens (one per open_tunnel or open_forwards call) and remote commands, by cause.",
-            labels=[*_DEST, "operation", "cause"]),
-    }
+            labels=[*_DEST, "operation", "cause"])
+
+    def all(self) -> list[Metric]:
+        return [self.connections, self.connections_opened, self.reconnects, self.forwards, self.forwards_opened,
+                self.open_channels, self.bytes, self.keepalives, self.unanswered, self.commands,
+                self.command_seconds, self.failures]  # fmt: skip
+
+
+def _le(bound: float) -> str:
+    # The `le` label as Prometheus clients write it ("0.005", "1.0"); the bounds are plain decimals.
+    return repr(float(bound))
 
 
 class Collector(_CollectorBase):
@@ -80,32 +88,32 @@ class Collector(_CollectorBase):
 
     def describe(self) -> Iterable[Metric]:
         # Lets a registry check for name clashes without calling into the native module.
-        return list(_families().values())
+        return _Families().all()
 
     def collect(self) -> Iterator[Metric]:
-        f = _families()
+        f = _Families()
         for d in _native.metrics():
             dest = [d["user"], d["host"], str(d["port"])]
             for state, n in d["connections"].items():
-                f["connections"].add_metric([*dest, state], n)
-            f["connections_opened"].add_metric(dest, d["connections_opened"])
-            f["reconnects"].add_metric(dest, d["reconnects"])
+                f.connections.add_metric([*dest, state], n)
+            f.connections_opened.add_metric(dest, d["connections_opened"])
+            f.reconnects.add_metric(dest, d["reconnects"])
             for channel in _native.CHANNELS:
-                f["forwards"].add_metric([*dest, channel], d["forwards"].get(channel, 0))
-            f["forwards_opened"].add_metric(dest, d["forwards_opened"])
-            f["open_channels"].add_metric(dest, d["open_channels"])
-            f["bytes"].add_metric([*dest, "to_remote"], d["bytes_to_remote"])
-            f["bytes"].add_metric([*dest, "from_remote"], d["bytes_from_remote"])
-            f["keepalives"].add_metric(dest, d["keepalives_sent"])
-            f["unanswered"].add_metric(dest, d["keepalives_unanswered"])
-            f["commands"].add_metric([*dest, "ok"], d["commands_ok"])
-            f["commands"].add_metric([*dest, "failed"], d["commands_failed"])
+                f.forwards.add_metric([*dest, channel], d["forwards"].get(channel, 0))
+            f.forwards_opened.add_metric(dest, d["forwards_opened"])
+            f.open_channels.add_metric(dest, d["open_channels"])
+            f.bytes.add_metric([*dest, "to_remote"], d["bytes_to_remote"])
+            f.bytes.add_metric([*dest, "from_remote"], d["bytes_from_remote"])
+            f.keepalives.add_metric(dest, d["keepalives_sent"])
+            f.unanswered.add_metric(dest, d["keepalives_unanswered"])
+            f.commands.add_metric([*dest, "ok"], d["commands_ok"])
+            f.commands.add_metric([*dest, "failed"], d["commands_failed"])
             h = d["command_seconds"]
-            buckets = [(floatToGoString(le), n) for le, n in h["buckets"]] + [("+Inf", h["count"])]
-            f["command_seconds"].add_metric(dest, buckets, h["sum"])  # type: ignore[attr-defined]
+            buckets = [(_le(le), float(n)) for le, n in h["buckets"]] + [("+Inf", float(h["count"]))]
+            f.command_seconds.add_metric(dest, buckets, h["sum"])
             for operation, cause, n in d["failures"]:
-                f["failures"].add_metric([*dest, operation, cause], n)
-        yield from f.values()
+                f.failures.add_metric([*dest, operation, cause], n)
+        yield from f.all()
 
 
 def register(registry: CollectorRegistry = REGISTRY) -> Collector:

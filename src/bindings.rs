@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyTuple, PyType};
 
-use crate::config::{check_port, ConnectSpec, HostKeyPolicy, TunnelMode};
+use crate::config::{check_port, ConnectSpec, HostKeyPolicy, Options, TunnelMode};
 use crate::error::Error;
 use crate::exec::ExecOutput;
 use crate::forward::Forward;
@@ -42,6 +42,7 @@ fn to_py(err: Error, context: &str) -> PyErr {
     static DOWN: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     static TIMEOUT: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     static PROHIBITED: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static CONFIG: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     let msg = if context.is_empty() { err.to_string() } else { format!("{context}: {err}") };
     Python::with_gil(|py| {
         let (cell, name) = match err.primary() {
@@ -56,6 +57,7 @@ fn to_py(err: Error, context: &str) -> PyErr {
             Error::HostKey { .. } => (&HOST_KEY, "HostKeyError"),
             Error::Down { .. } => (&DOWN, "ConnectionDown"),
             Error::Timeout { .. } => (&TIMEOUT, "TunnelTimeout"),
+            Error::Config { .. } => (&CONFIG, "SshConfigError"),
             Error::Other { .. } | Error::Channels { .. } => (&TUNNEL, "TunnelError"),
         };
         match exc_type(py, cell, name) {
@@ -304,35 +306,63 @@ fn positive_duration(secs: f64, what: &str) -> PyResult<Duration> {
     }
 }
 
+/// The caller's settings; every one left unset is taken from ssh_config, then OpenSSH's defaults.
 #[allow(clippy::too_many_arguments)]
-fn spec(
-    host: &str,
-    port: i64,
+fn options(
+    port: Option<i64>,
     user: Option<&str>,
     identity_file: Option<&str>,
     password: Option<&str>,
     known_hosts: Option<&str>,
-    host_key_policy: &str,
-    connect_timeout: f64,
+    host_key_policy: Option<&str>,
+    connect_timeout: Option<f64>,
+    ssh_config: Option<&str>,
+    max_sessions: i64,
+    max_startups: i64,
+) -> PyResult<Options> {
+    Options::parse(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config)
+        .and_then(|o| o.with_limits(max_sessions, max_startups))
+        .map_err(|e| to_py(e, ""))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spec(
+    host: &str,
+    port: Option<i64>,
+    user: Option<&str>,
+    identity_file: Option<&str>,
+    password: Option<&str>,
+    known_hosts: Option<&str>,
+    host_key_policy: Option<&str>,
+    connect_timeout: Option<f64>,
+    ssh_config: Option<&str>,
     max_sessions: i64,
     max_startups: i64,
 ) -> PyResult<ConnectSpec> {
-    ConnectSpec::new(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout)
-        .and_then(|s| s.with_limits(max_sessions, max_startups))
-        .map_err(|e| to_py(e, ""))
+    let opts = options(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
+    ConnectSpec::resolve(host, &opts).map_err(|e| to_py(e, ""))
+}
+
+/// The keep-alive probe count: the caller's, else ssh_config's ServerAliveCountMax, else 3.
+fn count_max(explicit: Option<i64>, spec: &ConnectSpec) -> PyResult<u32> {
+    match explicit {
+        None => Ok(spec.count_max.unwrap_or(3)),
+        Some(n) if (1..=u32::MAX as i64).contains(&n) => Ok(n as u32),
+        Some(n) => Err(invalid(format!("keepalive_count_max must be a positive integer, got {n}"))),
+    }
 }
 
 /// Opens a local forward 127.0.0.1:local_port → remote_host:remote_port through SSH to `host`.
 #[pyfunction]
 #[pyo3(signature = (
     host, remote_host, remote_port, *, channel = "SHELL", cull_idle_timeout = Seconds(0), keepalive_margin = 60,
-    keepalive_count_max = 3, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
-    host_key_policy = "strict", local_port = 0, connect_timeout = 10.0, mode = "per-port", kernel_id = None,
-    verify = false, max_sessions = 8, max_startups = 3, refused_wait = 30.0
+    keepalive_count_max = None, port = None, user = None, identity_file = None, password = None, known_hosts = None,
+    host_key_policy = None, local_port = 0, connect_timeout = None, mode = "per-port", kernel_id = None,
+    verify = false, max_sessions = 8, max_startups = 3, refused_wait = 30.0, ssh_config = None
 ), text_signature = "(host, remote_host, remote_port, *, channel='SHELL', cull_idle_timeout=0, \
-keepalive_margin=60, keepalive_count_max=3, port=22, user=None, identity_file=None, password=None, known_hosts=None, \
-host_key_policy='strict', local_port=0, connect_timeout=10.0, mode='per-port', kernel_id=None, verify=False, \
-max_sessions=8, max_startups=3, refused_wait=30.0)")]
+keepalive_margin=60, keepalive_count_max=None, port=None, user=None, identity_file=None, password=None, known_hosts=None, \
+host_key_policy=None, local_port=0, connect_timeout=None, mode='per-port', kernel_id=None, verify=False, \
+max_sessions=8, max_startups=3, refused_wait=30.0, ssh_config=None)")]
 #[allow(clippy::too_many_arguments)]
 fn open_tunnel(
     py: Python<'_>,
@@ -342,32 +372,31 @@ fn open_tunnel(
     channel: &str,
     cull_idle_timeout: Seconds,
     keepalive_margin: i64,
-    keepalive_count_max: i64,
-    port: i64,
+    keepalive_count_max: Option<i64>,
+    port: Option<i64>,
     user: Option<&str>,
     identity_file: Option<&str>,
     password: Option<&str>,
     known_hosts: Option<&str>,
-    host_key_policy: &str,
+    host_key_policy: Option<&str>,
     local_port: i64,
-    connect_timeout: f64,
+    connect_timeout: Option<f64>,
     mode: &str,
     kernel_id: Option<String>,
     verify: bool,
     max_sessions: i64,
     max_startups: i64,
     refused_wait: f64,
+    ssh_config: Option<&str>,
 ) -> PyResult<Tunnel> {
     let refused_wait = if refused_wait == 0.0 { Duration::ZERO } else { positive_duration(refused_wait, "refused_wait")? };
     let ch = parse_channel(channel)?;
     let interval = keepalive::keep_alive_interval(ch, cull_idle_timeout.0, keepalive_margin).map_err(invalid)?;
-    if keepalive_count_max < 1 || keepalive_count_max > u32::MAX as i64 {
-        return Err(invalid(format!("keepalive_count_max must be a positive integer, got {keepalive_count_max}")));
-    }
     let remote_port = check_port("remote_port", remote_port, false).map_err(|e| to_py(e, ""))?;
     let local_port = check_port("local_port", local_port, true).map_err(|e| to_py(e, ""))?;
     let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
-    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, max_sessions, max_startups)?;
+    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
+    let keepalive_count_max = count_max(keepalive_count_max, &spec)?;
     let ctx = format!("{ch} tunnel to {remote_host}:{remote_port}");
     metrics_hook(py);
     let req = ForwardRequest {
@@ -376,7 +405,7 @@ fn open_tunnel(
         remote_port,
         local_port,
         keep_alive_interval: interval as u64,
-        count_max: keepalive_count_max as u32,
+        count_max: keepalive_count_max,
         kernel_id,
         verify,
         refused_wait,
@@ -419,27 +448,28 @@ impl ExecResult {
 /// Runs `command` on `host` over the pooled SSH connection (opened on first use).
 #[pyfunction]
 #[pyo3(signature = (
-    host, command, *, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
-    host_key_policy = "strict", connect_timeout = 10.0, timeout = 30.0, max_sessions = 8, max_startups = 3
+    host, command, *, port = None, user = None, identity_file = None, password = None, known_hosts = None,
+    host_key_policy = None, connect_timeout = None, timeout = 30.0, max_sessions = 8, max_startups = 3, ssh_config = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn remote_exec(
     py: Python<'_>,
     host: &str,
     command: &str,
-    port: i64,
+    port: Option<i64>,
     user: Option<&str>,
     identity_file: Option<&str>,
     password: Option<&str>,
     known_hosts: Option<&str>,
-    host_key_policy: &str,
-    connect_timeout: f64,
+    host_key_policy: Option<&str>,
+    connect_timeout: Option<f64>,
     timeout: f64,
     max_sessions: i64,
     max_startups: i64,
+    ssh_config: Option<&str>,
 ) -> PyResult<ExecResult> {
     let timeout = positive_duration(timeout, "timeout")?;
-    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, max_sessions, max_startups)?;
+    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
     metrics_hook(py);
     let out = py
         .allow_threads(|| runtime::block_on(counted(&spec, Operation::Command, pool::exec(&spec, command, timeout))))
@@ -469,15 +499,12 @@ fn plan_args(
     mode: &str,
     cull_idle_timeout: i64,
     keepalive_margin: i64,
-    keepalive_count_max: i64,
+    keepalive_count_max: u32,
     kernel_id: Option<String>,
     verify: bool,
     refused_wait: f64,
 ) -> PyResult<PlanArgs> {
     let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
-    if keepalive_count_max < 1 || keepalive_count_max > u32::MAX as i64 {
-        return Err(invalid(format!("keepalive_count_max must be a positive integer, got {keepalive_count_max}")));
-    }
     if !(1..=10_000).contains(&bind_attempts) {
         return Err(invalid(format!("bind_attempts must be an integer from 1 to 10000, got {bind_attempts}")));
     }
@@ -503,7 +530,7 @@ fn plan_args(
             remote_port: check_port(&format!("{ch} remote_port"), remote_port, false).map_err(|e| to_py(e, ""))?,
             local_port: 0,
             keep_alive_interval: interval as u64,
-            count_max: keepalive_count_max as u32,
+            count_max: keepalive_count_max,
             kernel_id: kernel_id.clone(),
             verify: false,
             refused_wait,
@@ -521,24 +548,37 @@ fn tunnels(forwards: Vec<Arc<Forward>>) -> Vec<Tunnel> {
 impl SshTarget {
     #[new]
     #[pyo3(signature = (
-        host, *, port = 22, user = None, identity_file = None, password = None, known_hosts = None,
-        host_key_policy = "strict", connect_timeout = 10.0, max_sessions = 8, max_startups = 3
+        host, *, port = None, user = None, identity_file = None, password = None, known_hosts = None,
+        host_key_policy = None, connect_timeout = None, max_sessions = 8, max_startups = 3, ssh_config = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: &str,
-        port: i64,
+        port: Option<i64>,
         user: Option<&str>,
         identity_file: Option<&str>,
         password: Option<&str>,
         known_hosts: Option<&str>,
-        host_key_policy: &str,
-        connect_timeout: f64,
+        host_key_policy: Option<&str>,
+        connect_timeout: Option<f64>,
         max_sessions: i64,
         max_startups: i64,
+        ssh_config: Option<&str>,
     ) -> PyResult<Self> {
-        let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, max_sessions, max_startups)?;
+        let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
         Ok(SshTarget { spec })
+    }
+
+    /// Where the connection goes: ssh_config's HostName for the name given, else the name itself.
+    #[getter]
+    fn host_name(&self) -> String {
+        self.spec.host.clone()
+    }
+
+    /// The ProxyJump hops on the way, first hop first, as user@host:port.
+    #[getter]
+    fn jumps(&self) -> Vec<String> {
+        self.spec.route().iter().rev().skip(1).rev().map(|s| s.dest()).collect()
     }
 
     /// user@host:port, as every message names it.
@@ -576,9 +616,9 @@ impl SshTarget {
     /// Opens a kernel's forwards, all or nothing; returns the tunnels in the order given. Blocks.
     #[pyo3(signature = (
         forwards, *, port_range = (0, 0), bind_attempts = 6, mode = "shared", cull_idle_timeout = Seconds(0),
-        keepalive_margin = 60, keepalive_count_max = 3, kernel_id = None, verify = true, refused_wait = 30.0
+        keepalive_margin = 60, keepalive_count_max = None, kernel_id = None, verify = true, refused_wait = 30.0
     ), text_signature = "(self, /, forwards, *, port_range=(0, 0), bind_attempts=6, mode='shared', \
-cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None, verify=True, refused_wait=30.0)")]
+cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=None, verify=True, refused_wait=30.0)")]
     #[allow(clippy::too_many_arguments)]
     fn open_forwards(
         &self,
@@ -589,13 +629,14 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None,
         mode: &str,
         cull_idle_timeout: Seconds,
         keepalive_margin: i64,
-        keepalive_count_max: i64,
+        keepalive_count_max: Option<i64>,
         kernel_id: Option<String>,
         verify: bool,
         refused_wait: f64,
     ) -> PyResult<Vec<Tunnel>> {
+        let count = count_max(keepalive_count_max, &self.spec)?;
         let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
-                             keepalive_count_max, kernel_id, verify, refused_wait)?;
+                             count, kernel_id, verify, refused_wait)?;
         let spec = self.spec.clone();
         metrics_hook(py);
         let opened = py.allow_threads(|| {
@@ -607,9 +648,9 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None,
     /// Awaitable form of `open_forwards`; cancelling it closes whatever it had opened.
     #[pyo3(signature = (
         forwards, *, port_range = (0, 0), bind_attempts = 6, mode = "shared", cull_idle_timeout = Seconds(0),
-        keepalive_margin = 60, keepalive_count_max = 3, kernel_id = None, verify = true, refused_wait = 30.0
+        keepalive_margin = 60, keepalive_count_max = None, kernel_id = None, verify = true, refused_wait = 30.0
     ), text_signature = "(self, /, forwards, *, port_range=(0, 0), bind_attempts=6, mode='shared', \
-cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None, verify=True, refused_wait=30.0)")]
+cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=None, verify=True, refused_wait=30.0)")]
     #[allow(clippy::too_many_arguments)]
     fn open_forwards_async<'py>(
         &self,
@@ -620,13 +661,14 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=3, kernel_id=None,
         mode: &str,
         cull_idle_timeout: Seconds,
         keepalive_margin: i64,
-        keepalive_count_max: i64,
+        keepalive_count_max: Option<i64>,
         kernel_id: Option<String>,
         verify: bool,
         refused_wait: f64,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let count = count_max(keepalive_count_max, &self.spec)?;
         let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
-                             keepalive_count_max, kernel_id, verify, refused_wait)?;
+                             count, kernel_id, verify, refused_wait)?;
         let spec = self.spec.clone();
         metrics_hook(py);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
@@ -660,6 +702,8 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         d.set_item("last_error", &c.last_error)?;
         d.set_item("session_budget", c.session_budget)?;
         d.set_item("session_refusals", c.session_refusals)?;
+        d.set_item("via", &c.via)?;
+        d.set_item("relays", c.relays)?;
         let forwards = PyList::empty_bound(py);
         for f in &c.forwards {
             let fd = PyDict::new_bound(py);
@@ -717,6 +761,69 @@ fn metrics<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
     Ok(list)
 }
 
+/// The effective settings for `host`: (setting, value, origin) rows, origins being `argument`,
+/// `default` or ssh_config `file:line`; and the route, first hop first, `host` last.
+#[pyfunction]
+#[pyo3(signature = (
+    host, *, port = None, user = None, identity_file = None, known_hosts = None, host_key_policy = None,
+    connect_timeout = None, ssh_config = None
+))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn explain(
+    host: &str,
+    port: Option<i64>,
+    user: Option<&str>,
+    identity_file: Option<&str>,
+    known_hosts: Option<&str>,
+    host_key_policy: Option<&str>,
+    connect_timeout: Option<f64>,
+    ssh_config: Option<&str>,
+) -> PyResult<(Vec<(String, String, String)>, Vec<String>)> {
+    let opts = options(port, user, identity_file, None, known_hosts, host_key_policy, connect_timeout, ssh_config, 8, 3)?;
+    let (spec, rows) = ConnectSpec::explain(host, &opts, true).map_err(|e| to_py(e, ""))?;
+    let rows = rows.into_iter().map(|r| (r.setting.to_string(), r.value, r.origin)).collect();
+    Ok((rows, spec.route().iter().map(|s| s.dest()).collect()))
+}
+
+/// Runs every stage of reaching `host`, calling `report(hop, stage, ok, detail, seconds)` after each;
+/// True when all passed. Blocks (GIL released between reports).
+#[pyfunction]
+#[pyo3(signature = (
+    host, report, *, port = None, user = None, identity_file = None, password = None, known_hosts = None,
+    host_key_policy = None, connect_timeout = None, ssh_config = None, command = "echo egtunnel-check"
+))]
+#[allow(clippy::too_many_arguments)]
+fn check_host(
+    py: Python<'_>,
+    host: &str,
+    report: PyObject,
+    port: Option<i64>,
+    user: Option<&str>,
+    identity_file: Option<&str>,
+    password: Option<&str>,
+    known_hosts: Option<&str>,
+    host_key_policy: Option<&str>,
+    connect_timeout: Option<f64>,
+    ssh_config: Option<&str>,
+    command: &str,
+) -> PyResult<bool> {
+    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, 8, 3)?;
+    let mut failed_report: Option<PyErr> = None;
+    let ok = py.allow_threads(|| {
+        runtime::block_on(crate::check::run(&spec, command, &mut |step: crate::check::Step| {
+            Python::with_gil(|py| {
+                if let Err(e) = report.call1(py, (step.hop, step.name, step.ok, step.detail, step.secs)) {
+                    failed_report.get_or_insert(e);
+                }
+            })
+        }))
+    });
+    match failed_report {
+        Some(e) => Err(e),
+        None => Ok(ok),
+    }
+}
+
 static LOG_RESET: once_cell::sync::OnceCell<pyo3_log::ResetHandle> = once_cell::sync::OnceCell::new();
 
 /// Forgets the cached levels of the `egtunnel` loggers; call after changing them at run time.
@@ -751,6 +858,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(status, m)?)?;
     m.add_function(wrap_pyfunction!(metrics, m)?)?;
     m.add_function(wrap_pyfunction!(refresh_log_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(explain, m)?)?;
+    m.add_function(wrap_pyfunction!(check_host, m)?)?;
     m.add_class::<Tunnel>()?;
     m.add_class::<ExecResult>()?;
     m.add_class::<SshTarget>()?;

@@ -6,9 +6,11 @@ use std::ffi::CStr;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::ssh_config::{self, Source};
 
 /// How a server's host key is checked against the known_hosts file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,6 +25,14 @@ pub enum HostKeyPolicy {
 
 impl HostKeyPolicy {
     pub const NAMES: [&'static str; 3] = ["strict", "accept-new", "off"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostKeyPolicy::Strict => "strict",
+            HostKeyPolicy::AcceptNew => "accept-new",
+            HostKeyPolicy::Off => "off",
+        }
+    }
 }
 
 impl FromStr for HostKeyPolicy {
@@ -77,44 +87,126 @@ impl FromStr for TunnelMode {
 /// `Debug` is hand-written so that the password can never reach a log line.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ConnectSpec {
+    /// The name the caller gave (an ssh_config alias, or the host itself).
+    pub alias: String,
+    /// Where to connect: ssh_config's HostName for the alias, else the alias.
     pub host: String,
     pub port: u16,
     pub user: String,
-    /// Explicit identity file, tried after the agent and before the default files.
-    pub identity_file: Option<PathBuf>,
+    /// Identity files in the order tried (after the agent, before the default files).
+    pub identity_files: Vec<PathBuf>,
+    /// ssh_config's IdentitiesOnly: no agent keys, and no default files when any file is configured.
+    pub identities_only: bool,
     pub password: Option<String>,
-    pub known_hosts: PathBuf,
+    /// known_hosts files, all consulted; new keys go to the first.
+    pub known_hosts: Vec<PathBuf>,
     pub host_key_policy: HostKeyPolicy,
     /// Stored in milliseconds so the spec can be a hash key.
     pub connect_timeout_ms: u64,
+    /// ssh_config's ServerAliveCountMax, used where the caller sets no count.
+    pub count_max: Option<u32>,
     /// Most session channels (remote commands) open at once on one connection; kept below the
     /// server's MaxSessions (OpenSSH's default is 10).
     pub max_sessions: usize,
     /// Most handshakes in flight at once to one host and port; kept below the server's MaxStartups
     /// (OpenSSH starts dropping beyond 10 unauthenticated connections).
     pub max_startups: usize,
+    /// The hop this connection runs through (ProxyJump), itself possibly behind another.
+    pub jump: Option<Arc<ConnectSpec>>,
 }
 
 /// Defaults of the two server budgets, with room below OpenSSH's stock limits.
 pub const DEFAULT_MAX_SESSIONS: usize = 8;
 pub const DEFAULT_MAX_STARTUPS: usize = 3;
+pub const DEFAULT_CONNECT_TIMEOUT: f64 = 10.0;
 /// Anything above this is a typo rather than a server limit.
 const MAX_BUDGET: i64 = 10_000;
+/// ProxyJump chains longer than this are taken for a loop in the configuration.
+const MAX_HOPS: usize = 8;
 
 impl fmt::Debug for ConnectSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectSpec")
             .field("dest", &self.dest())
-            .field("identity_file", &self.identity_file)
+            .field("identity_files", &self.identity_files)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("known_hosts", &self.known_hosts)
             .field("host_key_policy", &self.host_key_policy)
+            .field("jump", &self.jump.as_ref().map(|j| j.dest()))
             .finish()
     }
 }
 
+/// What the caller set (EG_* settings, kernelspec, arguments): each wins over ssh_config.
+#[derive(Clone, Default)]
+pub struct Options {
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub identity_file: Option<PathBuf>,
+    pub password: Option<String>,
+    pub known_hosts: Option<PathBuf>,
+    pub host_key_policy: Option<HostKeyPolicy>,
+    pub connect_timeout: Option<f64>,
+    pub max_sessions: Option<usize>,
+    pub max_startups: Option<usize>,
+    pub ssh_config: Option<Source>,
+}
+
+impl Options {
+    /// Validates raw caller input; empty strings count as unset.
+    #[allow(clippy::too_many_arguments)]
+    pub fn parse(
+        port: Option<i64>,
+        user: Option<&str>,
+        identity_file: Option<&str>,
+        password: Option<&str>,
+        known_hosts: Option<&str>,
+        host_key_policy: Option<&str>,
+        connect_timeout: Option<f64>,
+        ssh_config: Option<&str>,
+    ) -> Result<Options> {
+        let home = current_user().home;
+        fn set(v: Option<&str>) -> Option<&str> {
+            v.filter(|s| !s.is_empty())
+        }
+        if let Some(t) = connect_timeout {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(Error::Invalid(format!("connect_timeout must be a positive number of seconds, got {t}")));
+            }
+        }
+        Ok(Options {
+            port: port.map(|p| check_port("port", p, false)).transpose()?,
+            user: set(user).map(str::to_string),
+            identity_file: set(identity_file).map(|p| expand_home(p, &home)),
+            password: password.map(str::to_string),
+            known_hosts: set(known_hosts).map(|p| expand_home(p, &home)),
+            host_key_policy: set(host_key_policy).map(str::parse).transpose()?,
+            connect_timeout,
+            max_sessions: None,
+            max_startups: None,
+            ssh_config: Some(Source::from_setting(ssh_config, &home)),
+        })
+    }
+
+    /// Sets the per-connection session budget and the per-host handshake budget (both >= 1).
+    pub fn with_limits(mut self, max_sessions: i64, max_startups: i64) -> Result<Self> {
+        self.max_sessions = Some(check_budget("max_sessions", max_sessions)?);
+        self.max_startups = Some(check_budget("max_startups", max_startups)?);
+        Ok(self)
+    }
+}
+
+/// One line of the effective settings: what, the value, and where it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub setting: &'static str,
+    pub value: String,
+    /// `default`, `argument` (the caller's), or `file:line`.
+    pub origin: String,
+}
+
 impl ConnectSpec {
-    /// Builds a spec from caller input, filling OpenSSH's defaults and rejecting nonsense early.
+    /// Builds a spec from explicit values only (no ssh_config), filling OpenSSH's defaults.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         host: &str,
@@ -126,38 +218,144 @@ impl ConnectSpec {
         host_key_policy: &str,
         connect_timeout: f64,
     ) -> Result<Self> {
-        if host.is_empty() {
+        let mut opts =
+            Options::parse(Some(port), user, identity_file, password, known_hosts, Some(host_key_policy), Some(connect_timeout), None)?;
+        opts.ssh_config = Some(Source::Disabled);
+        Self::resolve(host, &opts)
+    }
+
+    /// The settings for `name`: the caller's, then ssh_config's, then OpenSSH's defaults.
+    pub fn resolve(name: &str, opts: &Options) -> Result<Self> {
+        Ok(Self::explain(name, opts, false)?.0)
+    }
+
+    /// `resolve`, also listing each setting's value and origin (file lines only with `lines`).
+    pub fn explain(name: &str, opts: &Options, lines: bool) -> Result<(Self, Vec<Row>)> {
+        Self::explain_at(name, opts, lines, 0)
+    }
+
+    /// `explain` for a host `depth` hops into a ProxyJump chain.
+    fn explain_at(name: &str, opts: &Options, lines: bool, depth: usize) -> Result<(Self, Vec<Row>)> {
+        if name.trim().is_empty() {
             return Err(Error::Invalid("host must not be empty".into()));
         }
-        let port = check_port("port", port, false)?;
-        if !(connect_timeout.is_finite() && connect_timeout > 0.0) {
-            return Err(Error::Invalid(format!(
-                "connect_timeout must be a positive number of seconds, got {connect_timeout}"
-            )));
-        }
         let me = current_user();
-        let user = match user {
-            Some(u) if !u.is_empty() => u.to_string(),
-            _ => me.name.clone().ok_or_else(|| {
-                Error::Invalid("cannot tell the current user name; pass user= explicitly".into())
-            })?,
+        let source = opts.ssh_config.clone().unwrap_or(Source::Default);
+        let file = ssh_config::lookup(name, &source, &me.home, lines)?;
+        let mut rows = Vec::new();
+        fn pick(
+            rows: &mut Vec<Row>,
+            setting: &'static str,
+            explicit: Option<String>,
+            from_file: Option<(String, String)>,
+            default: String,
+        ) -> String {
+            let (value, origin) = match (explicit, from_file) {
+                (Some(v), _) => (v, "argument".to_string()),
+                (None, Some((v, o))) => (v, o),
+                (None, None) => (default, "default".to_string()),
+            };
+            rows.push(Row { setting, value: value.clone(), origin });
+            value
+        }
+        let host = pick(&mut rows, "hostname", None, file.host_name.clone().map(|s| (s.value, s.origin)), name.to_string());
+        let port: u16 = pick(&mut rows, "port", opts.port.map(|p| p.to_string()), file.port.as_ref().map(|s| (s.value.to_string(), s.origin.clone())), "22".into())
+            .parse()
+            .expect("validated port");
+        let default_user = me.name.clone().unwrap_or_default();
+        let user = pick(&mut rows, "user", opts.user.clone(), file.user.clone().map(|s| (s.value, s.origin)), default_user);
+        if user.is_empty() {
+            return Err(Error::Invalid("cannot tell the current user name; set the user explicitly".into()));
+        }
+        let policy: HostKeyPolicy = pick(
+            &mut rows,
+            "stricthostkeychecking",
+            opts.host_key_policy.map(|p| p.as_str().to_string()),
+            file.host_key_policy.as_ref().map(|s| (s.value.as_str().to_string(), s.origin.clone())),
+            "strict".into(),
+        )
+        .parse()?;
+        let known_hosts: Vec<PathBuf> = match (&opts.known_hosts, &file.known_hosts) {
+            (Some(p), _) => vec![p.clone()],
+            (None, Some(s)) if !s.value.is_empty() => s.value.clone(),
+            _ => vec![me.home.join(".ssh").join("known_hosts")],
         };
-        let known_hosts = match known_hosts {
-            Some(p) if !p.is_empty() => expand_home(p, &me.home),
-            _ => me.home.join(".ssh").join("known_hosts"),
+        let kh_text = known_hosts.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ");
+        pick(
+            &mut rows,
+            "userknownhostsfile",
+            opts.known_hosts.as_ref().map(|_| kh_text.clone()),
+            file.known_hosts.as_ref().filter(|s| !s.value.is_empty()).map(|s| (kh_text.clone(), s.origin.clone())),
+            kh_text.clone(),
+        );
+        let mut identity_files: Vec<PathBuf> = opts.identity_file.iter().cloned().collect();
+        identity_files.extend(file.identity_files.iter().map(|s| s.value.clone()));
+        let ids_origin = match (&opts.identity_file, file.identity_files.first()) {
+            (Some(_), _) => Some("argument".to_string()),
+            (None, Some(s)) => Some(s.origin.clone()),
+            (None, None) => None,
         };
-        Ok(ConnectSpec {
-            host: host.to_string(),
+        rows.push(Row {
+            setting: "identityfile",
+            value: if identity_files.is_empty() {
+                "agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa".into()
+            } else {
+                identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
+            },
+            origin: ids_origin.unwrap_or_else(|| "default".into()),
+        });
+        let identities_only = pick(
+            &mut rows,
+            "identitiesonly",
+            None,
+            file.identities_only.as_ref().map(|s| (yes_no(s.value), s.origin.clone())),
+            "no".into(),
+        ) == "yes";
+        let timeout: f64 = pick(
+            &mut rows,
+            "connecttimeout",
+            opts.connect_timeout.map(|t| t.to_string()),
+            file.connect_timeout.as_ref().map(|s| (s.value.to_string(), s.origin.clone())),
+            DEFAULT_CONNECT_TIMEOUT.to_string(),
+        )
+        .parse()
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(Error::Invalid(format!("ConnectTimeout must be a positive number of seconds, got {timeout}")));
+        }
+        let count_max = file.count_max.as_ref().map(|s| s.value);
+        if let Some(s) = &file.count_max {
+            rows.push(Row { setting: "serveralivecountmax", value: s.value.to_string(), origin: s.origin.clone() });
+        }
+        let hops = file.proxy_jump.as_ref().map(|s| s.value.clone()).unwrap_or_default();
+        if let Some(s) = &file.proxy_jump {
+            rows.push(Row {
+                setting: "proxyjump",
+                value: if hops.is_empty() { "none".into() } else { hops.join(",") },
+                origin: s.origin.clone(),
+            });
+        }
+        for (option, origin) in &file.ignored {
+            rows.push(Row { setting: "ignored", value: option.clone(), origin: origin.clone() });
+        }
+        let jump = jump_chain(&hops, opts, &source, depth + 1)?;
+        let spec = ConnectSpec {
+            alias: name.to_string(),
+            host,
             port,
             user,
-            identity_file: identity_file.filter(|p| !p.is_empty()).map(|p| expand_home(p, &me.home)),
-            password: password.map(str::to_string),
+            identity_files,
+            identities_only,
+            password: opts.password.clone(),
             known_hosts,
-            host_key_policy: host_key_policy.parse()?,
-            connect_timeout_ms: (connect_timeout * 1000.0).ceil() as u64,
-            max_sessions: DEFAULT_MAX_SESSIONS,
-            max_startups: DEFAULT_MAX_STARTUPS,
-        })
+            host_key_policy: policy,
+            connect_timeout_ms: (timeout * 1000.0).ceil() as u64,
+            count_max,
+            max_sessions: opts.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
+            max_startups: opts.max_startups.unwrap_or(DEFAULT_MAX_STARTUPS),
+            jump,
+        };
+        Ok((spec, rows))
     }
 
     /// Sets the per-connection session budget and the per-host handshake budget (both >= 1).
@@ -172,15 +370,101 @@ impl ConnectSpec {
         format!("{}@{}:{}", self.user, self.host, self.port)
     }
 
+    /// The hops from the gateway to this host, first hop first, this host last.
+    pub fn route(&self) -> Vec<&ConnectSpec> {
+        let mut hops = vec![self];
+        while let Some(j) = hops.last().and_then(|s| s.jump.as_deref()) {
+            hops.push(j);
+        }
+        hops.reverse();
+        hops
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
     /// The identity files tried when the explicit one (if any) fails, as OpenSSH orders them.
     pub fn default_identities(&self) -> Vec<PathBuf> {
+        if self.identities_only && !self.identity_files.is_empty() {
+            return Vec::new();
+        }
         let dir = current_user().home.join(".ssh");
         ["id_ed25519", "id_ecdsa", "id_rsa"].iter().map(|n| dir.join(n)).collect()
     }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+/// The spec of the last of `hops` (each reached through the one before it), or None without hops.
+///
+/// A hop gets its own ssh_config entry (HostName, User, Port, IdentityFile, known hosts; the first hop
+/// also its own ProxyJump); where that says nothing, the caller's explicit user, identity file, known
+/// hosts, host key policy and timeout apply, but never the caller's port or password, which belong to
+/// the kernel hosts.
+fn jump_chain(hops: &[String], opts: &Options, source: &Source, depth: usize) -> Result<Option<Arc<ConnectSpec>>> {
+    if hops.is_empty() {
+        return Ok(None);
+    }
+    if depth + hops.len() > MAX_HOPS + 1 {
+        return Err(Error::Invalid(format!(
+            "ProxyJump chain longer than {MAX_HOPS} hops (a loop in the ssh_config?): {}",
+            hops.join(",")
+        )));
+    }
+    let mut prev: Option<Arc<ConnectSpec>> = None;
+    for (i, raw) in hops.iter().enumerate() {
+        let hop = ssh_config::parse_hop(raw)?;
+        let hop_opts = Options {
+            port: hop.port,
+            user: hop.user.clone(),
+            identity_file: None,
+            password: None,
+            known_hosts: None,
+            host_key_policy: None,
+            connect_timeout: None,
+            max_sessions: opts.max_sessions,
+            max_startups: opts.max_startups,
+            ssh_config: Some(source.clone()),
+        };
+        let me = current_user();
+        let file = ssh_config::lookup(&hop.host, source, &me.home, false)?;
+        let (mut spec, _) = ConnectSpec::explain_at(&hop.host, &hop_opts, false, depth + i).map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!("ProxyJump hop {raw}: {m}")),
+            e => e,
+        })?;
+        if file.user.is_none() && hop.user.is_none() {
+            if let Some(u) = &opts.user {
+                spec.user = u.clone();
+            }
+        }
+        if file.identity_files.is_empty() {
+            spec.identity_files.extend(opts.identity_file.iter().cloned());
+        }
+        if file.known_hosts.is_none() {
+            if let Some(k) = &opts.known_hosts {
+                spec.known_hosts = vec![k.clone()];
+            }
+        }
+        if file.host_key_policy.is_none() {
+            if let Some(p) = opts.host_key_policy {
+                spec.host_key_policy = p;
+            }
+        }
+        if file.connect_timeout.is_none() {
+            if let Some(t) = opts.connect_timeout {
+                spec.connect_timeout_ms = (t * 1000.0).ceil() as u64;
+            }
+        }
+        if i > 0 {
+            // Listed hops go through the one before them; only the first keeps its own ProxyJump.
+            spec.jump = prev.clone();
+        }
+        prev = Some(Arc::new(spec));
+    }
+    Ok(prev)
 }
 
 fn check_budget(what: &str, n: i64) -> Result<usize> {
@@ -199,12 +483,13 @@ pub fn check_port(what: &str, port: i64, allow_zero: bool) -> Result<u16> {
     Ok(port as u16)
 }
 
-struct Me {
-    name: Option<String>,
-    home: PathBuf,
+pub struct Me {
+
+    pub name: Option<String>,
+    pub home: PathBuf,
 }
 
-fn current_user() -> Me {
+pub fn current_user() -> Me {
     // The passwd entry is what OpenSSH uses; $HOME wins for the home directory so tests can relocate it.
     let mut name = None;
     let mut pw_home = None;
@@ -298,7 +583,7 @@ mod tests {
     fn defaults_fill_user_and_known_hosts() {
         let s = ConnectSpec::new("h", 22, None, None, None, None, "strict", 10.0).unwrap();
         assert!(!s.user.is_empty());
-        assert!(s.known_hosts.ends_with(".ssh/known_hosts"));
+        assert!(s.known_hosts[0].ends_with(".ssh/known_hosts"));
         assert_eq!(s.connect_timeout(), Duration::from_secs(10));
     }
 }

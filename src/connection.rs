@@ -172,7 +172,7 @@ impl Connection {
             stopped: None,
             session_retry_at: None,
         };
-        let task = tokio::spawn(actor.run(ready_tx));
+        let task = spawn_actor(actor, ready_tx);
         let conn = Arc::new(Connection { shared, commands: tx, task: Mutex::new(Some(task)) });
         // A caller that stops waiting (a cancelled kernel start) must not leave the actor running.
         let abandoned = StopOnDrop(Some(conn.commands.clone()));
@@ -222,6 +222,12 @@ impl Connection {
             }
         }
     }
+}
+
+/// A plain function, so that proving the actor's future `Send` stays outside `start`'s own future: a
+/// connection through a ProxyJump hop starts the hop's connection from inside its actor.
+fn spawn_actor(actor: Actor, ready: oneshot::Sender<Result<()>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(actor.run(ready))
 }
 
 /// Stops an actor whose start was abandoned; disarmed once the start has an answer.
@@ -344,7 +350,8 @@ impl Actor {
     /// Runs `establish` while still serving commands; None means a shutdown arrived.
     async fn connect(&mut self) -> Option<Result<SshIo>> {
         let spec = self.shared.spec.clone();
-        let fut = session::establish(&spec);
+        let keep_alive = (self.shared.interval.load(Ordering::Relaxed), self.count_max);
+        let fut = session::establish(&spec, keep_alive);
         tokio::pin!(fut);
         loop {
             let expiry = self.next_expiry();
@@ -502,6 +509,9 @@ impl Actor {
                         interval = i;
                         self.count_max = count_max;
                         configure_keepalive(&io, interval);
+                        if let Some(relay) = &io.relay {
+                            relay.set_keep_alive(interval, count_max);
+                        }
                     }
                     Some(Command::Open(req)) => self.queue.push_back(req),
                 },
@@ -509,7 +519,7 @@ impl Actor {
                     if let Err(e) = r {
                         return Exit::Dead(format!("socket error: {e}"));
                     }
-                    if let Some(cause) = net::closed_by_peer(io.fd()) {
+                    if let Some(cause) = io.closed_by_peer() {
                         return Exit::Dead(cause);
                     }
                 }
@@ -655,7 +665,7 @@ fn keepalive_check(io: &SshIo, interval: u64, count_max: u32, last_probe: Option
     if interval >= MAX_KEEP_ALIVE_INTERVAL as u64 {
         return ProbeAction::Wait(Duration::from_secs(86_400));
     }
-    let idle = net::since_last_data_received(io.fd()).unwrap_or(Duration::ZERO);
+    let idle = io.idle();
     probe_action(Duration::from_secs(interval), count_max, idle, last_probe.map(|p| now - p))
 }
 

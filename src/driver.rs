@@ -7,12 +7,15 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ssh2::{BlockDirections, Session};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::error::is_eagain;
+use crate::jump::Relay;
 use crate::net;
 
 /// Borrowed view of the session's socket for the reactor; the session owns and closes the fd.
@@ -24,30 +27,67 @@ impl AsRawFd for SocketRef {
     }
 }
 
+/// The socket a session runs over: TCP to the host, or one end of a socket pair whose other end a
+/// ProxyJump hop's channel serves.
+pub enum Stream {
+    Tcp(std::net::TcpStream),
+    Relayed(std::os::unix::net::UnixStream, Arc<Relay>),
+}
+
 pub struct SshIo {
     /// Declared before `sess` so the fd leaves the reactor before libssh2 closes it.
     afd: AsyncFd<SocketRef>,
     pub sess: Session,
+    /// Set when the session runs through a hop: the hop's channel, and when it last brought data.
+    pub relay: Option<Arc<Relay>>,
 }
 
 impl SshIo {
-    /// Takes a connected, non-blocking TCP stream and hands it to a fresh libssh2 session.
-    pub fn new(stream: std::net::TcpStream) -> io::Result<Self> {
-        stream.set_nonblocking(true)?;
-        stream.set_nodelay(true)?;
-        let fd = stream.as_raw_fd();
+    /// Takes a connected stream and hands it, non-blocking, to a fresh libssh2 session.
+    pub fn new(stream: Stream) -> io::Result<Self> {
         let mut sess = Session::new().map_err(io::Error::from)?;
-        sess.set_tcp_stream(stream);
+        let (fd, relay) = match stream {
+            Stream::Tcp(s) => {
+                s.set_nonblocking(true)?;
+                s.set_nodelay(true)?;
+                let fd = s.as_raw_fd();
+                sess.set_tcp_stream(s);
+                (fd, None)
+            }
+            Stream::Relayed(s, relay) => {
+                s.set_nonblocking(true)?;
+                let fd = s.as_raw_fd();
+                sess.set_tcp_stream(s);
+                (fd, Some(relay))
+            }
+        };
         sess.set_blocking(false);
         // SAFETY: the session owns the socket and outlives `afd` (field order drops `afd` first), so
         // the fd stays open for as long as it is registered with the reactor.
         let afd = unsafe { AsyncFd::register_with_interest(SocketRef(fd), Interest::READABLE | Interest::WRITABLE) }
             .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(SshIo { afd, sess })
+        Ok(SshIo { afd, sess, relay })
     }
 
     pub fn fd(&self) -> RawFd {
         self.afd.get_ref().0
+    }
+
+    /// How long the server has been silent: the kernel's TCP_INFO for a direct connection, the hop
+    /// channel's last delivery for a relayed one (a socket pair has no TCP_INFO).
+    pub fn idle(&self) -> Duration {
+        match &self.relay {
+            Some(r) => r.since_last_data(),
+            None => net::since_last_data_received(self.fd()).unwrap_or(Duration::ZERO),
+        }
+    }
+
+    /// Whether the peer closed the connection, as far as the socket tells without reading.
+    pub fn closed_by_peer(&self) -> Option<String> {
+        match &self.relay {
+            Some(r) => r.closed_cause(),
+            None => net::closed_by_peer(self.fd()),
+        }
     }
 
     /// Waits until the socket is ready the way libssh2 last said it was blocked.

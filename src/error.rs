@@ -28,6 +28,8 @@ pub enum Error {
     Timeout { dest: String, what: String, secs: f64 },
     /// Anything else on an established connection (protocol error, channel failure, local I/O).
     Other { dest: String, cause: String },
+    /// The OpenSSH client configuration cannot be used; `line` 0 when no single line is to blame.
+    Config { file: String, line: usize, cause: String },
     /// Some of a kernel's forwards failed: `primary` (the most telling failure, whose kind this error
     /// takes) and every channel that failed.
     Channels { channels: Vec<String>, primary: Box<Error> },
@@ -49,6 +51,7 @@ impl Error {
             Error::Down { .. } => "down",
             Error::Timeout { .. } => "timeout",
             Error::Other { .. } => "other",
+            Error::Config { .. } => "config",
             Error::Channels { primary, .. } => primary.kind(),
         }
     }
@@ -57,7 +60,7 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         match self {
             Error::Channels { primary, .. } => primary.is_permanent(),
-            e => matches!(e, Error::Auth { .. } | Error::HostKey { .. } | Error::Invalid(_)),
+            e => matches!(e, Error::Auth { .. } | Error::HostKey { .. } | Error::Invalid(_) | Error::Config { .. }),
         }
     }
 
@@ -98,6 +101,12 @@ impl fmt::Display for Error {
             Error::Down { dest, cause } => write!(f, "SSH connection {dest} is down: {cause}"),
             Error::Timeout { dest, what, secs } => write!(f, "{what} on {dest} timed out after {secs} s"),
             Error::Other { dest, cause } => write!(f, "{dest}: {cause}"),
+            Error::Config { file, line: 0, cause } => {
+                write!(f, "{file}: {cause} (fix the file, or set EG_SSH_CONFIG=none to read no ssh_config)")
+            }
+            Error::Config { file, line, cause } => {
+                write!(f, "{file}:{line}: {cause} (fix that line, or set EG_SSH_CONFIG=none to read no ssh_config)")
+            }
             Error::Channels { channels, primary } => write!(f, "forwards {} failed: {primary}", channels.join(", ")),
         }
     }

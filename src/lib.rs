@@ -6,8 +6,10 @@
 //! - `error`: the one error type; `bindings` maps it to Python exceptions.
 //! - `net`: socket options std lacks (TCP_QUICKACK, TCP_INFO).
 //! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
-//! - `session`: connect, host-key check, authentication, reconnect backoff.
+//! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination.
+//! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
 //! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
+//! - `jump`: sessions through a ProxyJump hop (a channel on the hop's pooled connection).
 //! - `connection`: the actor owning one SSH session: channel opens, pumping, keep-alive, reconnects.
 //! - `forward`: local listeners and the per-connection byte pump.
 //! - `exec`: remote commands over the same connection.
@@ -16,9 +18,11 @@
 //! - `stats`: counters read without disturbing the actor.
 //! - `metrics`: process-wide totals per destination for Prometheus, and the scrape-time snapshot.
 //! - `runtime`: the process-wide tokio runtime.
+//! - `check`: every stage of reaching a host, reported one by one (`python -m egtunnel check`).
 //! - `bindings`: the thin PyO3 layer (`egtunnel._native`).
 
 pub mod bindings;
+pub mod check;
 pub mod config;
 pub mod connection;
 pub mod driver;
@@ -26,6 +30,7 @@ pub mod error;
 pub mod exec;
 pub mod forward;
 pub mod idle_reader;
+pub mod jump;
 pub mod keepalive;
 pub mod metrics;
 pub mod net;
@@ -33,4 +38,5 @@ pub mod pool;
 pub mod requests;
 pub mod runtime;
 pub mod session;
+pub mod ssh_config;
 pub mod stats;

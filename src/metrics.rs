@@ -92,11 +92,11 @@ impl Cause {
         }
     }
 
-    /// The cause of an error the caller saw; None for bad arguments, which are the caller's bug and
-    /// say nothing about the SSH destination.
+    /// The cause of an error the caller saw; None for bad arguments and unusable ssh_config files, which
+    /// are the caller's to fix and say nothing about the SSH destination.
     pub fn of(err: &Error) -> Option<Cause> {
         Some(match err.primary() {
-            Error::Invalid(_) => return None,
+            Error::Invalid(_) | Error::Config { .. } => return None,
             Error::Connect { .. } => Cause::Connect,
             Error::Auth { .. } => Cause::Auth,
             Error::HostKey { .. } => Cause::HostKey,

@@ -28,6 +28,9 @@ struct Entry {
     conn: Arc<Connection>,
     /// Forwards attached, for the keep-alive minimum and for status().
     forwards: HashMap<u64, Arc<ForwardInfo>>,
+    /// Sessions relayed through this connection (it is their ProxyJump hop), with the keep-alive
+    /// policy each wants applied to the hop as well.
+    relays: HashMap<u64, (u64, u32)>,
     /// Bumped on every change of the connection's users, so a stale linger timer knows to do nothing.
     generation: u64,
 }
@@ -36,7 +39,7 @@ impl Entry {
     /// A new connection's entry, counting its first user.
     fn new(conn: Arc<Connection>) -> Self {
         conn.shared.users.store(1, Ordering::Release);
-        Entry { conn, forwards: HashMap::new(), generation: 0 }
+        Entry { conn, forwards: HashMap::new(), relays: HashMap::new(), generation: 0 }
     }
 }
 
@@ -50,6 +53,7 @@ struct Pool {
 
 static POOL: Lazy<Mutex<Pool>> = Lazy::new(Mutex::default);
 static NEXT_FORWARD: AtomicU64 = AtomicU64::new(1);
+static NEXT_RELAY: AtomicU64 = AtomicU64::new(1);
 
 /// Takes a user slot on a connection for `spec`, creating it if needed.
 async fn acquire(spec: &ConnectSpec, mode: TunnelMode, interval: u64, count_max: u32) -> Result<Arc<Connection>> {
@@ -143,11 +147,48 @@ fn release(conn: &Arc<Connection>, forward: Option<u64>) {
     });
 }
 
-/// A connection probes as often as its most demanding forward needs; with none, never.
+/// A connection probes as often as its most demanding forward or relayed session needs; with none, never.
 fn apply_keep_alive(entry: &Entry) {
-    let interval = entry.forwards.values().map(|f| f.keep_alive_interval).min().unwrap_or(MAX_KEEP_ALIVE_INTERVAL as u64);
-    let count_max = entry.forwards.values().map(|f| f.count_max).min().unwrap_or(3);
+    let forwards = entry.forwards.values().map(|f| (f.keep_alive_interval, f.count_max));
+    let wanted: Vec<(u64, u32)> = forwards.chain(entry.relays.values().copied()).collect();
+    let interval = wanted.iter().map(|w| w.0).min().unwrap_or(MAX_KEEP_ALIVE_INTERVAL as u64);
+    let count_max = wanted.iter().map(|w| w.1).min().unwrap_or(3);
     entry.conn.set_keep_alive(interval, count_max);
+}
+
+/// Takes a user slot on the shared connection for `spec` (diagnostics); give it back with `release_shared`.
+pub async fn acquire_shared(spec: &ConnectSpec) -> Result<Arc<Connection>> {
+    acquire(spec, TunnelMode::Shared, MAX_KEEP_ALIVE_INTERVAL as u64, 3).await
+}
+
+pub fn release_shared(conn: &Arc<Connection>) {
+    release(conn, None);
+}
+
+/// Takes a user slot on the shared connection to a ProxyJump hop for one relayed session.
+pub async fn acquire_relay(spec: &ConnectSpec, interval: u64, count_max: u32) -> Result<(Arc<Connection>, u64)> {
+    let conn = acquire(spec, TunnelMode::Shared, interval, count_max).await?;
+    let id = NEXT_RELAY.fetch_add(1, Ordering::Relaxed);
+    relay_keep_alive(&conn, id, Some((interval, count_max)));
+    Ok((conn, id))
+}
+
+/// Records (or with None forgets) what keep-alive a relayed session wants from its hop.
+pub fn relay_keep_alive(conn: &Connection, relay: u64, wanted: Option<(u64, u32)>) {
+    let mut pool = POOL.lock().unwrap();
+    if let Some(entry) = pool.entries.get_mut(&conn.shared.id) {
+        match wanted {
+            Some(w) => entry.relays.insert(relay, w),
+            None => entry.relays.remove(&relay),
+        };
+        apply_keep_alive(entry);
+    }
+}
+
+/// The relayed session ended: its hop may close once nobody else uses it.
+pub fn release_relay(conn: &Arc<Connection>, relay: u64) {
+    relay_keep_alive(conn, relay, None);
+    release(conn, None);
 }
 
 /// What a new forward needs besides the connection settings.
@@ -509,6 +550,10 @@ pub struct ConnectionStatus {
     pub last_error: Option<String>,
     pub session_budget: usize,
     pub session_refusals: u64,
+    /// The ProxyJump hop this connection runs through.
+    pub via: Option<String>,
+    /// Sessions relayed through this connection (it is their hop).
+    pub relays: usize,
     pub forwards: Vec<Arc<ForwardInfo>>,
 }
 
@@ -539,6 +584,8 @@ pub fn status() -> Vec<ConnectionStatus> {
                 last_error: s.last_error.lock().unwrap().clone(),
                 session_budget: s.session_budget.load(Ordering::Relaxed),
                 session_refusals: s.session_refusals.load(Ordering::Relaxed),
+                via: s.spec.jump.as_ref().map(|j| j.dest()),
+                relays: e.relays.len(),
                 forwards,
             }
         })

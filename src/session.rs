@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +19,8 @@ use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::{ConnectSpec, HostKeyPolicy};
-use crate::driver::{RetryError, SshIo};
+use crate::driver::{RetryError, SshIo, Stream};
+use crate::jump;
 use crate::error::{Error, Result};
 
 /// Handshake slots per (host, port), shared by every connection of the process to that server.
@@ -45,7 +46,8 @@ enum Failure {
 }
 
 /// Connects and authenticates, or explains precisely why not. Nothing stays open on failure.
-pub async fn establish(spec: &ConnectSpec) -> Result<SshIo> {
+/// `keep_alive` is the connection's policy, which a ProxyJump hop on the way adopts too.
+pub async fn establish(spec: &ConnectSpec, keep_alive: (u64, u32)) -> Result<SshIo> {
     let deadline = Instant::now() + spec.connect_timeout();
     let gate = startup_gate(spec);
     let mut drops: u32 = 0;
@@ -60,7 +62,7 @@ pub async fn establish(spec: &ConnectSpec) -> Result<SshIo> {
                 spec.port
             ),
         })?;
-        let attempt = attempt(spec, deadline).await;
+        let attempt = attempt(spec, deadline, keep_alive).await;
         drop(permit);
         match attempt {
             Ok(io) => {
@@ -91,40 +93,54 @@ pub async fn establish(spec: &ConnectSpec) -> Result<SshIo> {
     }
 }
 
-/// One TCP connect, handshake, host-key check and authentication, all before `deadline`.
-async fn attempt(spec: &ConnectSpec, deadline: Instant) -> std::result::Result<SshIo, Failure> {
+/// One TCP connect (or channel through the hop), handshake, host-key check and authentication, all
+/// before `deadline`.
+async fn attempt(spec: &ConnectSpec, deadline: Instant, keep_alive: (u64, u32)) -> std::result::Result<SshIo, Failure> {
     let dest = spec.dest();
-    let timed_out = |stage: &str| {
-        Failure::Final(Error::Connect {
-            dest: dest.clone(),
-            cause: format!("{stage} timed out after {} s", spec.connect_timeout().as_secs_f64()),
-        })
-    };
-
-    let stream = timeout_at(deadline, connect_tcp(spec))
-        .await
-        .map_err(|_| timed_out("TCP connect"))?
-        .map_err(Failure::Final)?;
-    let std_stream = stream.into_std().map_err(|e| Failure::Final(connect_err(spec, e)))?;
-    let io = SshIo::new(std_stream).map_err(|e| Failure::Final(connect_err(spec, e)))?;
-
+    let io = open(spec, deadline, keep_alive).await.map_err(Failure::Final)?;
     match timeout_at(deadline, io.retry(|s| s.clone().handshake())).await {
-        Err(_) => return Err(timed_out("SSH handshake")),
+        Err(_) => return Err(Failure::Final(timed_out(spec, "SSH handshake"))),
         Ok(Err(e)) if is_transport_failure(&e) || is_banner_failure(&e) => return Err(Failure::Dropped(e.to_string())),
         Ok(Err(e)) => {
             return Err(Failure::Final(Error::Connect { dest: dest.clone(), cause: format!("SSH handshake failed: {e}") }))
         }
         Ok(Ok(())) => {}
     }
-
-    check_host_key(&io, spec).map_err(Failure::Final)?;
-
+    check_host_key(&io, spec, false).map_err(Failure::Final)?;
     timeout_at(deadline, authenticate(&io, spec))
         .await
-        .map_err(|_| timed_out("authentication"))?
+        .map_err(|_| Failure::Final(timed_out(spec, "authentication")))?
         .map_err(Failure::Final)?;
     debug!("connected to {dest}");
     Ok(io)
+}
+
+fn timed_out(spec: &ConnectSpec, stage: &str) -> Error {
+    Error::Connect { dest: spec.dest(), cause: format!("{stage} timed out after {} s", spec.connect_timeout().as_secs_f64()) }
+}
+
+/// The socket for a new session to `spec`: TCP to the host, or a channel through its ProxyJump hop.
+pub async fn open(spec: &ConnectSpec, deadline: Instant, keep_alive: (u64, u32)) -> Result<SshIo> {
+    let stream = match &spec.jump {
+        None => {
+            let tcp = timeout_at(deadline, connect_tcp(spec)).await.map_err(|_| timed_out(spec, "TCP connect"))??;
+            Stream::Tcp(tcp.into_std().map_err(|e| connect_err(spec, e))?)
+        }
+        Some(hop) => {
+            let (sock, relay) = jump::connect_via(hop, spec, keep_alive, deadline).await?;
+            Stream::Relayed(sock, relay)
+        }
+    };
+    SshIo::new(stream).map_err(|e| connect_err(spec, e))
+}
+
+/// The handshake alone, for diagnostics (`establish` retries dropped ones).
+pub async fn handshake(io: &SshIo, spec: &ConnectSpec, deadline: Instant) -> Result<()> {
+    match timeout_at(deadline, io.retry(|s| s.clone().handshake())).await {
+        Err(_) => Err(timed_out(spec, "SSH handshake")),
+        Ok(Err(e)) => Err(Error::Connect { dest: spec.dest(), cause: format!("SSH handshake failed: {e}") }),
+        Ok(Ok(())) => Ok(()),
+    }
 }
 
 /// 50 ms doubling to 1 s, with up to +/-50 % jitter so that retries of many connections spread out.
@@ -203,29 +219,65 @@ fn host_pattern(spec: &ConnectSpec) -> String {
     }
 }
 
-fn check_host_key(io: &SshIo, spec: &ConnectSpec) -> Result<()> {
-    if spec.host_key_policy == HostKeyPolicy::Off {
-        return Ok(());
-    }
+/// What the host-key check saw, for diagnostics.
+pub struct HostKeyReport {
+    pub key_type: &'static str,
+    /// SHA-256 of the key blob, as OpenSSH prints fingerprints (base64 of this).
+    pub sha256: Vec<u8>,
+    /// The known_hosts file and line that matched (only looked up when asked: it costs a pass over the file).
+    pub matched: Option<(PathBuf, usize)>,
+    /// Where the key was recorded under accept-new.
+    pub added: Option<PathBuf>,
+    pub checked: bool,
+}
+
+/// Checks the server's key against every known_hosts file; `locate` also finds the matching line.
+pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<HostKeyReport> {
     let dest = spec.dest();
     let hk_err = |cause: String| Error::HostKey { dest: dest.clone(), cause };
     let (key, ktype) = io.sess.host_key().ok_or_else(|| hk_err("the server sent no host key".into()))?;
     let key = key.to_vec();
-    let path = &spec.known_hosts;
+    let mut report = HostKeyReport {
+        key_type: key_type_name(ktype),
+        sha256: io.sess.host_key_hash(ssh2::HashType::Sha256).map(<[u8]>::to_vec).unwrap_or_default(),
+        matched: None,
+        added: None,
+        checked: false,
+    };
+    if spec.host_key_policy == HostKeyPolicy::Off {
+        return Ok(report);
+    }
+    report.checked = true;
+    let files = &spec.known_hosts;
+    let first = files.first().cloned().unwrap_or_default();
+    let names = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
     let mut kh = io.sess.known_hosts().map_err(|e| hk_err(e.message().to_string()))?;
-    if path.exists() {
+    for path in files.iter().filter(|p| p.exists()) {
         kh.read_file(path, KnownHostFileKind::OpenSSH)
             .map_err(|e| hk_err(format!("cannot read {}: {}", path.display(), e.message())))?;
     }
     match kh.check_port(&spec.host, spec.port, &key) {
-        CheckResult::Match => Ok(()),
-        CheckResult::Mismatch => Err(hk_err(format!(
-            "the {} key the server presented differs from the one recorded for {} in {} \
-             (possible man-in-the-middle, or the host was reinstalled: verify, then remove the old line)",
-            key_type_name(ktype),
-            host_pattern(spec),
-            path.display()
-        ))),
+        CheckResult::Match => {
+            if locate {
+                report.matched = find_line(io, spec, &key, CheckResult::Match);
+            }
+            Ok(report)
+        }
+        CheckResult::Mismatch => {
+            let at = find_line(io, spec, &key, CheckResult::Mismatch)
+                .map(|(p, n)| format!("{}:{n}", p.display()))
+                .unwrap_or(names);
+            Err(hk_err(format!(
+                "the {} key the server presented (SHA256:{}) differs from the one recorded for {} in {at} \
+                 (possible man-in-the-middle, or the host was reinstalled: verify, then remove the old line, \
+                 e.g. `ssh-keygen -R '{}' -f {}`)",
+                key_type_name(ktype),
+                b64(&report.sha256),
+                host_pattern(spec),
+                host_pattern(spec),
+                first.display()
+            )))
+        }
         CheckResult::NotFound if spec.host_key_policy == HostKeyPolicy::AcceptNew => {
             kh.add(&host_pattern(spec), &key, "added by egtunnel", KnownHostKeyFormat::from(ktype))
                 .map_err(|e| hk_err(e.message().to_string()))?;
@@ -234,21 +286,50 @@ fn check_host_key(io: &SshIo, spec: &ConnectSpec) -> Result<()> {
                 .ok()
                 .and_then(|hosts| hosts.last().and_then(|h| kh.write_string(h, KnownHostFileKind::OpenSSH).ok()))
                 .ok_or_else(|| hk_err("cannot format the new known_hosts line".into()))?;
-            append_line(path, &added).map_err(|e| hk_err(format!("cannot record the key in {}: {e}", path.display())))?;
-            info!("recorded new {} host key for {} in {}", key_type_name(ktype), host_pattern(spec), path.display());
-            Ok(())
+            append_line(&first, &added).map_err(|e| hk_err(format!("cannot record the key in {}: {e}", first.display())))?;
+            info!("recorded new {} host key for {} in {}", key_type_name(ktype), host_pattern(spec), first.display());
+            report.added = Some(first);
+            Ok(report)
         }
         CheckResult::NotFound => Err(hk_err(format!(
-            "{} is not in {} (host_key_policy strict): add its key, e.g. `ssh-keyscan -p {} {} >> {}`, \
-             or use host_key_policy accept-new",
+            "{} is not in {names} (host key policy strict): add its key, e.g. `ssh-keyscan -p {} {} >> {}`, \
+             or use accept-new (EG_SSH_HOST_KEY_POLICY, or StrictHostKeyChecking accept-new in ssh_config)",
             host_pattern(spec),
-            path.display(),
             spec.port,
             spec.host,
-            path.display()
+            first.display()
         ))),
-        CheckResult::Failure => Err(hk_err(format!("libssh2 could not check the key against {}", path.display()))),
+        CheckResult::Failure => Err(hk_err(format!("libssh2 could not check the key against {names}"))),
     }
+}
+
+/// The first known_hosts line whose entry for this host gives `want`, each line checked alone by
+/// libssh2's own parser (so hashed names and markers are understood as in the check itself).
+fn find_line(io: &SshIo, spec: &ConnectSpec, key: &[u8], want: CheckResult) -> Option<(PathBuf, usize)> {
+    for path in &spec.known_hosts {
+        let Ok(text) = std::fs::read_to_string(path) else { continue };
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            let Ok(mut one) = io.sess.known_hosts() else { return None };
+            if one.read_str(t, KnownHostFileKind::OpenSSH).is_err() {
+                continue;
+            }
+            let r = one.check_port(&spec.host, spec.port, key);
+            if std::mem::discriminant(&r) == std::mem::discriminant(&want) {
+                return Some((path.clone(), i + 1));
+            }
+        }
+    }
+    None
+}
+
+/// Standard base64 without padding, as OpenSSH prints SHA256 fingerprints.
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
 }
 
 fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
@@ -261,34 +342,40 @@ fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
     f.write_all(line.as_bytes())
 }
 
-/// Tries, in OpenSSH's order: agent, explicit identity, default identities, password.
-async fn authenticate(io: &SshIo, spec: &ConnectSpec) -> Result<()> {
+/// How authentication went: the method that worked and everything tried before it.
+pub struct AuthReport {
+    pub method: String,
+    pub tried: Vec<String>,
+}
+
+/// Tries, in OpenSSH's order: agent (unless IdentitiesOnly), identity files, default identities,
+/// password. Messages name files, never their contents or the password.
+pub async fn authenticate(io: &SshIo, spec: &ConnectSpec) -> Result<AuthReport> {
     let user = spec.user.as_str();
     let mut tried: Vec<String> = Vec::new();
+    let done = |method: String, tried: Vec<String>| Ok(AuthReport { method, tried });
 
-    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() && !spec.identities_only {
         match agent_auth(io, user).await {
-            Ok(true) => return Ok(()),
-            Ok(false) => tried.push("ssh-agent: no key accepted".into()),
+            Ok(Some(comment)) => return done(format!("ssh-agent key {comment}"), tried),
+            Ok(None) => tried.push("ssh-agent: no key accepted".into()),
             Err(e) if is_transport_failure(&e) => return Err(lost(spec, &e)),
             Err(e) => tried.push(format!("ssh-agent: {e}")),
         }
     }
 
-    let mut files = Vec::new();
-    if let Some(f) = &spec.identity_file {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for f in &spec.identity_files {
         if !f.exists() {
-            return Err(Error::Auth {
-                dest: spec.dest(),
-                cause: format!("identity file {} does not exist", f.display()),
-            });
+            tried.push(format!("{}: no such file", f.display()));
+        } else if !files.contains(f) {
+            files.push(f.clone());
         }
-        files.push(f.clone());
     }
-    files.extend(spec.default_identities().into_iter().filter(|p| p.exists() && Some(p) != spec.identity_file.as_ref()));
+    files.extend(spec.default_identities().into_iter().filter(|p| p.exists() && !spec.identity_files.contains(p)));
     for f in &files {
         match io.retry(|s| s.userauth_pubkey_file(user, None, f, None)).await {
-            Ok(()) if io.sess.authenticated() => return Ok(()),
+            Ok(()) if io.sess.authenticated() => return done(format!("publickey {}", f.display()), tried),
             Ok(()) => tried.push(format!("{}: not accepted", f.display())),
             Err(e) if is_transport_failure(&e) => return Err(lost(spec, &e)),
             Err(e) => tried.push(format!("{}: {e}", f.display())),
@@ -297,7 +384,7 @@ async fn authenticate(io: &SshIo, spec: &ConnectSpec) -> Result<()> {
 
     if let Some(pw) = &spec.password {
         match io.retry(|s| s.userauth_password(user, pw)).await {
-            Ok(()) if io.sess.authenticated() => return Ok(()),
+            Ok(()) if io.sess.authenticated() => return done("password".into(), tried),
             Ok(()) => tried.push("password: not accepted".into()),
             Err(e) if is_transport_failure(&e) => return Err(lost(spec, &e)),
             // libssh2's message never contains the password itself.
@@ -311,7 +398,7 @@ async fn authenticate(io: &SshIo, spec: &ConnectSpec) -> Result<()> {
     Err(Error::Auth { dest: spec.dest(), cause: tried.join("; ") })
 }
 
-async fn agent_auth(io: &SshIo, user: &str) -> std::result::Result<bool, RetryError> {
+async fn agent_auth(io: &SshIo, user: &str) -> std::result::Result<Option<String>, RetryError> {
     let mut agent = io.sess.agent().map_err(RetryError::Ssh)?;
     agent.connect().map_err(RetryError::Ssh)?;
     agent.list_identities().map_err(RetryError::Ssh)?;
@@ -319,11 +406,11 @@ async fn agent_auth(io: &SshIo, user: &str) -> std::result::Result<bool, RetryEr
     for id in &ids {
         if io.retry(|_| agent.userauth(user, id)).await.is_ok() && io.sess.authenticated() {
             let _ = agent.disconnect();
-            return Ok(true);
+            return Ok(Some(id.comment().to_string()));
         }
     }
     let _ = agent.disconnect();
-    Ok(false)
+    Ok(None)
 }
 
 /// A dropped socket during authentication is a connection problem, not a refused key.

@@ -1195,6 +1195,27 @@ class RemoteHost:
     def link_up(self) -> None:
         _run(["ip", "-n", self.name, "link", "set", self.peer_ifname, "up"])
 
+    def move_behind(self, jump: "RemoteHost", reach: Sequence[str] = ()) -> None:
+        """Make this host reachable only through `jump`, like a machine behind a bastion.
+
+        Our end of the veth pair moves into the jump host's namespace, so the test process (the gateway's
+        side) has no route here at all, while the jump host reaches `address` directly. Traffic from here
+        to the addresses in `reach` (e.g. a gateway's response address) goes out through the jump host,
+        which masquerades it as its own, as NAT on a real bastion would.
+        """
+        gw = self.gateway_address
+        _run(["ip", "link", "set", self.host_ifname, "netns", jump.name])
+        jump.run(["ip", "addr", "add", f"{gw}/24", "dev", self.host_ifname], check=True, capture_output=True)
+        jump.run(["ip", "link", "set", self.host_ifname, "up"], check=True, capture_output=True)
+        if reach:
+            jump.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True, capture_output=True)
+            jump.run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", f"{self.address}/32",
+                      "-o", jump.peer_ifname, "-j", "MASQUERADE"], check=True, capture_output=True)  # fmt: skip
+        for address in reach:
+            self.run(["ip", "route", "add", f"{address}/32", "via", gw], check=True, capture_output=True)
+            if not address.startswith(f"{NETNS_PREFIX}.{jump.subnet}."):
+                jump.run(["ip", "route", "add", f"{address}/32", "via", jump.gateway_address], check=True, capture_output=True)
+
     def ssh_server(self, **kwargs) -> SshServer:
         """Start an SshServer inside the namespace, listening on `address` (the first becomes .sshd)."""
         kwargs.setdefault("host", self.address)

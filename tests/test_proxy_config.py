@@ -37,6 +37,7 @@ ENV_NAMES = (
     "EG_REMOTE_USER",
     "EG_REMOTE_PWD",
     "EG_REMOTE_GSS_SSH",
+    "EG_SSH_CONFIG",
 )
 
 
@@ -80,22 +81,22 @@ def test_tunneling_rejects_non_booleans(value):
 @pytest.mark.parametrize(
     ("env", "proxy_config", "expected"),
     [
-        ({}, {}, TunnelSettings("shared", 60, 3)),
-        ({}, None, TunnelSettings("shared", 60, 3)),
-        ({"EG_SSH_TUNNEL_MODE": "per-port"}, {}, TunnelSettings("per-port", 60, 3)),
-        ({"EG_SSH_TUNNEL_MODE": " Shared "}, {}, TunnelSettings("shared", 60, 3)),
-        ({"EG_SSH_TUNNEL_MODE": "shared"}, {"tunnel_mode": "per-port"}, TunnelSettings("per-port", 60, 3)),
-        ({"EG_SSH_TUNNEL_MODE": "per-port"}, {"tunnel_mode": "shared"}, TunnelSettings("shared", 60, 3)),
-        ({"EG_SSH_KEEPALIVE_MARGIN": "0"}, {}, TunnelSettings("shared", 0, 3)),
-        ({"EG_SSH_KEEPALIVE_MARGIN": "120"}, {}, TunnelSettings("shared", 120, 3)),
-        ({"EG_SSH_KEEPALIVE_MARGIN": " 7 "}, {}, TunnelSettings("shared", 7, 3)),
-        ({"EG_SSH_KEEPALIVE_MARGIN": str(MAX)}, {}, TunnelSettings("shared", MAX, 3)),
-        ({"EG_SSH_KEEPALIVE_MARGIN": "120"}, {"keepalive_margin": 30}, TunnelSettings("shared", 30, 3)),
-        ({"EG_SSH_KEEPALIVE_MARGIN": "abc"}, {"keepalive_margin": "45"}, TunnelSettings("shared", 45, 3)),
+        ({}, {}, TunnelSettings("shared", 60, None)),
+        ({}, None, TunnelSettings("shared", 60, None)),
+        ({"EG_SSH_TUNNEL_MODE": "per-port"}, {}, TunnelSettings("per-port", 60, None)),
+        ({"EG_SSH_TUNNEL_MODE": " Shared "}, {}, TunnelSettings("shared", 60, None)),
+        ({"EG_SSH_TUNNEL_MODE": "shared"}, {"tunnel_mode": "per-port"}, TunnelSettings("per-port", 60, None)),
+        ({"EG_SSH_TUNNEL_MODE": "per-port"}, {"tunnel_mode": "shared"}, TunnelSettings("shared", 60, None)),
+        ({"EG_SSH_KEEPALIVE_MARGIN": "0"}, {}, TunnelSettings("shared", 0, None)),
+        ({"EG_SSH_KEEPALIVE_MARGIN": "120"}, {}, TunnelSettings("shared", 120, None)),
+        ({"EG_SSH_KEEPALIVE_MARGIN": " 7 "}, {}, TunnelSettings("shared", 7, None)),
+        ({"EG_SSH_KEEPALIVE_MARGIN": str(MAX)}, {}, TunnelSettings("shared", MAX, None)),
+        ({"EG_SSH_KEEPALIVE_MARGIN": "120"}, {"keepalive_margin": 30}, TunnelSettings("shared", 30, None)),
+        ({"EG_SSH_KEEPALIVE_MARGIN": "abc"}, {"keepalive_margin": "45"}, TunnelSettings("shared", 45, None)),
         ({"EG_SSH_KEEPALIVE_COUNT_MAX": "1"}, {}, TunnelSettings("shared", 60, 1)),
         ({"EG_SSH_KEEPALIVE_COUNT_MAX": "1"}, {"keepalive_count_max": 5}, TunnelSettings("shared", 60, 5)),
-        ({"EG_SSH_KEEPALIVE_MARGIN": "", "EG_SSH_KEEPALIVE_COUNT_MAX": " "}, {}, TunnelSettings("shared", 60, 3)),
-        ({}, {"keepalive_margin": None}, TunnelSettings("shared", 60, 3)),
+        ({"EG_SSH_KEEPALIVE_MARGIN": "", "EG_SSH_KEEPALIVE_COUNT_MAX": " "}, {}, TunnelSettings("shared", 60, None)),
+        ({}, {"keepalive_margin": None}, TunnelSettings("shared", 60, None)),
     ],
 )
 def test_tunnel_settings(env, proxy_config, expected):
@@ -153,20 +154,23 @@ def test_allowed_values_match_the_native_module():
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({}, SshSettings(22, "alice", None, None, "strict", None, 10.0)),
-        ({"EG_SSH_PORT": "2222"}, SshSettings(2222, "alice", None, None, "strict", None, 10.0)),
-        ({"EG_SSH_HOST_KEY_POLICY": "accept-new"}, SshSettings(22, "alice", None, None, "accept-new", None, 10.0)),
-        ({"EG_SSH_HOST_KEY_POLICY": "OFF"}, SshSettings(22, "alice", None, None, "off", None, 10.0)),
-        ({"EG_SSH_CONNECT_TIMEOUT": "2.5"}, SshSettings(22, "alice", None, None, "strict", None, 2.5)),
-        ({"EG_SSH_CONNECT_TIMEOUT": "30"}, SshSettings(22, "alice", None, None, "strict", None, 30.0)),
+        # Unset values stay None: the native side takes them from ssh_config, else OpenSSH's defaults.
+        ({}, SshSettings(None, "alice", None, None, None, None, None)),
+        ({"EG_SSH_PORT": "2222"}, SshSettings(2222, "alice", None, None, None, None, None)),
+        ({"EG_SSH_HOST_KEY_POLICY": "accept-new"}, SshSettings(None, "alice", None, None, "accept-new", None, None)),
+        ({"EG_SSH_HOST_KEY_POLICY": "OFF"}, SshSettings(None, "alice", None, None, "off", None, None)),
+        ({"EG_SSH_CONNECT_TIMEOUT": "2.5"}, SshSettings(None, "alice", None, None, None, None, 2.5)),
+        ({"EG_SSH_CONNECT_TIMEOUT": "30"}, SshSettings(None, "alice", None, None, None, None, 30.0)),
         (
             {"EG_SSH_KNOWN_HOSTS": "/etc/kh", "EG_SSH_IDENTITY_FILE": "/keys/id"},
-            SshSettings(22, "alice", None, "/etc/kh", "strict", "/keys/id", 10.0),
+            SshSettings(None, "alice", None, "/etc/kh", None, "/keys/id", None),
         ),
         (
             {"EG_SSH_PORT": "", "EG_SSH_HOST_KEY_POLICY": " "},
-            SshSettings(22, "alice", None, None, "strict", None, 10.0),
+            SshSettings(None, "alice", None, None, None, None, None),
         ),
+        ({"EG_SSH_CONFIG": "/etc/egt/ssh_config"}, SshSettings(None, "alice", ssh_config="/etc/egt/ssh_config")),
+        ({"EG_SSH_CONFIG": "None"}, SshSettings(None, "alice", ssh_config="None")),
     ],
 )
 def test_ssh_settings(env, expected):

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
-from . import kernelspec
+from . import check, kernelspec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     kernelspec.register(commands)
+    check.register(commands)
     return parser
 
 

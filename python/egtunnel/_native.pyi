@@ -1,5 +1,5 @@
 # Type stubs for the Rust extension egtunnel._native: the whole surface the Python package builds on.
-from typing import Awaitable, Optional, TypedDict, final
+from typing import Awaitable, Callable, Optional, TypedDict, final
 
 __all__ = [
     "MAX_KEEP_ALIVE_INTERVAL",
@@ -15,6 +15,8 @@ __all__ = [
     "status",
     "metrics",
     "refresh_log_levels",
+    "explain",
+    "check_host",
 ]
 
 MAX_KEEP_ALIVE_INTERVAL: int
@@ -85,37 +87,39 @@ def open_tunnel(
     channel: str = "SHELL",
     cull_idle_timeout: int = 0,
     keepalive_margin: int = 60,
-    keepalive_count_max: int = 3,
-    port: int = 22,
+    keepalive_count_max: Optional[int] = None,
+    port: Optional[int] = None,
     user: Optional[str] = None,
     identity_file: Optional[str] = None,
     password: Optional[str] = None,
     known_hosts: Optional[str] = None,
-    host_key_policy: str = "strict",
+    host_key_policy: Optional[str] = None,
     local_port: int = 0,
-    connect_timeout: float = 10.0,
+    connect_timeout: Optional[float] = None,
     mode: str = "per-port",
     kernel_id: Optional[str] = None,
     verify: bool = False,
     max_sessions: int = 8,
     max_startups: int = 3,
     refused_wait: float = 30.0,
+    ssh_config: Optional[str] = None,
 ) -> Tunnel: ...
 
 def remote_exec(
     host: str,
     command: str,
     *,
-    port: int = 22,
+    port: Optional[int] = None,
     user: Optional[str] = None,
     identity_file: Optional[str] = None,
     password: Optional[str] = None,
     known_hosts: Optional[str] = None,
-    host_key_policy: str = "strict",
-    connect_timeout: float = 10.0,
+    host_key_policy: Optional[str] = None,
+    connect_timeout: Optional[float] = None,
     timeout: float = 30.0,
     max_sessions: int = 8,
     max_startups: int = 3,
+    ssh_config: Optional[str] = None,
 ) -> ExecResult: ...
 
 _ForwardSpec = tuple[str, str, int]
@@ -126,18 +130,23 @@ class SshTarget:
         cls,
         host: str,
         *,
-        port: int = 22,
+        port: Optional[int] = None,
         user: Optional[str] = None,
         identity_file: Optional[str] = None,
         password: Optional[str] = None,
         known_hosts: Optional[str] = None,
-        host_key_policy: str = "strict",
-        connect_timeout: float = 10.0,
+        host_key_policy: Optional[str] = None,
+        connect_timeout: Optional[float] = None,
         max_sessions: int = 8,
         max_startups: int = 3,
+        ssh_config: Optional[str] = None,
     ) -> "SshTarget": ...
     @property
     def destination(self) -> str: ...
+    @property
+    def host_name(self) -> str: ...
+    @property
+    def jumps(self) -> list[str]: ...
     def exec(self, command: str, timeout: float = 30.0) -> ExecResult: ...
     def exec_async(self, command: str, timeout: float = 30.0) -> Awaitable[ExecResult]: ...
     def open_forwards(
@@ -149,7 +158,7 @@ class SshTarget:
         mode: str = "shared",
         cull_idle_timeout: int = 0,
         keepalive_margin: int = 60,
-        keepalive_count_max: int = 3,
+        keepalive_count_max: Optional[int] = None,
         kernel_id: Optional[str] = None,
         verify: bool = True,
         refused_wait: float = 30.0,
@@ -163,7 +172,7 @@ class SshTarget:
         mode: str = "shared",
         cull_idle_timeout: int = 0,
         keepalive_margin: int = 60,
-        keepalive_count_max: int = 3,
+        keepalive_count_max: Optional[int] = None,
         kernel_id: Optional[str] = None,
         verify: bool = True,
         refused_wait: float = 30.0,
@@ -197,3 +206,28 @@ class _DestinationMetrics(TypedDict):
 
 def metrics() -> list[_DestinationMetrics]: ...
 def refresh_log_levels() -> None: ...
+def explain(
+    host: str,
+    *,
+    port: Optional[int] = None,
+    user: Optional[str] = None,
+    identity_file: Optional[str] = None,
+    known_hosts: Optional[str] = None,
+    host_key_policy: Optional[str] = None,
+    connect_timeout: Optional[float] = None,
+    ssh_config: Optional[str] = None,
+) -> tuple[list[tuple[str, str, str]], list[str]]: ...
+def check_host(
+    host: str,
+    report: Callable[[int, str, bool, str, float], object],
+    *,
+    port: Optional[int] = None,
+    user: Optional[str] = None,
+    identity_file: Optional[str] = None,
+    password: Optional[str] = None,
+    known_hosts: Optional[str] = None,
+    host_key_policy: Optional[str] = None,
+    connect_timeout: Optional[float] = None,
+    ssh_config: Optional[str] = None,
+    command: str = "echo egtunnel-check",
+) -> bool: ...

@@ -65,26 +65,32 @@ class SettingError(ValueError):
 
 @dataclass(frozen=True)
 class SshSettings:
-    """How the gateway reaches a kernel host over SSH: one set for tunnels and remote exec alike."""
+    """How the gateway reaches a kernel host over SSH: one set for tunnels and remote exec alike.
 
-    port: int = DEFAULT_SSH_PORT
+    None means "not set here": the native side then takes the value from the OpenSSH client
+    configuration (`ssh_config`), else OpenSSH's default. Values set here win over the file.
+    """
+
+    port: Optional[int] = None
     user: Optional[str] = None
     # Never printed: excluded from repr so that logging a settings object cannot leak it.
     password: Optional[str] = field(default=None, repr=False)
     known_hosts: Optional[str] = None
-    host_key_policy: str = "strict"
+    host_key_policy: Optional[str] = None
     identity_file: Optional[str] = None
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    connect_timeout: Optional[float] = None
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_startups: int = DEFAULT_MAX_STARTUPS
+    # EG_SSH_CONFIG: None reads ~/.ssh/config then /etc/ssh/ssh_config, "none" reads no file.
+    ssh_config: Optional[str] = None
 
     def destination(self, host: str) -> str:
-        """`user@host:port`, the form every error message names."""
+        """`user@host:port` as far as these settings tell (the native target knows ssh_config's too)."""
         user = self.user if self.user else _current_user()
-        return f"{user}@{host}:{self.port}"
+        return f"{user}@{host}:{self.port if self.port is not None else DEFAULT_SSH_PORT}"
 
     def native_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments shared by `open_tunnel` and `remote_exec`."""
+        """Keyword arguments shared by `open_tunnel`, `remote_exec` and `SshTarget`."""
         return {
             "port": self.port,
             "user": self.user,
@@ -95,7 +101,20 @@ class SshSettings:
             "connect_timeout": self.connect_timeout,
             "max_sessions": self.max_sessions,
             "max_startups": self.max_startups,
+            "ssh_config": self.ssh_config,
         }
+
+    def sources(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """Which variable set each value that is set here, for `python -m egtunnel check`."""
+        names = {
+            "port": "EG_SSH_PORT",
+            "user": "EG_REMOTE_USER",
+            "known_hosts": "EG_SSH_KNOWN_HOSTS",
+            "host_key_policy": "EG_SSH_HOST_KEY_POLICY",
+            "identity_file": "EG_SSH_IDENTITY_FILE",
+            "connect_timeout": "EG_SSH_CONNECT_TIMEOUT",
+        }
+        return {key: f"environment {name}" for key, name in names.items() if _env_value(environ, name) is not None}
 
 
 @dataclass(frozen=True)
@@ -104,7 +123,8 @@ class TunnelSettings:
 
     mode: str = "shared"
     keepalive_margin: int = DEFAULT_KEEPALIVE_MARGIN
-    keepalive_count_max: int = DEFAULT_KEEPALIVE_COUNT_MAX
+    # None: ssh_config's ServerAliveCountMax for the host, else 3.
+    keepalive_count_max: Optional[int] = None
 
 
 def _current_user() -> str:
@@ -200,23 +220,25 @@ def parse_ssh_settings(
 ) -> SshSettings:
     """SSH settings from EG's variables; `user` and `password` come from EG's own proxy (EG_REMOTE_*).
 
-    The session budget may also come from the kernelspec (`max_sessions`), which then wins; the handshake
-    budget is per host for the whole gateway, so only the environment sets it.
+    Each variable left unset leaves its value to the OpenSSH client configuration (EG_SSH_CONFIG names
+    another file, `none` disables it). The session budget may also come from the kernelspec
+    (`max_sessions`), which then wins; the handshake budget is per host for the whole gateway, so only
+    the environment sets it.
     """
     port_raw = _env_value(environ, "EG_SSH_PORT")
-    port = DEFAULT_SSH_PORT
+    port: Optional[int] = None
     if port_raw is not None:
         port = _int_setting(
             port_raw, "EG_SSH_PORT", minimum=1, maximum=65535, expected="must be a port number 1-65535"
         )
 
     policy_raw = _env_value(environ, "EG_SSH_HOST_KEY_POLICY")
-    policy = "strict"
+    policy: Optional[str] = None
     if policy_raw is not None:
         policy = _choice(policy_raw, "EG_SSH_HOST_KEY_POLICY", ALLOWED_HOST_KEY_POLICIES)
 
     timeout_raw = _env_value(environ, "EG_SSH_CONNECT_TIMEOUT")
-    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+    connect_timeout: Optional[float] = None
     if timeout_raw is not None:
         expected = "must be a positive number of seconds"
         try:
@@ -225,6 +247,10 @@ def parse_ssh_settings(
             raise SettingError("EG_SSH_CONNECT_TIMEOUT", timeout_raw, expected) from None
         if not math.isfinite(connect_timeout) or connect_timeout <= 0:
             raise SettingError("EG_SSH_CONNECT_TIMEOUT", timeout_raw, expected)
+
+    ssh_config = _env_value(environ, "EG_SSH_CONFIG")
+    if ssh_config is not None and ssh_config.lower() != "none":
+        ssh_config = os.path.expanduser(ssh_config)
 
     return SshSettings(
         port=port,
@@ -236,6 +262,7 @@ def parse_ssh_settings(
         connect_timeout=connect_timeout,
         max_sessions=_budget(environ, "EG_SSH_MAX_SESSIONS", _config(proxy_config), "max_sessions", DEFAULT_MAX_SESSIONS),
         max_startups=_budget(environ, "EG_SSH_MAX_STARTUPS", {}, None, DEFAULT_MAX_STARTUPS),
+        ssh_config=ssh_config,
     )
 
 
@@ -260,7 +287,7 @@ def parse_tunnel_settings(
         )
 
     raw, setting = _pick(environ, "EG_SSH_KEEPALIVE_COUNT_MAX", cfg, "keepalive_count_max")
-    count_max = DEFAULT_KEEPALIVE_COUNT_MAX
+    count_max: Optional[int] = None
     if raw is not None:
         count_max = _int_setting(
             raw,

@@ -12,6 +12,7 @@ __all__ = [
     "ConnectionDown",
     "TunnelTimeout",
     "ForwardingProhibited",
+    "SshConfigError",
 ]
 
 
@@ -42,3 +43,7 @@ class TunnelTimeout(TunnelError, TimeoutError):
 class ForwardingProhibited(TunnelError):
     """The SSH server's configuration forbids forwarding to the target (AllowTcpForwarding no,
     DisableForwarding yes, or a PermitOpen list without it)."""
+
+
+class SshConfigError(TunnelError, ValueError):
+    """The OpenSSH client configuration (ssh_config) cannot be used; the message names file and line."""

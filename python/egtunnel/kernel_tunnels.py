@@ -142,17 +142,29 @@ class KernelTunnels:
         # EG's `tunnel_processes`: EG's own cleanup() and shutdown_listener() terminate what is here.
         self.store = store
         self._cull_idle_timeout = cull_idle_timeout
-        self._targets: dict[tuple[str, int], Any] = {}
+        self._targets: dict[tuple[str, Optional[int]], Any] = {}
+        # The name the kernel's host was given (an ssh_config alias) by the address EG resolved it to:
+        # EG passes addresses to the hooks, and ssh_config's Host patterns match the name.
+        self._names: dict[str, str] = {}
         self.comm = LivenessProbe(f"Poll through the EG_COMM tunnel for KernelID '{kernel_id}'", log)
         self.remote = LivenessProbe(f"Remote poll for KernelID '{kernel_id}'", log)
 
     # ------------------------------------------------------------------------------------------ settings
 
+    def name_host(self, address: Optional[str], name: Optional[str]) -> None:
+        """Records that EG's `address` for the kernel's host was resolved from `name`."""
+        if address and name and address != name:
+            self._names[address] = name
+
     def destination(self, host: str, port: Optional[int] = None) -> str:
-        return SshSettings(port=self.ssh.port if port is None else port, user=self.ssh.user).destination(host)
+        try:
+            return str(self.target(host, port).destination)
+        except Exception:  # noqa: BLE001 - a message about a host whose settings are themselves broken
+            return SshSettings(port=self.ssh.port if port is None else port, user=self.ssh.user).destination(host)
 
     def target(self, host: str, port: Optional[int] = None) -> Any:
-        """The native SSH target for `host` (validated once, cached)."""
+        """The native SSH target for `host` (validated once, cached), under the name ssh_config knows."""
+        host = self._names.get(host, host)
         key = (host, self.ssh.port if port is None else int(port))
         found = self._targets.get(key)
         if found is None:

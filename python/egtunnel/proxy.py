@@ -78,8 +78,10 @@ class NativeTunnelMixin:
             self.native_tunneling = parse_tunneling(proxy_config, _pp.tunneling_enabled is True)
             # Fail the start now rather than after the remote kernel is already running.
             if self.native_tunneling or self._egtunnel_remote_exec:
-                ssh = parse_ssh_settings(os.environ, user=self.remote_user, password=self.remote_pwd,
-                                         proxy_config=self.proxy_config)  # fmt: skip
+                # EG defaults the remote user to the gateway's own; only a set EG_REMOTE_USER may override
+                # the User of the host's ssh_config entry.
+                ssh = parse_ssh_settings(os.environ, user=os.environ.get("EG_REMOTE_USER") and self.remote_user,
+                                         password=self.remote_pwd, proxy_config=self.proxy_config)  # fmt: skip
                 settings = parse_tunnel_settings(os.environ, self.proxy_config) if self.native_tunneling else TunnelSettings()
                 self.egtunnel = KernelTunnels(self.kernel_id, self.log, ssh, settings, self.tunnel_processes,
                                               lambda: cull_idle_timeout_of(self.kernel_manager))  # fmt: skip
@@ -142,6 +144,7 @@ class NativeTunnelMixin:
 
     def _egtunnel_layout(self, connect_info: dict) -> list[Forward]:
         self.log.debug(f"Host assigned to the kernel is: '{self.assigned_host}' '{self.assigned_ip}'")
+        self.egtunnel.name_host(self.assigned_ip, self.assigned_host)  # type: ignore[union-attr]
         connect_info["ip"] = self.assigned_ip
         self.tunneled_connect_info = dict(connect_info)
         return self.egtunnel.layout(connect_info, self.assigned_ip)  # type: ignore[union-attr]
@@ -323,7 +326,12 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
         # EG's RemoteProcessProxy part (env, authorization); EG's own Distributed body is replaced below.
         await super(_EGDistributedProcessProxy, self).launch_process(kernel_cmd, **kwargs)
         self.assigned_host = self._determine_next_host(env_dict)
-        self.ip = self.assigned_ip = await _resolve(self.assigned_host)
+        try:
+            self.ip = self.assigned_ip = await _resolve(self.egtunnel.target(self.assigned_host))  # type: ignore[union-attr]
+        except (OSError, ValueError) as exc:
+            self.log_and_raise(http_status_code=500, reason=f"KernelID '{self.kernel_id}': cannot resolve kernel host "
+                               f"'{self.assigned_host}': {type(exc).__name__}: {exc}")  # fmt: skip
+        self.egtunnel.name_host(self.assigned_ip, self.assigned_host)  # type: ignore[union-attr]
         try:
             if _pp.BaseProcessProxyABC.ip_is_local(self.ip):
                 result_pid = self._launch_remote_process(kernel_cmd, **kwargs)  # EG's local Popen path
@@ -346,13 +354,22 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
         return self
 
 
-async def _resolve(host: str) -> str:
-    """EG's gethostbyname, without blocking the loop for names (addresses need no lookup)."""
+async def _resolve(target: Any) -> str:
+    """EG's gethostbyname of the kernel host, without blocking the loop, for the name ssh_config gives it
+    (HostName). A host behind a ProxyJump hop may have a name only the hop can resolve: it is kept as a
+    name, and the forwards' destinations are resolved on the far side."""
+    host = target.host_name
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
+        pass
+    try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
-        return str(infos[0][4][0])
+    except OSError:
+        if target.jumps:
+            return str(host)
+        raise
+    return str(infos[0][4][0])
 
 
 class YarnClusterProcessProxy(NativeTunnelMixin, _EGYarnClusterProcessProxy):

@@ -64,7 +64,7 @@ class GatewayConfig:
     cull_idle_timeout: int = 300
     launch_timeout: int = 60
     kernelspecs: list[KernelSpecDef] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)  # last word over every default above
+    env: dict[str, Optional[str]] = field(default_factory=dict)  # last word over every default above; None unsets
     ip: str = "127.0.0.1"
     log_level: str = "DEBUG"
     # OpenSSH finds ~/.ssh through the password database, not $HOME, so EG's own `ssh -L` tunnels would
@@ -205,7 +205,12 @@ class Gateway:
             "EG_UNAUTHORIZED_USERS": "nobody",
             "PYTHONUNBUFFERED": "1",
         })
-        env.update(cfg.env)
+        for key, value in cfg.env.items():
+            # None removes a variable set above (a gateway that leaves a setting to ssh_config).
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         return env
 
     def command(self) -> list[str]:

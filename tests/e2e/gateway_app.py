@@ -56,6 +56,7 @@ def _describe_proxy(proxy: Any) -> dict[str, Any]:
         },
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "mro": [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__],
+        "assigned_host": getattr(proxy, "assigned_host", None),
         "assigned_ip": getattr(proxy, "assigned_ip", None),
         "ip": getattr(proxy, "ip", None),
         "pid": getattr(proxy, "pid", None),

@@ -1,0 +1,184 @@
+//! Connections through a ProxyJump hop: a direct-tcpip channel on the hop's pooled connection, joined
+//! to one end of a socket pair whose other end becomes the next session's socket.
+//!
+//! The hop's connection is shared, kept alive and re-established like any other (it is an ordinary
+//! pool entry, so status() lists it); the session through it checks its own host key and
+//! authenticates on its own. A relay holds a user slot on the hop's connection for as long as the
+//! session through it lives, and asks for keep-alives as often as that session's own policy does,
+//! so a silent hop is noticed as soon as the host behind it would be.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::debug;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{timeout_at, Instant};
+
+use crate::config::ConnectSpec;
+use crate::connection::{Connection, OpenRequest, Target};
+use crate::error::{Error, Result};
+use crate::pool;
+use crate::stats::ForwardStats;
+
+/// Chunks in flight per direction; the same backpressure as a forwarded local connection.
+const QUEUE_DEPTH: usize = 4;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The hop end of one relayed session.
+pub struct Relay {
+    pub jump: Arc<Connection>,
+    /// This relay's key in the hop connection's keep-alive table.
+    pub id: u64,
+    /// When the relay started; `last_rx` counts milliseconds from here.
+    epoch: Instant,
+    last_rx: AtomicU64,
+    closed: AtomicBool,
+    cause: Mutex<Option<String>>,
+    pub stats: Arc<ForwardStats>,
+}
+
+impl Relay {
+    /// Time since the hop last delivered bytes from the server behind it.
+    pub fn since_last_data(&self) -> Duration {
+        let last = Duration::from_millis(self.last_rx.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Why the hop's channel ended, once it has.
+    pub fn closed_cause(&self) -> Option<String> {
+        if !self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.cause.lock().unwrap().clone().unwrap_or_else(|| format!("the channel through {} closed", self.jump.dest())))
+    }
+
+    /// The session behind the hop changed its keep-alive policy: the hop follows.
+    pub fn set_keep_alive(&self, interval: u64, count_max: u32) {
+        pool::relay_keep_alive(&self.jump, self.id, Some((interval, count_max)));
+    }
+
+    fn mark_closed(&self, cause: String) {
+        self.cause.lock().unwrap().get_or_insert(cause);
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// Opens a channel from `hop` to `spec`'s host and port, and returns the socket the session to `spec`
+/// runs over. `keep_alive` is that session's policy, which the hop's connection adopts as well.
+pub async fn connect_via(
+    hop: &ConnectSpec,
+    spec: &ConnectSpec,
+    keep_alive: (u64, u32),
+    deadline: Instant,
+) -> Result<(std::os::unix::net::UnixStream, Arc<Relay>)> {
+    let through = |cause: String| Error::Connect { dest: spec.dest(), cause: format!("through ProxyJump {}: {cause}", hop.dest()) };
+    // Boxed: the hop's connection is established by the same code that called us, and the recursive
+    // future type needs an indirection to be sized (and provably Send).
+    let acquire: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Arc<Connection>, u64)>> + Send + '_>> =
+        Box::pin(pool::acquire_relay(hop, keep_alive.0, keep_alive.1));
+    let (conn, id) = match timeout_at(deadline, acquire).await {
+        Ok(r) => r?,
+        Err(_) => return Err(through(format!("no connection to the hop within {} s", spec.connect_timeout().as_secs_f64()))),
+    };
+    // From here on the slot is ours: give it back on every failure below.
+    let release = |conn: &Arc<Connection>| pool::release_relay(conn, id);
+    let (to_remote, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
+    let (from_remote_tx, from_remote) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
+    let (reply, reply_rx) = oneshot::channel();
+    let stats = Arc::new(ForwardStats::default());
+    conn.open(OpenRequest::new(
+        Target::Forward {
+            host: spec.host.clone(),
+            port: spec.port,
+            to_remote: to_remote_rx,
+            from_remote: from_remote_tx,
+            stats: stats.clone(),
+            reply,
+        },
+        deadline,
+    ));
+    let opened = match timeout_at(deadline, reply_rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(Error::Other { dest: hop.dest(), cause: "connection closed".into() }),
+        Err(_) => Err(Error::Timeout { dest: hop.dest(), what: format!("channel to {}:{}", spec.host, spec.port), secs: spec.connect_timeout().as_secs_f64() }),
+    };
+    if let Err(e) = opened {
+        release(&conn);
+        return Err(match e {
+            // The hop's own refusal says more than a generic connect failure.
+            e @ (Error::Auth { .. } | Error::HostKey { .. } | Error::Config { .. } | Error::Invalid(_)) => e,
+            e => through(e.to_string()),
+        });
+    }
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            release(&conn);
+            return Err(through(format!("socket pair: {e}")));
+        }
+    };
+    let local = match ours.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(ours)) {
+        Ok(s) => s,
+        Err(e) => {
+            release(&conn);
+            return Err(through(format!("socket pair: {e}")));
+        }
+    };
+    let relay = Arc::new(Relay {
+        jump: conn,
+        id,
+        epoch: Instant::now(),
+        last_rx: AtomicU64::new(0),
+        closed: AtomicBool::new(false),
+        cause: Mutex::new(None),
+        stats,
+    });
+    tokio::spawn(pump(local, to_remote, from_remote, relay.clone()));
+    debug!("{} reached through ProxyJump {}", spec.dest(), hop.dest());
+    Ok((theirs, relay))
+}
+
+/// Moves bytes between the socket pair and the hop's channel until either side ends, then gives the
+/// hop's user slot back.
+async fn pump(stream: tokio::net::UnixStream, to_remote: mpsc::Sender<Vec<u8>>, mut from_remote: mpsc::Receiver<Vec<u8>>, relay: Arc<Relay>) {
+    let wake = &relay.jump.shared.wake;
+    let (mut rd, mut wr) = stream.into_split();
+    let upstream = async {
+        let tx = to_remote;
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        break;
+                    }
+                    wake.notify_one();
+                }
+            }
+        }
+        drop(tx);
+        wake.notify_one();
+    };
+    let downstream = async {
+        while let Some(buf) = from_remote.recv().await {
+            let ms = relay.epoch.elapsed().as_millis() as u64;
+            relay.last_rx.store(ms, Ordering::Relaxed);
+            wake.notify_one();
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        // The hop's channel ended (the host behind it closed, or the hop's connection died): the
+        // session over this socket sees EOF and reconnects.
+        relay.mark_closed(format!("the channel through ProxyJump {} closed", relay.jump.dest()));
+        let _ = wr.shutdown().await;
+        from_remote.close();
+        wake.notify_one();
+    };
+    tokio::join!(upstream, downstream);
+    relay.mark_closed(format!("the channel through ProxyJump {} closed", relay.jump.dest()));
+    pool::release_relay(&relay.jump, relay.id);
+}

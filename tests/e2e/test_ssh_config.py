@@ -1,0 +1,134 @@
+"""Kernels on hosts that only the gateway's ssh_config knows how to reach: an alias (HostName, Port,
+User, IdentityFile, UserKnownHostsFile from the file, nothing from EG_* variables), and a host behind
+a bastion (ProxyJump) that the gateway has no route to at all, while the host still reaches the
+gateway's response address through NAT on the bastion.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import hosts
+
+from .conftest import E2EHosts
+from .gateway import Gateway
+from .support import kernel_side_procs, kernel_status, report, require_native, wait_for
+
+pytestmark = pytest.mark.e2e
+
+RECOVERY_BUDGET = 30.0
+
+
+class Topology:
+    def __init__(self, bastion: hosts.RemoteHost, behind: hosts.RemoteHost, config: Path) -> None:
+        self.bastion = bastion
+        self.behind = behind
+        self.config = config
+
+    def dest(self, host: hosts.RemoteHost) -> str:
+        return f"{host.sshd.user}@{host.address}:{host.sshd.port}"
+
+
+@pytest.fixture(scope="module")
+def topology(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    bastion = hosts.RemoteHost().start()
+    behind = hosts.RemoteHost().start()
+    try:
+        # A port other than EG_SSH_PORT's hosts, so that a working start proves the file's Port was used.
+        port = hosts.free_port()
+        for host, name in ((bastion, "bastion"), (behind, "behind")):
+            host.ssh_server(workdir=tmp_path_factory.mktemp(f"sshd-{name}"), port=port)
+            host.sshd.authorized_keys.write_text(Path(f"{e2e_hosts.identity_file}.pub").read_text())
+        behind.move_behind(bastion, reach=[e2e_hosts.a.gateway_address])
+        workdir = tmp_path_factory.mktemp("ssh-config")
+        known = workdir / "known_hosts"
+        known.write_text(bastion.sshd.known_hosts_line() + behind.sshd.known_hosts_line())
+        common = (f"  User {bastion.sshd.user}\n  IdentityFile {e2e_hosts.identity_file}\n"
+                  f"  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n")  # fmt: skip
+        config = workdir / "ssh_config"
+        config.write_text(
+            f"Host kh-alias\n  HostName {bastion.address}\n  Port {port}\n{common}"
+            f"Host kh-behind\n  HostName {behind.address}\n  Port {port}\n  ProxyJump kh-alias\n{common}")
+        yield Topology(bastion, behind, config)
+    finally:
+        behind.close()
+        bastion.close()
+
+
+@pytest.fixture(scope="module")
+def ssh_config_gateway(gateway_factory: Callable[..., Gateway], topology: Topology) -> Gateway:
+    # Every SSH setting the other gateways take from EG_* variables is left to the file here.
+    unset = {name: None for name in ("EG_SSH_PORT", "EG_REMOTE_USER", "EG_SSH_IDENTITY_FILE",
+                                     "EG_SSH_KNOWN_HOSTS", "EG_SSH_HOST_KEY_POLICY")}  # fmt: skip
+    gw = gateway_factory("ssh-config", remote_hosts=["kh-alias"], private_ssh_config=False,
+                         env={**unset, "EG_SSH_CONFIG": str(topology.config)})  # fmt: skip
+    require_native(gw)
+    return gw
+
+
+def test_the_gateway_cannot_reach_the_host_behind_the_bastion(topology: Topology) -> None:
+    with pytest.raises(OSError):
+        socket.create_connection((topology.behind.address, topology.behind.sshd.port), timeout=2).close()
+    assert hosts.port_accepts(topology.bastion.address, topology.bastion.sshd.port)
+
+
+def test_kernel_on_an_ssh_config_alias_runs_through_eg(ssh_config_gateway: Gateway, topology: Topology) -> None:
+    gw = ssh_config_gateway
+    client = gw.client(timeout=120)
+    try:
+        kernel = client.start_kernel("egt", timeout=120)  # EG_REMOTE_HOSTS names the alias only
+        assert kernel.execute("print(6 * 7)").stdout == "42\n"
+        status = kernel_status(gw, kernel)
+        assert status["assigned_host"] == "kh-alias" and status["assigned_ip"] == topology.bastion.address
+        conns = [c for c in gw.status()["connections"] if c["host"] == topology.bastion.address]
+        assert [(c["user"], c["port"], c["via"]) for c in conns] == [
+            (topology.bastion.sshd.user, topology.bastion.sshd.port, None)]
+        kernel.delete()
+    finally:
+        client.close()
+    wait_for(lambda: not kernel_side_procs(topology.bastion), 30, what="nothing left on the alias host")
+
+
+def test_kernel_behind_a_bastion_starts_via_proxyjump_and_recovers(ssh_config_gateway: Gateway, topology: Topology) -> None:
+    gw = ssh_config_gateway
+    behind, bastion = topology.behind, topology.bastion
+    client = gw.client(timeout=120)
+    try:
+        started = time.monotonic()
+        kernel = client.start_kernel("egt", env={"KERNEL_REMOTE_HOST": "kh-behind"}, timeout=120)
+        start_seconds = time.monotonic() - started
+        assert kernel.execute("state = 41; print('behind')").stdout == "behind\n"
+        assert kernel_status(gw, kernel)["assigned_ip"] == behind.address
+        conns = {(c["host"], c["port"]): c for c in gw.status()["connections"]}
+        inner = conns[(behind.address, behind.sshd.port)]
+        outer = conns[(bastion.address, bastion.sshd.port)]
+        assert inner["via"] == topology.dest(bastion) and inner["alive"]
+        assert outer["relays"] >= 1 and outer["via"] is None and outer["alive"]
+        assert {f["channel"] for f in inner["forwards"]} == {"SHELL", "IOPUB", "STDIN", "HB", "CONTROL", "EG_COMM"}
+        assert gw.ssh_children() == []
+
+        # The bastion's sshd restarts, killing the sessions that carried the kernel's connection.
+        bastion.sshd.restart(kill_sessions=True)
+        cut = time.monotonic()
+        recovered = None
+        while time.monotonic() - cut < RECOVERY_BUDGET:
+            try:
+                if kernel.execute("print(state + 1)", timeout=2.5).stdout == "42\n":
+                    recovered = time.monotonic() - cut
+                    break
+            except TimeoutError:
+                continue
+        assert recovered is not None, f"no cell through the bastion within {RECOVERY_BUDGET} s"
+        conns = {(c["host"], c["port"]): c for c in gw.status()["connections"]}
+        assert conns[(behind.address, behind.sshd.port)]["reconnects"] >= 1
+        assert kernel.lifecycle_states == [], "the gateway restarted or gave up on a healthy kernel"
+        kernel.delete()
+    finally:
+        client.close()
+    wait_for(lambda: not kernel_side_procs(behind), 30, what="nothing left on the host behind the bastion")
+    report("proxyjump", start=start_seconds, recovery=recovered)

@@ -1,0 +1,215 @@
+"""egtunnel follows the OpenSSH client configuration, against real sshd servers on loopback: aliases,
+precedence of explicit settings, StrictHostKeyChecking accept-new, errors naming file and line,
+ProxyJump through a real hop, and `python -m egtunnel check` with its exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import egtunnel
+import hosts
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _alias_block(name: str, server: hosts.SshServer, known_hosts: Path, **extra: str) -> str:
+    lines = [
+        f"Host {name}",
+        f"  HostName {server.host}",
+        f"  Port {server.port}",
+        f"  User {server.user}",
+        f"  IdentityFile {server.identity_file}",
+        f"  UserKnownHostsFile {known_hosts}",
+    ]
+    lines += [f"  {k} {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_supplies_hostname_port_user_identity_and_known_hosts(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    kh = sshd.write_known_hosts(tmp_path / "known_hosts")
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh))
+    target = egtunnel.SshTarget("kernel-host", ssh_config=str(cfg))
+    assert target.destination == f"{sshd.user}@{sshd.host}:{sshd.port}"
+    assert target.host_name == sshd.host
+    assert target.jumps == []
+    assert target.exec("echo through-the-alias").lines() == ["through-the-alias"]
+    # The same through the module-level calls, which every other entry point shares.
+    assert egtunnel.remote_exec("kernel-host", "echo again", ssh_config=str(cfg)).lines() == ["again"]
+
+
+def test_explicit_settings_win_over_the_file(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    kh = sshd.write_known_hosts(tmp_path / "known_hosts")
+    closed = hosts.free_port()
+    cfg = _write(tmp_path / "ssh_config", (
+        f"Host kernel-host\n  HostName {sshd.host}\n  Port {closed}\n  User nobody\n"
+        f"  IdentityFile {sshd.wrong_identity_file}\n  UserKnownHostsFile {kh}\n  ConnectTimeout 3\n"))  # fmt: skip
+    # The file alone points at a closed port.
+    with pytest.raises(egtunnel.SshConnectError) as failure:
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("true")
+    assert f"nobody@{sshd.host}:{closed}" in str(failure.value)
+    # Explicit port, user and identity (EG_SSH_PORT, EG_REMOTE_USER, EG_SSH_IDENTITY_FILE) win.
+    target = egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), port=sshd.port, user=sshd.user,
+                                identity_file=str(sshd.identity_file))  # fmt: skip
+    assert target.destination == f"{sshd.user}@{sshd.host}:{sshd.port}"
+    assert target.exec("echo explicit").lines() == ["explicit"]
+
+
+def test_accept_new_from_the_file_records_an_unknown_key(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    kh = _write(tmp_path / "known_hosts", "")
+    strict = _write(tmp_path / "strict", _alias_block("kernel-host", sshd, kh))
+    with pytest.raises(egtunnel.HostKeyError) as failure:
+        egtunnel.SshTarget("kernel-host", ssh_config=str(strict)).exec("true")
+    assert str(kh) in str(failure.value)
+    assert kh.read_text() == ""
+    accept = _write(tmp_path / "accept", _alias_block("kernel-host", sshd, kh, StrictHostKeyChecking="accept-new"))
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(accept)).exec("echo ok").lines() == ["ok"]
+    recorded = kh.read_text()
+    assert f"[{sshd.host}]:{sshd.port}" in recorded and sshd.host_public_key.split()[1] in recorded
+    # The explicit policy still wins over the file.
+    kh.write_text("")
+    with pytest.raises(egtunnel.HostKeyError):
+        egtunnel.SshTarget("kernel-host", ssh_config=str(accept), host_key_policy="strict").exec("true")
+
+
+def test_malformed_file_fails_naming_file_and_line(tmp_path: Path) -> None:
+    cfg = _write(tmp_path / "ssh_config", "# kernel hosts\nHost kernel-host\n  HostName 10.0.0.1\n  Port twenty-two\n")
+    with pytest.raises(egtunnel.SshConfigError) as failure:
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg))
+    assert f"{cfg}:4" in str(failure.value), failure.value
+    assert isinstance(failure.value, ValueError)
+    bad_value = _write(tmp_path / "bad_value", "Host *\n  User u\n  StrictHostKeyChecking sometimes\n")
+    with pytest.raises(egtunnel.SshConfigError) as failure:
+        egtunnel.SshTarget("kernel-host", ssh_config=str(bad_value))
+    assert f"{bad_value}:3" in str(failure.value) and "StrictHostKeyChecking" in str(failure.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        egtunnel.SshTarget("kernel-host", ssh_config=str(tmp_path / "missing"))
+    # `none` reads no file at all: the name is the host.
+    assert egtunnel.SshTarget("kernel-host", ssh_config="none", port=22, user="u").destination == "u@kernel-host:22"
+
+
+def test_unsupported_options_are_ignored_with_one_debug_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _write(tmp_path / "ssh_config", "Host kernel-host\n  HostName 10.0.0.1\n  ForwardAgent yes\n  VisualHostKey yes\n")
+    caplog.set_level(logging.DEBUG, logger="egtunnel")
+    egtunnel.refresh_log_levels()
+    for _ in range(3):
+        assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), user="u").host_name == "10.0.0.1"
+    for option in ("forwardagent", "visualhostkey"):
+        lines = [r.getMessage() for r in caplog.records if option in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert "not supported by egtunnel" in lines[0] and str(cfg) in lines[0]
+
+
+def _jump_config(tmp_path: Path, hop: hosts.SshServer, host: hosts.SshServer) -> tuple[Path, Path]:
+    kh = _write(tmp_path / "known_hosts", hop.known_hosts_line() + host.known_hosts_line())
+    cfg = _write(tmp_path / "ssh_config", (
+        _alias_block("bastion", hop, kh) + f"Host behind\n  HostName {host.host}\n  Port {host.port}\n"
+        f"  User {host.user}\n  IdentityFile {host.identity_file}\n  UserKnownHostsFile {kh}\n  ProxyJump bastion\n"))  # fmt: skip
+    return cfg, kh
+
+
+def _connections(host: str, port: int) -> list[dict]:
+    return [c for c in egtunnel.status() if c["host"] == host and c["port"] == port]
+
+
+def test_proxyjump_runs_the_session_through_the_hop_and_heals(sshd_factory, tmp_path: Path) -> None:
+    hop, host = sshd_factory(), sshd_factory()
+    cfg, _ = _jump_config(tmp_path, hop, host)
+    target = egtunnel.SshTarget("behind", ssh_config=str(cfg))
+    assert target.jumps == [f"{hop.user}@{hop.host}:{hop.port}"]
+    assert target.exec("echo behind").lines() == ["behind"]
+    # Both hops are pooled connections; the host's names the hop it runs through.
+    (inner,) = _connections(host.host, host.port)
+    (outer,) = _connections(hop.host, hop.port)
+    assert inner["via"] == f"{hop.user}@{hop.host}:{hop.port}" and inner["alive"]
+    assert outer["relays"] == 1 and outer["via"] is None
+    assert hop.established_connections() == 1
+    # The hop's sshd restarts with its sessions killed: the relayed connection comes back through it.
+    hop.restart(kill_sessions=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert target.exec("echo again", 5.0).lines() == ["again"]
+            break
+        except (egtunnel.TunnelError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_proxyjump_hop_failure_names_the_hop(sshd_factory, tmp_path: Path) -> None:
+    hop, host = sshd_factory(), sshd_factory()
+    cfg, _ = _jump_config(tmp_path, hop, host)
+    hop.authorized_keys.write_text("")
+    with pytest.raises(egtunnel.SshAuthError) as failure:
+        egtunnel.SshTarget("behind", ssh_config=str(cfg)).exec("true")
+    assert f"@{hop.host}:{hop.port}" in str(failure.value)
+
+
+# -- python -m egtunnel check ----------------------------------------------------------------------
+
+
+def _check(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "egtunnel", "check", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_check_passes_every_step_and_prints_origins_route_and_keepalive(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    kh = sshd.write_known_hosts(tmp_path / "known_hosts")
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh))
+    gateway_config = _write(tmp_path / "gateway_config.py", "c.MappingKernelManager.cull_idle_timeout = 120\n")
+    r = _check("kernel-host", "--config", str(gateway_config), env={"EG_SSH_CONFIG": str(cfg), "EG_REMOTE_PWD": "pw-secret"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert f"hostname                 {sshd.host}" in out and f"{cfg}:2" in out
+    assert f"{cfg}:3" in out and f"{cfg}:6" in out  # Port and UserKnownHostsFile lines
+    assert f"Route: gateway -> {sshd.user}@{sshd.host}:{sshd.port}" in out
+    for step in ("TCP connect", "SSH handshake", "host key", "authentication", "test channel", "remote command"):
+        assert f"[ ok ] {step}" in out, out
+    assert f"SHA256:" in out and f"matches {kh}:1" in out
+    assert f"publickey {sshd.identity_file}" in out
+    assert "SHELL    180 s" in out and "CONTROL  3153600000 s" in out and f"from {gateway_config}" in out
+    assert "Result: OK, all 6 steps passed" in out
+    assert "pw-secret" not in out + r.stderr
+
+
+def test_check_unknown_host_key_fails_and_says_what_to_do(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    r = _check(sshd.host, "--port", str(sshd.port), "--identity-file", str(sshd.identity_file),
+               "--known-hosts", str(sshd.empty_known_hosts()), env={"EG_SSH_CONFIG": "none"})  # fmt: skip
+    assert r.returncode == 1, r.stdout
+    assert "[ ok ] SSH handshake" in r.stdout and "[FAIL] host key" in r.stdout
+    assert "ssh-keyscan" in r.stdout and "accept-new" in r.stdout
+    assert "authentication" not in r.stdout.split("[FAIL] host key", 1)[1].split("Keep-alive")[0]
+    assert "Result: FAILED at host key" in r.stdout
+
+
+def test_check_changed_host_key_names_the_offending_line(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    kh = _write(tmp_path / "known_hosts", "# recorded earlier\n" + sshd.known_hosts_line())
+    sshd.regenerate_host_key()
+    r = _check(sshd.host, "--port", str(sshd.port), "--identity-file", str(sshd.identity_file),
+               "--known-hosts", str(kh), env={"EG_SSH_CONFIG": "none"})  # fmt: skip
+    assert r.returncode == 1, r.stdout
+    assert "[FAIL] host key" in r.stdout and "differs" in r.stdout and f"{kh}:2" in r.stdout, r.stdout
+
+
+def test_check_unreachable_host_fails_at_tcp_connect(tmp_path: Path) -> None:
+    closed = hosts.free_port()
+    r = _check("127.0.0.1", "--port", str(closed), "--user", "u", env={"EG_SSH_CONFIG": "none"})
+    assert r.returncode == 1, r.stdout
+    assert "[FAIL] TCP connect" in r.stdout and f"u@127.0.0.1:{closed}" in r.stdout and "refused" in r.stdout.lower()
+
+
+def test_check_reports_a_malformed_config(tmp_path: Path) -> None:
+    cfg = _write(tmp_path / "ssh_config", "Host x\n  Port 0x16\n")
+    r = _check("x", env={"EG_SSH_CONFIG": str(cfg)})
+    assert r.returncode == 1 and f"{cfg}:2" in r.stdout, r.stdout

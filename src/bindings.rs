@@ -4,19 +4,21 @@
 // pyo3 0.22's #[pyfunction] expansion trips this lint on every PyResult return type.
 #![allow(clippy::useless_conversion)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyConnectionRefusedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
+use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use crate::config::{check_port, ConnectSpec, HostKeyPolicy, Options, TunnelMode};
 use crate::error::Error;
 use crate::exec::ExecOutput;
 use crate::forward::Forward;
 use crate::keepalive::{self, Channel, MAX_KEEP_ALIVE_INTERVAL};
+use crate::metrics::{self as native_metrics, counted, Operation};
 use crate::pool::{self, ForwardRequest};
 use crate::requests;
 use crate::runtime;
@@ -67,6 +69,25 @@ fn to_py(err: Error, context: &str) -> PyErr {
 
 fn invalid(msg: String) -> PyErr {
     PyValueError::new_err(msg)
+}
+
+/// Set once the first open of the process has looked at EG_TUNNEL_METRICS_PORT.
+static METRICS_HOOKED: AtomicBool = AtomicBool::new(false);
+
+/// Starts the Prometheus endpoint on the first open when EG_TUNNEL_METRICS_PORT is set; afterwards one
+/// atomic load. Never fails or delays the open beyond binding a local socket: whatever goes wrong is
+/// logged by `egtunnel.metrics`, or here when that module cannot even be imported.
+fn metrics_hook(py: Python<'_>) {
+    if METRICS_HOOKED.load(Ordering::Relaxed) || METRICS_HOOKED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    if std::env::var_os(native_metrics::PORT_VAR).is_none() {
+        return;
+    }
+    let started = py.import_bound("egtunnel.metrics").and_then(|m| m.call_method0("start_from_environment"));
+    if let Err(e) = started {
+        log::error!("{} is set but the metrics endpoint cannot start: {e}", native_metrics::PORT_VAR);
+    }
 }
 
 /// A culling timeout as Python gives it: ints are unbounded there and EG compares them as such, so
@@ -377,6 +398,7 @@ fn open_tunnel(
     let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
     let keepalive_count_max = count_max(keepalive_count_max, &spec)?;
     let ctx = format!("{ch} tunnel to {remote_host}:{remote_port}");
+    metrics_hook(py);
     let req = ForwardRequest {
         channel: ch,
         remote_host: remote_host.to_string(),
@@ -389,7 +411,7 @@ fn open_tunnel(
         refused_wait,
     };
     let fwd = py
-        .allow_threads(|| runtime::block_on(pool::open_forward(&spec, mode, req)))
+        .allow_threads(|| runtime::block_on(counted(&spec, Operation::Forward, pool::open_forward(&spec, mode, req))))
         .map_err(|e| to_py(e, &ctx))?;
     Ok(Tunnel { fwd })
 }
@@ -448,8 +470,9 @@ fn remote_exec(
 ) -> PyResult<ExecResult> {
     let timeout = positive_duration(timeout, "timeout")?;
     let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
+    metrics_hook(py);
     let out = py
-        .allow_threads(|| runtime::block_on(pool::exec(&spec, command, timeout)))
+        .allow_threads(|| runtime::block_on(counted(&spec, Operation::Command, pool::exec(&spec, command, timeout))))
         .map_err(|e| to_py(e, "remote command"))?;
     Ok(ExecResult { out })
 }
@@ -569,8 +592,9 @@ impl SshTarget {
     fn exec(&self, py: Python<'_>, command: &str, timeout: f64) -> PyResult<ExecResult> {
         let timeout = positive_duration(timeout, "timeout")?;
         let spec = self.spec.clone();
+        metrics_hook(py);
         let out = py
-            .allow_threads(|| runtime::block_on(pool::exec(&spec, command, timeout)))
+            .allow_threads(|| runtime::block_on(counted(&spec, Operation::Command, pool::exec(&spec, command, timeout))))
             .map_err(|e| to_py(e, "remote command"))?;
         Ok(ExecResult { out })
     }
@@ -580,8 +604,11 @@ impl SshTarget {
     fn exec_async<'py>(&self, py: Python<'py>, command: String, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
         let timeout = positive_duration(timeout, "timeout")?;
         let spec = self.spec.clone();
+        metrics_hook(py);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let out = pool::exec(&spec, &command, timeout).await.map_err(|e| to_py(e, "remote command"))?;
+            let out = counted(&spec, Operation::Command, pool::exec(&spec, &command, timeout))
+                .await
+                .map_err(|e| to_py(e, "remote command"))?;
             Ok(ExecResult { out })
         })
     }
@@ -611,7 +638,10 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=No
         let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
                              count, kernel_id, verify, refused_wait)?;
         let spec = self.spec.clone();
-        let opened = py.allow_threads(|| runtime::block_on(pool::open_kernel_forwards(&spec, args.mode, args.plan)));
+        metrics_hook(py);
+        let opened = py.allow_threads(|| {
+            runtime::block_on(counted(&spec, Operation::Forward, pool::open_kernel_forwards(&spec, args.mode, args.plan)))
+        });
         opened.map(tunnels).map_err(|e| to_py(e, ""))
     }
 
@@ -640,8 +670,9 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=No
         let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
                              count, kernel_id, verify, refused_wait)?;
         let spec = self.spec.clone();
+        metrics_hook(py);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let opened = pool::open_kernel_forwards(&spec, args.mode, args.plan).await;
+            let opened = counted(&spec, Operation::Forward, pool::open_kernel_forwards(&spec, args.mode, args.plan)).await;
             opened.map(tunnels).map_err(|e| to_py(e, ""))
         })
     }
@@ -663,9 +694,11 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         d.set_item("port", c.port)?;
         d.set_item("mode", c.mode)?;
         d.set_item("alive", c.alive)?;
+        d.set_item("state", c.state)?;
         d.set_item("reconnects", c.reconnects)?;
         d.set_item("keep_alive_interval", c.keep_alive_interval)?;
         d.set_item("keepalives_sent", c.keepalives_sent)?;
+        d.set_item("keepalives_unanswered", c.keepalives_unanswered)?;
         d.set_item("last_error", &c.last_error)?;
         d.set_item("session_budget", c.session_budget)?;
         d.set_item("session_refusals", c.session_refusals)?;
@@ -687,6 +720,42 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
             forwards.append(fd)?;
         }
         d.set_item("forwards", forwards)?;
+        list.append(d)?;
+    }
+    Ok(list)
+}
+
+/// Per-destination totals and live gauges, for `egtunnel.metrics` to turn into Prometheus families.
+#[pyfunction]
+fn metrics<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty_bound(py);
+    for m in native_metrics::snapshot() {
+        let d = PyDict::new_bound(py);
+        d.set_item("user", &m.key.user)?;
+        d.set_item("host", &m.key.host)?;
+        d.set_item("port", m.key.port)?;
+        let states = PyDict::new_bound(py);
+        states.set_item("connected", m.connected)?;
+        states.set_item("reconnecting", m.reconnecting)?;
+        states.set_item("stopped", m.stopped)?;
+        d.set_item("connections", states)?;
+        d.set_item("forwards", m.forwards.into_iter().collect::<Vec<_>>().into_py_dict_bound(py))?;
+        d.set_item("open_channels", m.open_channels)?;
+        d.set_item("keepalives_unanswered", m.keepalives_unanswered)?;
+        d.set_item("connections_opened", m.connections_opened)?;
+        d.set_item("reconnects", m.reconnects)?;
+        d.set_item("forwards_opened", m.forwards_opened)?;
+        d.set_item("bytes_to_remote", m.bytes_to_remote)?;
+        d.set_item("bytes_from_remote", m.bytes_from_remote)?;
+        d.set_item("keepalives_sent", m.keepalives_sent)?;
+        d.set_item("commands_ok", m.commands_ok)?;
+        d.set_item("commands_failed", m.commands_failed)?;
+        let h = PyDict::new_bound(py);
+        h.set_item("buckets", m.command_latency.buckets)?;
+        h.set_item("count", m.command_latency.count)?;
+        h.set_item("sum", m.command_latency.sum)?;
+        d.set_item("command_seconds", h)?;
+        d.set_item("failures", m.failures)?;
         list.append(d)?;
     }
     Ok(list)
@@ -787,6 +856,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_tunnel, m)?)?;
     m.add_function(wrap_pyfunction!(remote_exec, m)?)?;
     m.add_function(wrap_pyfunction!(status, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics, m)?)?;
     m.add_function(wrap_pyfunction!(refresh_log_levels, m)?)?;
     m.add_function(wrap_pyfunction!(explain, m)?)?;
     m.add_function(wrap_pyfunction!(check_host, m)?)?;

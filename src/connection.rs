@@ -26,6 +26,7 @@ use crate::exec::{ExecChannel, ExecOutput};
 use crate::forward::{ForwardChannel, Step};
 use crate::idle_reader::{IdleReader, ReaderStep};
 use crate::keepalive::{probe_action, ProbeAction, MAX_KEEP_ALIVE_INTERVAL};
+use crate::metrics::{self, DestTotals, OpenChannel};
 use crate::net;
 use crate::session;
 use crate::stats::{ChannelGuard, ForwardStats};
@@ -116,6 +117,12 @@ pub struct Shared {
     pub users: AtomicUsize,
     /// Local connection tasks poke this after moving bytes so the actor pumps again.
     pub wake: Notify,
+    /// Keep-alive probes sent since the server last sent anything (a gauge for metrics).
+    pub keepalives_unanswered: AtomicU64,
+    /// Set when reconnecting stopped for good (host key changed, credentials refused).
+    pub stopped: AtomicBool,
+    /// The destination's process-wide counters, which outlive this connection (see `metrics`).
+    pub totals: Arc<DestTotals>,
 }
 
 impl Shared {
@@ -137,6 +144,7 @@ impl Connection {
     /// Starts the actor and waits for the first connection; on failure nothing is left running.
     pub async fn start(spec: ConnectSpec, mode: TunnelMode, interval: u64, count_max: u32) -> Result<Arc<Connection>> {
         let max_sessions = spec.max_sessions;
+        let totals = metrics::totals_for(&spec);
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             spec,
@@ -150,6 +158,9 @@ impl Connection {
             session_refusals: AtomicU64::new(0),
             users: AtomicUsize::new(0),
             wake: Notify::new(),
+            keepalives_unanswered: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+            totals,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -271,10 +282,12 @@ impl Actor {
                     self.shared.alive.store(true, Ordering::Release);
                     *self.shared.last_error.lock().unwrap() = None;
                     if let Some(r) = ready.take() {
+                        self.shared.totals.connections_opened.fetch_add(1, Ordering::Relaxed);
                         let _ = r.send(Ok(()));
                     } else {
                         warn!("SSH connection {dest} re-established after {} attempt(s)", attempt + 1);
                         self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.shared.totals.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     attempt = 0;
                     let exit = self.connected(io).await;
@@ -304,6 +317,7 @@ impl Actor {
                             req.fail(e.clone());
                         }
                         self.stopped = Some(e);
+                        self.shared.stopped.store(true, Ordering::Relaxed);
                     } else {
                         debug!("reconnect attempt {} to {dest} failed: {e}", attempt + 1);
                     }
@@ -438,6 +452,8 @@ impl Actor {
         let mut last_probe: Option<Instant> = None;
         let mut interval = self.shared.interval.load(Ordering::Relaxed);
         configure_keepalive(&io, interval);
+        self.shared.keepalives_unanswered.store(0, Ordering::Relaxed);
+        let mut unanswered: u64 = 0;
         loop {
             let mut want_write = false;
             if let Err(cause) = self.pump(&io, &mut chans, &mut want_write) {
@@ -447,6 +463,11 @@ impl Actor {
             // still pending before going idle, or sshd's Nagle holds its next packet for ~40 ms.
             net::set_quickack(io.fd());
             let now = Instant::now();
+            if unanswered > 0 && answered_since(&io, last_probe, now) {
+                // Only while probes are out, so an ordinary wake-up costs nothing here.
+                unanswered = 0;
+                self.shared.keepalives_unanswered.store(0, Ordering::Relaxed);
+            }
             let keepalive_at = match keepalive_check(&io, interval, self.count_max, last_probe, now) {
                 ProbeAction::Dead => {
                     return Exit::Dead(format!(
@@ -458,8 +479,12 @@ impl Actor {
                     // libssh2 answers with the seconds until its next probe: the full interval
                     // when it sent one now, less when its own (whole-second) clock says "not yet".
                     Attempt::Done(next) if u64::from(next) >= native_interval(interval) => {
+                        // Reset above if the server answered the previous one.
+                        unanswered += 1;
                         last_probe = Some(now);
+                        self.shared.keepalives_unanswered.store(unanswered, Ordering::Relaxed);
                         self.shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
+                        self.shared.totals.keepalives_sent.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     Attempt::Done(next) => now + Duration::from_secs(u64::from(next.max(1))),
@@ -595,7 +620,7 @@ impl Actor {
                     if req.is_session() {
                         self.session_retry_at = None;
                     }
-                    chans.add(ch, req, &self.shared.spec);
+                    chans.add(ch, req, &self.shared);
                     // Give the new channel its first step right away.
                     chans.step_all(io, want_write)?;
                 }
@@ -622,6 +647,14 @@ fn nanos() -> u64 {
 /// below 2 s, libssh2's own floor.
 fn native_interval(interval: u64) -> u64 {
     interval.clamp(2, u32::MAX as u64)
+}
+
+/// Whether the server sent anything since the last probe (with none sent yet: trivially so).
+fn answered_since(io: &SshIo, last_probe: Option<Instant>, now: Instant) -> bool {
+    match (last_probe, net::since_last_data_received(io.fd())) {
+        (Some(p), Some(idle)) => idle < now - p,
+        _ => true,
+    }
 }
 
 fn configure_keepalive(io: &SshIo, interval: u64) {
@@ -673,7 +706,7 @@ impl Channels {
         self.opening.is_none() && self.forwards.is_empty() && self.execs.is_empty()
     }
 
-    fn add(&mut self, ch: ssh2::Channel, req: OpenRequest, spec: &ConnectSpec) {
+    fn add(&mut self, ch: ssh2::Channel, req: OpenRequest, shared: &Shared) {
         match req.target {
             Target::Forward { to_remote, from_remote, stats, reply, .. } => {
                 // If the caller gave up waiting, its queues are closed too: the channel then sends
@@ -682,7 +715,8 @@ impl Channels {
                 self.forwards.push(ForwardChannel::new(ch, to_remote, from_remote, ChannelGuard::new(stats)));
             }
             Target::Exec { command, reply } => {
-                self.execs.push(ExecChannel::new(ch, command, reply, req.deadline, spec.dest()));
+                let open = OpenChannel::new(shared.totals.clone());
+                self.execs.push(ExecChannel::new(ch, command, reply, req.deadline, shared.spec.dest(), open));
             }
         }
     }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use crate::driver::{is_fatal, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::forward::Step;
+use crate::metrics::OpenChannel;
 
 /// Everything a finished command produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -44,10 +45,19 @@ pub struct ExecChannel {
     err: Vec<u8>,
     out_eof: bool,
     err_eof: bool,
+    /// Counts this channel as open in the destination's metrics until it is dropped.
+    _open: OpenChannel,
 }
 
 impl ExecChannel {
-    pub fn new(ch: ssh2::Channel, command: String, reply: oneshot::Sender<Result<ExecOutput>>, deadline: Instant, dest: String) -> Self {
+    pub fn new(
+        ch: ssh2::Channel,
+        command: String,
+        reply: oneshot::Sender<Result<ExecOutput>>,
+        deadline: Instant,
+        dest: String,
+        open: OpenChannel,
+    ) -> Self {
         ExecChannel {
             ch,
             command,
@@ -61,6 +71,7 @@ impl ExecChannel {
             err: Vec::new(),
             out_eof: false,
             err_eof: false,
+            _open: open,
         }
     }
 

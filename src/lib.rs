@@ -16,6 +16,7 @@
 //! - `requests`: background requests to a forward's remote port (liveness probes, signals).
 //! - `pool`: one connection per host (shared) or per port, lingering and status.
 //! - `stats`: counters read without disturbing the actor.
+//! - `metrics`: process-wide totals per destination for Prometheus, and the scrape-time snapshot.
 //! - `runtime`: the process-wide tokio runtime.
 //! - `check`: every stage of reaching a host, reported one by one (`python -m egtunnel check`).
 //! - `bindings`: the thin PyO3 layer (`egtunnel._native`).
@@ -31,6 +32,7 @@ pub mod forward;
 pub mod idle_reader;
 pub mod jump;
 pub mod keepalive;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod requests;

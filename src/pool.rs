@@ -232,7 +232,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         count_max: req.count_max,
         refused_wait: req.refused_wait,
         listened: AtomicBool::new(false),
-        stats: Arc::new(ForwardStats::default()),
+        stats: Arc::new(ForwardStats::new(conn.shared.totals.clone())),
         failing: AtomicBool::new(false),
         liveness: Default::default(),
     });
@@ -316,12 +316,15 @@ pub fn close_forward(fwd: &Arc<Forward>) {
 pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Result<ExecOutput> {
     let conn = acquire(spec, TunnelMode::Shared, MAX_KEEP_ALIVE_INTERVAL as u64, 3).await?;
     let (reply, rx) = oneshot::channel();
+    // Latency as the connection serves it (queueing for a session slot included), not the handshake.
+    let queued = Instant::now();
     conn.open(OpenRequest::new(Target::Exec { command: command.to_string(), reply }, Instant::now() + timeout));
     let out = match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }),
         Err(_) => Err(Error::Timeout { dest: conn.dest(), what: "remote command".into(), secs: timeout.as_secs_f64() }),
     };
+    conn.shared.totals.command_done(queued.elapsed(), out.is_ok());
     release(&conn, None);
     out
 }
@@ -538,9 +541,12 @@ pub struct ConnectionStatus {
     pub port: u16,
     pub mode: &'static str,
     pub alive: bool,
+    /// "connected", "reconnecting" or "stopped" (reconnecting gave up: host key, credentials).
+    pub state: &'static str,
     pub reconnects: u64,
     pub keep_alive_interval: u64,
     pub keepalives_sent: u64,
+    pub keepalives_unanswered: u64,
     pub last_error: Option<String>,
     pub session_budget: usize,
     pub session_refusals: u64,
@@ -566,9 +572,15 @@ pub fn status() -> Vec<ConnectionStatus> {
                 port: s.spec.port,
                 mode: s.mode.as_str(),
                 alive: e.conn.is_alive(),
+                state: match (e.conn.is_alive(), s.stopped.load(Ordering::Relaxed)) {
+                    (true, _) => "connected",
+                    (false, false) => "reconnecting",
+                    (false, true) => "stopped",
+                },
                 reconnects: s.reconnects.load(Ordering::Relaxed),
                 keep_alive_interval: s.interval.load(Ordering::Relaxed),
                 keepalives_sent: s.keepalives_sent.load(Ordering::Relaxed),
+                keepalives_unanswered: s.keepalives_unanswered.load(Ordering::Relaxed),
                 last_error: s.last_error.lock().unwrap().clone(),
                 session_budget: s.session_budget.load(Ordering::Relaxed),
                 session_refusals: s.session_refusals.load(Ordering::Relaxed),

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::metrics::{DestTotals, OpenChannel};
+
 #[derive(Default)]
 pub struct ForwardStats {
     pub bytes_in: AtomicU64,
@@ -19,15 +21,25 @@ pub struct ForwardStats {
     /// SSH channels of this forward the driver still holds; terminate waits for zero.
     open_channels: AtomicUsize,
     channels_closed: Notify,
+    /// The destination's process-wide totals, which outlive this forward (see `metrics`).
+    totals: Arc<DestTotals>,
 }
 
 impl ForwardStats {
+    /// Counts for a new forward, adding to its destination's totals as well.
+    pub fn new(totals: Arc<DestTotals>) -> Self {
+        totals.forwards_opened.fetch_add(1, Ordering::Relaxed);
+        ForwardStats { totals, ..Default::default() }
+    }
+
     pub fn add_in(&self, n: usize) {
         self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        self.totals.bytes_from_remote.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub fn add_out(&self, n: usize) {
         self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        self.totals.bytes_to_remote.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub fn open_channels(&self) -> usize {
@@ -47,12 +59,17 @@ impl ForwardStats {
 }
 
 /// Held by the driver for each live channel of a forward.
-pub struct ChannelGuard(Arc<ForwardStats>);
+pub struct ChannelGuard(
+    Arc<ForwardStats>,
+    // Held only for its Drop: counts the channel in the destination's metrics while it lives.
+    #[allow(dead_code)] OpenChannel,
+);
 
 impl ChannelGuard {
     pub fn new(stats: Arc<ForwardStats>) -> Self {
         stats.open_channels.fetch_add(1, Ordering::AcqRel);
-        ChannelGuard(stats)
+        let open = OpenChannel::new(stats.totals.clone());
+        ChannelGuard(stats, open)
     }
 
     pub fn stats(&self) -> &ForwardStats {

@@ -13,6 +13,7 @@ __all__ = [
     "open_tunnel",
     "remote_exec",
     "status",
+    "metrics",
     "refresh_log_levels",
     "explain",
     "check_host",
@@ -178,6 +179,32 @@ class SshTarget:
     ) -> Awaitable[list[Tunnel]]: ...
 
 def status() -> list[dict[str, object]]: ...
+
+class _CommandSeconds(TypedDict):
+    buckets: list[tuple[float, int]]  # (upper bound in seconds, cumulative count); +Inf is `count`
+    count: int
+    sum: float
+
+class _DestinationMetrics(TypedDict):
+    user: str
+    host: str
+    port: int
+    connections: dict[str, int]  # live, by state: connected, reconnecting, stopped
+    forwards: dict[str, int]  # live, by channel
+    open_channels: int
+    keepalives_unanswered: int
+    connections_opened: int
+    reconnects: int
+    forwards_opened: int
+    bytes_to_remote: int
+    bytes_from_remote: int
+    keepalives_sent: int
+    commands_ok: int
+    commands_failed: int
+    command_seconds: _CommandSeconds
+    failures: list[tuple[str, str, int]]  # (operation, cause, count), non-zero only
+
+def metrics() -> list[_DestinationMetrics]: ...
 def refresh_log_levels() -> None: ...
 def explain(
     host: str,

@@ -76,7 +76,7 @@ pub async fn connect_via(
     let through = |cause: String| Error::Connect { dest: spec.dest(), cause: format!("through ProxyJump {}: {cause}", hop.dest()) };
     // Boxed: the hop's connection is established by the same code that called us, and the recursive
     // future type needs an indirection to be sized (and provably Send).
-    let acquire: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Arc<Connection>, u64)>> + Send + '_>> =
+    let acquire: futures::future::BoxFuture<'_, Result<(Arc<Connection>, u64)>> =
         Box::pin(pool::acquire_relay(hop, keep_alive.0, keep_alive.1));
     let (conn, id) = match timeout_at(deadline, acquire).await {
         Ok(r) => r?,

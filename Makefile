@@ -11,7 +11,16 @@ VENV_PY := $(CURDIR)/$(VENV)/bin/python
 VENV_STAMP := $(VENV)/.stamp-venv
 BUILD_STAMP := $(VENV)/.stamp-build
 RUST_SOURCES := $(shell find src -name '*.rs' 2>/dev/null)
+PY_SOURCES := $(shell find python -type f -not -name '*.so' -not -path '*/__pycache__/*' 2>/dev/null)
 PYTEST_ARGS ?=
+# The portable wheel: one file for every CPython >= 3.9 (abi3) on any x86_64 Linux with glibc >= 2.17
+# (manylinux2014), built with zig, which links against glibc 2.17's symbols whatever this machine has.
+WHEEL_DIR := dist
+WHEEL_STAMP := $(WHEEL_DIR)/.stamp-wheel
+WHEEL_POLICY := manylinux2014
+WHEEL_GLIBC := 2.17
+# What the tests read to find the wheel; the wheel recipe leaves exactly one in WHEEL_DIR.
+WHEEL_ENV = EGTUNNEL_WHEEL="$$(echo $(CURDIR)/$(WHEEL_DIR)/egtunnel-*.whl)"
 
 # rustup installs cargo here without touching PATH for non-login shells such as make's.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
@@ -22,8 +31,8 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO_ENV = PYO3_PYTHON=$(VENV_PY) \
 	LD_LIBRARY_PATH="$$($(VENV_PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"
 
-# The build requirement (maturin) and the `test` extra, read from pyproject.toml so that the list
-# lives in one place.
+# The build requirement (maturin) and the `test` and `wheel` extras, read from pyproject.toml so that
+# the list lives in one place.
 define REQUIREMENTS_PY
 try:
     import tomllib
@@ -31,9 +40,35 @@ except ImportError:
     import tomli as tomllib
 with open("pyproject.toml", "rb") as f:
     meta = tomllib.load(f)
-print("\n".join(meta["build-system"]["requires"] + meta["project"]["optional-dependencies"]["test"]))
+extras = meta["project"]["optional-dependencies"]
+print("\n".join(meta["build-system"]["requires"] + extras["test"] + extras["wheel"]))
 endef
 export REQUIREMENTS_PY
+
+# `auditwheel show` exits 0 even for a wheel no manylinux policy accepts (it then names the plain
+# linux tag), so its verdict is read from the text: the wheel must be abi3 and consistent with a
+# manylinux tag no newer than WHEEL_GLIBC, which also rules out any library outside the policy
+# (libssl, libcrypto, libssh2 or libz from the build machine).
+define WHEEL_CHECK_PY
+import re, subprocess, sys
+wheels = sys.argv[1:]
+if len(wheels) != 1 or not wheels[0].endswith(".whl"):
+    sys.exit(f"expected one wheel, found: {wheels}")
+wheel = wheels[0]
+if "-cp39-abi3-" not in wheel or "$(WHEEL_POLICY)_" not in wheel:
+    sys.exit(f"{wheel}: not tagged cp39-abi3 and $(WHEEL_POLICY)")
+report = subprocess.run(["$(VENV)/bin/auditwheel", "show", wheel], check=True, capture_output=True,
+                        text=True).stdout
+print(report.strip())
+found = re.search(r'following\s+platform\s+tag:\s+"(\w+?)"', report)
+tag = found.group(1) if found else "none"
+m = re.fullmatch(r"manylinux_(\d+)_(\d+)_\w+", tag)
+wanted = tuple(int(n) for n in "$(WHEEL_GLIBC)".split("."))
+if not m or (int(m.group(1)), int(m.group(2))) > wanted:
+    sys.exit(f"auditwheel: {wheel} is {tag}, not manylinux with glibc <= $(WHEEL_GLIBC)")
+print(f"auditwheel: {tag}: ok")
+endef
+export WHEEL_CHECK_PY
 
 # Finds what the build and the tests need from the system; as root installs it with apt-get,
 # otherwise says how. The distro's ssh service must not come up on port 22 as a side effect: the
@@ -49,6 +84,9 @@ have ps || missing="$$missing procps"
 have iptables || missing="$$missing iptables"
 have pkg-config || missing="$$missing pkg-config"
 pkg-config --exists openssl 2>/dev/null || missing="$$missing libssl-dev"
+# The wheel's OpenSSL is configured by perl scripts (IPC::Cmd is in Debian's full perl, not perl-base).
+have perl && perl -MIPC::Cmd -e 1 2>/dev/null || missing="$$missing perl"
+have make || missing="$$missing make"
 have cc || missing="$$missing gcc libc6-dev"
 if ! have "$(PYTHON)"; then
     missing="$$missing python3 python3-venv python3-dev"
@@ -89,7 +127,7 @@ fi
 endef
 export DEPS_SH
 
-.PHONY: help deps venv build cargo-test pytest test demo bench soak scale lint clean distclean
+.PHONY: help deps venv build wheel wheel-test cargo-test pytest test demo bench soak scale lint clean distclean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -97,7 +135,7 @@ help: ## List the targets
 deps: ## Check system packages (sshd, iproute2, OpenSSL headers, ...); install the missing ones with apt-get as root
 	@bash -c "$$DEPS_SH"
 
-venv: $(VENV_STAMP) ## Create .venv with maturin and the `test` extra of pyproject.toml
+venv: $(VENV_STAMP) ## Create .venv with maturin and the `test` and `wheel` extras of pyproject.toml
 
 $(VENV)/bin/python: | deps
 	$(PYTHON) -m venv $(VENV)
@@ -114,15 +152,31 @@ $(BUILD_STAMP): $(VENV_STAMP) Cargo.toml $(wildcard Cargo.lock) pyproject.toml $
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release
 	touch $@
 
+wheel: $(WHEEL_STAMP) ## Build the portable wheel (manylinux2014, abi3, OpenSSL and libssh2 built in) into dist/; check it with auditwheel
+
+# maturin runs zig as `python3 -m ziglang`, from PATH. Variables that would make the -sys crates link a
+# system OpenSSL, libssh2 or zlib instead of the copies they build are removed for this one command.
+$(WHEEL_STAMP): $(VENV_STAMP) Cargo.toml $(wildcard Cargo.lock) pyproject.toml README.md $(RUST_SOURCES) $(PY_SOURCES) | deps
+	rm -f $(WHEEL_DIR)/egtunnel-*.whl $@
+	env -u OPENSSL_NO_VENDOR -u LIBSSH2_SYS_USE_PKG_CONFIG -u LIBZ_SYS_STATIC \
+		PATH=$(CURDIR)/$(VENV)/bin:$$PATH VIRTUAL_ENV=$(CURDIR)/$(VENV) \
+		$(VENV)/bin/maturin build --release --zig --compatibility $(WHEEL_POLICY) \
+		--features extension-module,portable --out $(WHEEL_DIR)
+	$(VENV_PY) -c "$$WHEEL_CHECK_PY" $(WHEEL_DIR)/egtunnel-*.whl
+	touch $@
+
+wheel-test: $(WHEEL_STAMP) ## Install the wheel into a fresh virtualenv outside the checkout; run a gateway and a kernel from it
+	$(WHEEL_ENV) $(VENV_PY) -m pytest -q -rs tests/e2e/test_wheel.py
+
 cargo-test: $(VENV_STAMP) ## Run the Rust unit tests, linked against the venv's Python
 	$(CARGO_ENV) cargo test
 
 pytest: $(BUILD_STAMP) ## Run the Python tests (pass options with PYTEST_ARGS="-k name")
 	$(VENV_PY) -m pytest -q -rs $(PYTEST_ARGS)
 
-test: deps build ## Install what is missing, build, then run cargo test and pytest (what CI runs)
+test: deps build wheel ## Install what is missing, build, then run cargo test and pytest, the wheel's smoke included (what CI runs)
 	$(CARGO_ENV) cargo test
-	$(VENV_PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(WHEEL_ENV) $(VENV_PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 demo: deps build ## Run examples/demo.py
 	$(VENV_PY) examples/demo.py
@@ -145,7 +199,7 @@ lint: $(BUILD_STAMP) ## cargo clippy, and mypy.stubtest of the stubs when mypy i
 	else echo "mypy not installed in $(VENV): stubtest skipped"; fi
 
 clean: ## Remove build outputs and caches (keeps .venv's installed packages)
-	rm -rf target .pytest_cache $(BUILD_STAMP)
+	rm -rf target $(WHEEL_DIR) .pytest_cache $(BUILD_STAMP)
 	rm -f python/egtunnel/*.so
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 

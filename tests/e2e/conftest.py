@@ -23,6 +23,7 @@ import _thread
 import faulthandler
 import os
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,12 +196,14 @@ def gateway_config(h: E2EHosts, **overrides: object) -> GatewayConfig:
 @pytest.fixture(scope="session")
 def gateway_factory(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory
                     ) -> Iterator[Callable[..., Gateway]]:
-    """make(name, **GatewayConfig overrides) -> a started gateway, stopped at the end of the session
-    (or earlier by the test calling stop())."""
+    """make(name, python=..., **GatewayConfig overrides) -> a started gateway, stopped at the end of the
+    session (or earlier by the test calling stop()). `python` runs the gateway, the kernelspec installer
+    and the kernels (default: this interpreter)."""
     started: list[Gateway] = []
 
-    def make(name: str, **overrides: object) -> Gateway:
-        gw = Gateway(tmp_path_factory.mktemp(f"gateway-{name}"), gateway_config(e2e_hosts, **overrides))
+    def make(name: str, python: str = sys.executable, **overrides: object) -> Gateway:
+        gw = Gateway(tmp_path_factory.mktemp(f"gateway-{name}"), gateway_config(e2e_hosts, **overrides),
+                     python=python)
         started.append(gw)
         _active_gateways.append(gw)
         gw.start()

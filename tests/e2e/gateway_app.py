@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -82,6 +83,15 @@ def _native_status() -> Any:
         return {"error": repr(exc)}
 
 
+def _imported() -> dict[str, Any]:
+    # Which copy of egtunnel this interpreter loaded: an installed wheel or the checkout's sources.
+    return {
+        "python": sys.executable,
+        "prefix": sys.prefix,
+        "files": {name: getattr(sys.modules.get(name), "__file__", None) for name in ("egtunnel", "egtunnel._native")},
+    }
+
+
 class _Base(web.RequestHandler):
     def proxy(self, kernel_id: str) -> Any:
         km = self.settings["kernel_manager"]
@@ -95,7 +105,8 @@ class _Base(web.RequestHandler):
 
 
 class StatusHandler(_Base):
-    """GET /egtunnel/status: every live kernel's proxy and tunnels, and egtunnel.status()."""
+    """GET /egtunnel/status: every live kernel's proxy and tunnels, egtunnel.status(), and where
+    egtunnel was imported from."""
 
     def get(self) -> None:
         km = self.settings["kernel_manager"]
@@ -106,11 +117,13 @@ class StatusHandler(_Base):
             except KeyError:
                 continue
             kernels[kid] = _describe_proxy(proxy) if proxy is not None else None
+        connections = _native_status()  # imports egtunnel, if the gateway has not yet
         self.write_json({
             "pid": os.getpid(),
             "threads": threading.active_count(),
             "kernels": kernels,
-            "connections": _native_status(),
+            "connections": connections,
+            "imported": _imported(),
         })
 
 

@@ -16,6 +16,7 @@ import pytest
 
 import egtunnel
 import hosts
+from egtunnel.config import parse_ssh_settings
 
 
 def _write(path: Path, text: str) -> Path:
@@ -63,6 +64,13 @@ def test_explicit_settings_win_over_the_file(sshd: hosts.SshServer, tmp_path: Pa
                                 identity_file=str(sshd.identity_file))  # fmt: skip
     assert target.destination == f"{sshd.user}@{sshd.host}:{sshd.port}"
     assert target.exec("echo explicit").lines() == ["explicit"]
+    # The same through the gateway's settings, as the proxies build them from EG_* variables.
+    env = {"EG_SSH_CONFIG": str(cfg), "EG_SSH_PORT": str(sshd.port), "EG_SSH_IDENTITY_FILE": str(sshd.identity_file)}
+    ssh = parse_ssh_settings(env, user=sshd.user)
+    assert ssh.port == sshd.port and ssh.ssh_config == str(cfg) and ssh.known_hosts is None
+    target = egtunnel.SshTarget("kernel-host", **ssh.native_kwargs())
+    assert target.destination == f"{sshd.user}@{sshd.host}:{sshd.port}"  # HostName and known hosts from the file
+    assert target.exec("echo from-eg-settings").lines() == ["from-eg-settings"]
 
 
 def test_accept_new_from_the_file_records_an_unknown_key(sshd: hosts.SshServer, tmp_path: Path) -> None:
@@ -213,3 +221,20 @@ def test_check_reports_a_malformed_config(tmp_path: Path) -> None:
     cfg = _write(tmp_path / "ssh_config", "Host x\n  Port 0x16\n")
     r = _check("x", env={"EG_SSH_CONFIG": str(cfg)})
     assert r.returncode == 1 and f"{cfg}:2" in r.stdout, r.stdout
+
+
+def test_the_hop_keeps_alive_as_often_as_the_sessions_through_it(sshd_factory, tmp_path: Path) -> None:
+    hop, host = sshd_factory(), sshd_factory()
+    cfg, _ = _jump_config(tmp_path, hop, host)
+    target = egtunnel.SshTarget("behind", ssh_config=str(cfg))
+    (tunnel,) = target.open_forwards([("SHELL", host.host, host.port)], cull_idle_timeout=300)
+    try:
+        (inner,) = _connections(host.host, host.port)
+        # The hop learns the session's policy when the session's own interval changes, asynchronously.
+        deadline = time.monotonic() + 5
+        while _connections(hop.host, hop.port)[0]["keep_alive_interval"] != 360 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (outer,) = _connections(hop.host, hop.port)
+        assert inner["keep_alive_interval"] == 360 and outer["keep_alive_interval"] == 360, (inner, outer)
+    finally:
+        tunnel.terminate()

@@ -40,25 +40,28 @@ pub struct SshIo {
     pub sess: Session,
     /// Set when the session runs through a hop: the hop's channel, and when it last brought data.
     pub relay: Option<Arc<Relay>>,
+    /// The address a direct connection reached (none through a hop).
+    pub peer: Option<std::net::IpAddr>,
 }
 
 impl SshIo {
     /// Takes a connected stream and hands it, non-blocking, to a fresh libssh2 session.
     pub fn new(stream: Stream) -> io::Result<Self> {
         let mut sess = Session::new().map_err(io::Error::from)?;
-        let (fd, relay) = match stream {
+        let (fd, relay, peer) = match stream {
             Stream::Tcp(s) => {
                 s.set_nonblocking(true)?;
                 s.set_nodelay(true)?;
                 let fd = s.as_raw_fd();
+                let peer = s.peer_addr().ok().map(|a| a.ip());
                 sess.set_tcp_stream(s);
-                (fd, None)
+                (fd, None, peer)
             }
             Stream::Relayed(s, relay) => {
                 s.set_nonblocking(true)?;
                 let fd = s.as_raw_fd();
                 sess.set_tcp_stream(s);
-                (fd, Some(relay))
+                (fd, Some(relay), None)
             }
         };
         sess.set_blocking(false);
@@ -66,7 +69,7 @@ impl SshIo {
         // the fd stays open for as long as it is registered with the reactor.
         let afd = unsafe { AsyncFd::register_with_interest(SocketRef(fd), Interest::READABLE | Interest::WRITABLE) }
             .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(SshIo { afd, sess, relay })
+        Ok(SshIo { afd, sess, relay, peer })
     }
 
     pub fn fd(&self) -> RawFd {

@@ -215,10 +215,14 @@ fn key_type_name(t: HostKeyType) -> &'static str {
 
 /// OpenSSH writes non-default ports as [host]:port; libssh2 matches the same form.
 fn host_pattern(spec: &ConnectSpec) -> String {
-    if spec.port == 22 {
-        spec.host.clone()
+    name_pattern(&spec.host, spec.port)
+}
+
+fn name_pattern(name: &str, port: u16) -> String {
+    if port == 22 {
+        name.to_string()
     } else {
-        format!("[{}]:{}", spec.host, spec.port)
+        format!("[{name}]:{port}")
     }
 }
 
@@ -259,15 +263,27 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
         kh.read_file(path, KnownHostFileKind::OpenSSH)
             .map_err(|e| hk_err(format!("cannot read {}: {}", path.display(), e.message())))?;
     }
-    match kh.check_port(&spec.host, spec.port, &key) {
+    // The host's name first (as OpenSSH checks it), then the address reached, as Enterprise Gateway's own
+    // `ssh` tunnels (given addresses) recorded it: either may be what an operator's known_hosts holds.
+    let mut candidates = vec![spec.host.clone()];
+    if let Some(ip) = io.peer.map(|ip| ip.to_string()).filter(|ip| *ip != spec.host) {
+        candidates.push(ip);
+    }
+    let outcome = candidates
+        .iter()
+        .map(|n| (n.as_str(), kh.check_port(n, spec.port, &key)))
+        .find(|(_, r)| !matches!(r, CheckResult::NotFound))
+        .unwrap_or((spec.host.as_str(), CheckResult::NotFound));
+    let (name, result) = outcome;
+    match result {
         CheckResult::Match => {
             if locate {
-                report.matched = find_line(io, spec, &key, CheckResult::Match);
+                report.matched = find_line(io, spec, name, &key, CheckResult::Match);
             }
             Ok(report)
         }
         CheckResult::Mismatch => {
-            let at = find_line(io, spec, &key, CheckResult::Mismatch)
+            let at = find_line(io, spec, name, &key, CheckResult::Mismatch)
                 .map(|(p, n)| format!("{}:{n}", p.display()))
                 .unwrap_or(names);
             Err(hk_err(format!(
@@ -276,8 +292,8 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
                  e.g. `ssh-keygen -R '{}' -f {}`)",
                 key_type_name(ktype),
                 b64(&report.sha256),
-                host_pattern(spec),
-                host_pattern(spec),
+                name_pattern(name, spec.port),
+                name_pattern(name, spec.port),
                 first.display()
             )))
         }
@@ -308,7 +324,7 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
 
 /// The first known_hosts line whose entry for this host gives `want`, each line checked alone by
 /// libssh2's own parser (so hashed names and markers are understood as in the check itself).
-fn find_line(io: &SshIo, spec: &ConnectSpec, key: &[u8], want: CheckResult) -> Option<(PathBuf, usize)> {
+fn find_line(io: &SshIo, spec: &ConnectSpec, name: &str, key: &[u8], want: CheckResult) -> Option<(PathBuf, usize)> {
     for path in &spec.known_hosts {
         let Ok(text) = std::fs::read_to_string(path) else { continue };
         for (i, line) in text.lines().enumerate() {
@@ -320,7 +336,7 @@ fn find_line(io: &SshIo, spec: &ConnectSpec, key: &[u8], want: CheckResult) -> O
             if one.read_str(t, KnownHostFileKind::OpenSSH).is_err() {
                 continue;
             }
-            let r = one.check_port(&spec.host, spec.port, key);
+            let r = one.check_port(name, spec.port, key);
             if std::mem::discriminant(&r) == std::mem::discriminant(&want) {
                 return Some((path.clone(), i + 1));
             }

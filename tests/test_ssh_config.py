@@ -238,3 +238,23 @@ def test_the_hop_keeps_alive_as_often_as_the_sessions_through_it(sshd_factory, t
         assert inner["keep_alive_interval"] == 360 and outer["keep_alive_interval"] == 360, (inner, outer)
     finally:
         tunnel.terminate()
+
+
+def test_known_hosts_keyed_by_address_still_match_a_host_named_by_name(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    # Enterprise Gateway's own tunnels connect to addresses, so operators' known_hosts often name hosts
+    # that way; a host egtunnel reaches by name (an alias, EG_REMOTE_HOSTS) must still match them.
+    assert sshd.host == "127.0.0.1"
+    by_address = _write(tmp_path / "by_address", sshd.known_hosts_line())
+    target = egtunnel.SshTarget("localhost", port=sshd.port, user=sshd.user, identity_file=str(sshd.identity_file),
+                                known_hosts=str(by_address), ssh_config="none")  # fmt: skip
+    assert target.exec("echo by-address").lines() == ["by-address"]
+    # A different key recorded under the name itself is still a changed key.
+    other = hosts.SshServer(workdir=tmp_path / "other")
+    try:
+        wrong = other.known_hosts_line().replace(f"[{other.host}]:{other.port}", f"[localhost]:{sshd.port}")
+    finally:
+        other.close()
+    conflicting = _write(tmp_path / "conflicting", wrong + sshd.known_hosts_line())
+    with pytest.raises(egtunnel.HostKeyError, match="differs"):
+        egtunnel.SshTarget("localhost", port=sshd.port, user=sshd.user, identity_file=str(sshd.identity_file),
+                           known_hosts=str(conflicting), ssh_config="none").exec("true")  # fmt: skip

@@ -6,11 +6,10 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::ConnectSpec;
-use crate::connection::{OpenRequest, Target};
 use crate::error::{Error, Result};
 use crate::keepalive::MAX_KEEP_ALIVE_INTERVAL;
 use crate::pool;
@@ -120,19 +119,9 @@ async fn test_channel(spec: &ConnectSpec, timeout: Duration) -> Result<String> {
     let conn = pool::acquire_shared(spec).await?;
     let (to_remote, to_remote_rx) = mpsc::channel::<Vec<u8>>(1);
     let (from_remote_tx, mut from_remote) = mpsc::channel::<Vec<u8>>(4);
-    let (reply, reply_rx) = oneshot::channel();
     let deadline = Instant::now() + timeout;
-    conn.open(OpenRequest::new(
-        Target::Forward {
-            host: spec.host.clone(),
-            port: spec.port,
-            to_remote: to_remote_rx,
-            from_remote: from_remote_tx,
-            stats: std::sync::Arc::new(ForwardStats::default()),
-            reply,
-        },
-        deadline,
-    ));
+    let stats = std::sync::Arc::new(ForwardStats::default());
+    let reply_rx = conn.open_channel(spec.host.clone(), spec.port, to_remote_rx, from_remote_tx, stats, deadline);
     let target = format!("{}:{}", spec.host, spec.port);
     let outcome = tokio::time::timeout_at(deadline, async {
         reply_rx.await.map_err(|_| Error::Other { dest: conn.dest(), cause: "connection closed".into() })??;

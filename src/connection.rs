@@ -212,6 +212,22 @@ impl Connection {
         }
     }
 
+    /// Queues a direct-tcpip channel to host:port whose bytes flow through the given queues; the
+    /// receiver answers with the open's outcome (or is dropped if the connection ends first).
+    pub fn open_channel(
+        &self,
+        host: String,
+        port: u16,
+        to_remote: mpsc::Receiver<Vec<u8>>,
+        from_remote: mpsc::Sender<Vec<u8>>,
+        stats: Arc<ForwardStats>,
+        deadline: Instant,
+    ) -> oneshot::Receiver<Result<()>> {
+        let (reply, reply_rx) = oneshot::channel();
+        self.open(OpenRequest::new(Target::Forward { host, port, to_remote, from_remote, stats, reply }, deadline));
+        reply_rx
+    }
+
     /// Stops the actor (and any reconnecting) and waits until its socket is closed.
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);

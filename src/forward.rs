@@ -12,11 +12,11 @@ use std::time::Duration;
 use log::{debug, warn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::connection::{Connection, OpenRequest, Target};
+use crate::connection::Connection;
 use crate::driver::{is_fatal, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::keepalive::Channel;
@@ -334,18 +334,14 @@ async fn accept_loop(
 async fn open_channel(conn: &Connection, info: &ForwardInfo) -> Result<(mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>)> {
     let (to_remote_tx, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (from_remote_tx, from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-    let (reply_tx, reply_rx) = oneshot::channel();
-    conn.open(OpenRequest::new(
-        Target::Forward {
-            host: info.remote_host.clone(),
-            port: info.remote_port,
-            to_remote: to_remote_rx,
-            from_remote: from_remote_tx,
-            stats: info.stats.clone(),
-            reply: reply_tx,
-        },
+    let reply_rx = conn.open_channel(
+        info.remote_host.clone(),
+        info.remote_port,
+        to_remote_rx,
+        from_remote_tx,
+        info.stats.clone(),
         Instant::now() + OPEN_WAIT,
-    ));
+    );
     reply_rx.await.unwrap_or_else(|_| Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }))?;
     Ok((to_remote_tx, from_remote_rx))
 }
@@ -374,7 +370,7 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
             other => break other,
         }
     };
-    let (to_remote_tx, mut from_remote_rx) = match opened {
+    let (to_remote_tx, from_remote_rx) = match opened {
         Ok(queues) => queues,
         Err(e) => {
             // Closing only this local connection; the forward keeps serving.
@@ -396,10 +392,33 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
         debug!("{} forward 127.0.0.1:{}: channel opens succeed again", info.channel, info.local_port);
     }
 
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let wake = &conn.shared.wake;
+    let carried = carry(rd, wr, to_remote_tx, from_remote_rx, wake, || {}, || {});
+    tokio::select! {
+        _ = carried => {}
+        _ = stop.changed() => {}
+    }
+    wake.notify_one();
+}
+
+/// Moves bytes between a local stream and a channel's queues until both directions have ended, waking
+/// the connection's actor after each move. `on_remote_data` runs for each chunk from the remote end,
+/// `on_remote_end` once that direction has ended, before the local side sees EOF.
+pub async fn carry<R, W>(
+    mut rd: R,
+    mut wr: W,
+    to_remote: mpsc::Sender<Vec<u8>>,
+    mut from_remote: mpsc::Receiver<Vec<u8>>,
+    wake: &tokio::sync::Notify,
+    on_remote_data: impl Fn(),
+    on_remote_end: impl FnOnce(),
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let upstream = async move {
-        let tx = to_remote_tx;
+        let tx = to_remote;
         // One read buffer per connection, small until reads fill it: an idle kernel's ZMQ connection
         // (a hundred kernels hold six or seven each) keeps a page, a bulk transfer grows to CHUNK.
         // Each message is an exact-size copy.
@@ -423,20 +442,18 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
         wake.notify_one();
     };
     let downstream = async {
-        while let Some(buf) = from_remote_rx.recv().await {
+        while let Some(buf) = from_remote.recv().await {
+            on_remote_data();
             wake.notify_one();
             if wr.write_all(&buf).await.is_err() {
                 break;
             }
         }
+        on_remote_end();
         let _ = wr.shutdown().await;
         // Closing the receiver tells the actor nobody reads this direction any more.
-        from_remote_rx.close();
+        from_remote.close();
         wake.notify_one();
     };
-    tokio::select! {
-        _ = async { tokio::join!(upstream, downstream) } => {}
-        _ = stop.changed() => {}
-    }
-    wake.notify_one();
+    tokio::join!(upstream, downstream);
 }

@@ -12,19 +12,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::debug;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::ConnectSpec;
-use crate::connection::{Connection, OpenRequest, Target};
+use crate::connection::Connection;
 use crate::error::{Error, Result};
+use crate::forward;
 use crate::pool;
 use crate::stats::ForwardStats;
 
 /// Chunks in flight per direction; the same backpressure as a forwarded local connection.
 const QUEUE_DEPTH: usize = 4;
-const READ_CHUNK: usize = 64 * 1024;
 
 /// The hop end of one relayed session.
 pub struct Relay {
@@ -86,19 +85,8 @@ pub async fn connect_via(
     let release = |conn: &Arc<Connection>| pool::release_relay(conn, id);
     let (to_remote, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (from_remote_tx, from_remote) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-    let (reply, reply_rx) = oneshot::channel();
     let stats = Arc::new(ForwardStats::default());
-    conn.open(OpenRequest::new(
-        Target::Forward {
-            host: spec.host.clone(),
-            port: spec.port,
-            to_remote: to_remote_rx,
-            from_remote: from_remote_tx,
-            stats: stats.clone(),
-            reply,
-        },
-        deadline,
-    ));
+    let reply_rx = conn.open_channel(spec.host.clone(), spec.port, to_remote_rx, from_remote_tx, stats.clone(), deadline);
     let opened = match timeout_at(deadline, reply_rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(Error::Other { dest: hop.dest(), cause: "connection closed".into() }),
@@ -140,45 +128,14 @@ pub async fn connect_via(
     Ok((theirs, relay))
 }
 
-/// Moves bytes between the socket pair and the hop's channel until either side ends, then gives the
+/// Moves bytes between the socket pair and the hop's channel until both sides end, then gives the
 /// hop's user slot back.
-async fn pump(stream: tokio::net::UnixStream, to_remote: mpsc::Sender<Vec<u8>>, mut from_remote: mpsc::Receiver<Vec<u8>>, relay: Arc<Relay>) {
-    let wake = &relay.jump.shared.wake;
-    let (mut rd, mut wr) = stream.into_split();
-    let upstream = async {
-        let tx = to_remote;
-        let mut buf = vec![0u8; READ_CHUNK];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx.send(buf[..n].to_vec()).await.is_err() {
-                        break;
-                    }
-                    wake.notify_one();
-                }
-            }
-        }
-        drop(tx);
-        wake.notify_one();
-    };
-    let downstream = async {
-        while let Some(buf) = from_remote.recv().await {
-            let ms = relay.epoch.elapsed().as_millis() as u64;
-            relay.last_rx.store(ms, Ordering::Relaxed);
-            wake.notify_one();
-            if wr.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-        // The hop's channel ended (the host behind it closed, or the hop's connection died): the
-        // session over this socket sees EOF and reconnects.
-        relay.mark_closed(format!("the channel through ProxyJump {} closed", relay.jump.dest()));
-        let _ = wr.shutdown().await;
-        from_remote.close();
-        wake.notify_one();
-    };
-    tokio::join!(upstream, downstream);
-    relay.mark_closed(format!("the channel through ProxyJump {} closed", relay.jump.dest()));
+async fn pump(stream: tokio::net::UnixStream, to_remote: mpsc::Sender<Vec<u8>>, from_remote: mpsc::Receiver<Vec<u8>>, relay: Arc<Relay>) {
+    let (rd, wr) = stream.into_split();
+    let seen = || relay.last_rx.store(relay.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    // The hop's channel ended (the host behind it closed, or the hop's connection died): marked before
+    // the session over this socket sees EOF, so it reports why when it reconnects.
+    let ended = || relay.mark_closed(format!("the channel through ProxyJump {} closed", relay.jump.dest()));
+    forward::carry(rd, wr, to_remote, from_remote, &relay.jump.shared.wake, seen, ended).await;
     pool::release_relay(&relay.jump, relay.id);
 }

@@ -375,18 +375,8 @@ fn open_to_target(
     from_remote: mpsc::Sender<Vec<u8>>,
     deadline: Instant,
 ) -> oneshot::Receiver<Result<()>> {
-    let (reply, reply_rx) = oneshot::channel();
-    fwd.conn.open(OpenRequest::new(
-        Target::Forward {
-            host: fwd.info.remote_host.clone(),
-            port: fwd.info.remote_port,
-            to_remote,
-            from_remote,
-            stats: fwd.info.stats.clone(),
-            reply,
-        },
-        deadline,
-    ));
+    let reply_rx =
+        fwd.conn.open_channel(fwd.info.remote_host.clone(), fwd.info.remote_port, to_remote, from_remote, fwd.info.stats.clone(), deadline);
     // No extra wake-up: the queued command wakes the actor, and the data and EOF already queued go
     // out on the new channel's first step.
     reply_rx

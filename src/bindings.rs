@@ -325,21 +325,8 @@ fn options(
         .map_err(|e| to_py(e, ""))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn spec(
-    host: &str,
-    port: Option<i64>,
-    user: Option<&str>,
-    identity_file: Option<&str>,
-    password: Option<&str>,
-    known_hosts: Option<&str>,
-    host_key_policy: Option<&str>,
-    connect_timeout: Option<f64>,
-    ssh_config: Option<&str>,
-    max_sessions: i64,
-    max_startups: i64,
-) -> PyResult<ConnectSpec> {
-    let opts = options(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
+/// The caller's settings resolved for `host` (ssh_config, then OpenSSH's defaults fill what is unset).
+fn spec(host: &str, opts: Options) -> PyResult<ConnectSpec> {
     ConnectSpec::resolve(host, &opts).map_err(|e| to_py(e, ""))
 }
 
@@ -395,7 +382,7 @@ fn open_tunnel(
     let remote_port = check_port("remote_port", remote_port, false).map_err(|e| to_py(e, ""))?;
     let local_port = check_port("local_port", local_port, true).map_err(|e| to_py(e, ""))?;
     let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
-    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
+    let spec = spec(host, options(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?)?;
     let keepalive_count_max = count_max(keepalive_count_max, &spec)?;
     let ctx = format!("{ch} tunnel to {remote_host}:{remote_port}");
     metrics_hook(py);
@@ -469,7 +456,7 @@ fn remote_exec(
     ssh_config: Option<&str>,
 ) -> PyResult<ExecResult> {
     let timeout = positive_duration(timeout, "timeout")?;
-    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
+    let spec = spec(host, options(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?)?;
     metrics_hook(py);
     let out = py
         .allow_threads(|| runtime::block_on(counted(&spec, Operation::Command, pool::exec(&spec, command, timeout))))
@@ -565,7 +552,7 @@ impl SshTarget {
         max_startups: i64,
         ssh_config: Option<&str>,
     ) -> PyResult<Self> {
-        let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?;
+        let spec = spec(host, options(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?)?;
         Ok(SshTarget { spec })
     }
 
@@ -807,7 +794,7 @@ fn check_host(
     ssh_config: Option<&str>,
     command: &str,
 ) -> PyResult<bool> {
-    let spec = spec(host, port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, 8, 3)?;
+    let spec = spec(host, options(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, 8, 3)?)?;
     let mut failed_report: Option<PyErr> = None;
     let ok = py.allow_threads(|| {
         runtime::block_on(crate::check::run(&spec, command, &mut |step: crate::check::Step| {

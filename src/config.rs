@@ -231,11 +231,13 @@ impl ConnectSpec {
 
     /// `resolve`, also listing each setting's value and origin (file lines only with `lines`).
     pub fn explain(name: &str, opts: &Options, lines: bool) -> Result<(Self, Vec<Row>)> {
-        Self::explain_at(name, opts, lines, 0)
+        Self::explain_at(name, opts, None, lines, 0)
     }
 
-    /// `explain` for a host `depth` hops into a ProxyJump chain.
-    fn explain_at(name: &str, opts: &Options, lines: bool, depth: usize) -> Result<(Self, Vec<Row>)> {
+    /// `explain` for a host `depth` hops into a ProxyJump chain. A hop's `opts` are what its hop string
+    /// says; `inherited` (the caller's settings) fills what neither that nor the hop's ssh_config entry
+    /// sets, ahead of OpenSSH's defaults.
+    fn explain_at(name: &str, opts: &Options, inherited: Option<&Options>, lines: bool, depth: usize) -> Result<(Self, Vec<Row>)> {
         if name.trim().is_empty() {
             return Err(Error::Invalid("host must not be empty".into()));
         }
@@ -243,27 +245,30 @@ impl ConnectSpec {
         let source = opts.ssh_config.clone().unwrap_or(Source::Default);
         let file = ssh_config::lookup(name, &source, &me.home, lines)?;
         let mut rows = Vec::new();
+        let fallback = inherited.cloned().unwrap_or_default();
+        // `explicit` and `fallback` are both the caller's (explicit for this host, fallback inherited by a hop).
         fn pick(
             rows: &mut Vec<Row>,
             setting: &'static str,
             explicit: Option<String>,
             from_file: Option<(String, String)>,
+            fallback: Option<String>,
             default: String,
         ) -> String {
-            let (value, origin) = match (explicit, from_file) {
-                (Some(v), _) => (v, "argument".to_string()),
-                (None, Some((v, o))) => (v, o),
-                (None, None) => (default, "default".to_string()),
+            let (value, origin) = match (explicit, from_file, fallback) {
+                (Some(v), _, _) | (None, None, Some(v)) => (v, "argument".to_string()),
+                (None, Some((v, o)), _) => (v, o),
+                (None, None, None) => (default, "default".to_string()),
             };
             rows.push(Row { setting, value: value.clone(), origin });
             value
         }
-        let host = pick(&mut rows, "hostname", None, file.host_name.clone().map(|s| (s.value, s.origin)), name.to_string());
-        let port: u16 = pick(&mut rows, "port", opts.port.map(|p| p.to_string()), file.port.as_ref().map(|s| (s.value.to_string(), s.origin.clone())), "22".into())
+        let host = pick(&mut rows, "hostname", None, file.host_name.clone().map(|s| (s.value, s.origin)), None, name.to_string());
+        let port: u16 = pick(&mut rows, "port", opts.port.map(|p| p.to_string()), file.port.as_ref().map(|s| (s.value.to_string(), s.origin.clone())), None, "22".into())
             .parse()
             .expect("validated port");
         let default_user = me.name.clone().unwrap_or_default();
-        let user = pick(&mut rows, "user", opts.user.clone(), file.user.clone().map(|s| (s.value, s.origin)), default_user);
+        let user = pick(&mut rows, "user", opts.user.clone(), file.user.clone().map(|s| (s.value, s.origin)), fallback.user.clone(), default_user);
         if user.is_empty() {
             return Err(Error::Invalid("cannot tell the current user name; set the user explicitly".into()));
         }
@@ -272,28 +277,34 @@ impl ConnectSpec {
             "stricthostkeychecking",
             opts.host_key_policy.map(|p| p.as_str().to_string()),
             file.host_key_policy.as_ref().map(|s| (s.value.as_str().to_string(), s.origin.clone())),
+            fallback.host_key_policy.map(|p| p.as_str().to_string()),
             "strict".into(),
         )
         .parse()?;
-        let known_hosts: Vec<PathBuf> = match (&opts.known_hosts, &file.known_hosts) {
-            (Some(p), _) => vec![p.clone()],
-            (None, Some(s)) if !s.value.is_empty() => s.value.clone(),
-            _ => vec![me.home.join(".ssh").join("known_hosts")],
+        let file_known_hosts = file.known_hosts.as_ref().filter(|s| !s.value.is_empty());
+        let known_hosts: Vec<PathBuf> = match (&opts.known_hosts, file_known_hosts, &fallback.known_hosts) {
+            (Some(p), _, _) | (None, None, Some(p)) => vec![p.clone()],
+            (None, Some(s), _) => s.value.clone(),
+            (None, None, None) => vec![me.home.join(".ssh").join("known_hosts")],
         };
         let kh_text = known_hosts.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ");
         pick(
             &mut rows,
             "userknownhostsfile",
             opts.known_hosts.as_ref().map(|_| kh_text.clone()),
-            file.known_hosts.as_ref().filter(|s| !s.value.is_empty()).map(|s| (kh_text.clone(), s.origin.clone())),
+            file_known_hosts.map(|s| (kh_text.clone(), s.origin.clone())),
+            fallback.known_hosts.as_ref().map(|_| kh_text.clone()),
             kh_text.clone(),
         );
         let mut identity_files: Vec<PathBuf> = opts.identity_file.iter().cloned().collect();
         identity_files.extend(file.identity_files.iter().map(|s| s.value.clone()));
-        let ids_origin = match (&opts.identity_file, file.identity_files.first()) {
-            (Some(_), _) => Some("argument".to_string()),
-            (None, Some(s)) => Some(s.origin.clone()),
-            (None, None) => None,
+        if identity_files.is_empty() {
+            identity_files.extend(fallback.identity_file.iter().cloned());
+        }
+        let ids_origin = match (&opts.identity_file, file.identity_files.first(), &fallback.identity_file) {
+            (Some(_), _, _) | (None, None, Some(_)) => Some("argument".to_string()),
+            (None, Some(s), _) => Some(s.origin.clone()),
+            (None, None, None) => None,
         };
         rows.push(Row {
             setting: "identityfile",
@@ -309,6 +320,7 @@ impl ConnectSpec {
             "identitiesonly",
             None,
             file.identities_only.as_ref().map(|s| (yes_no(s.value), s.origin.clone())),
+            None,
             "no".into(),
         ) == "yes";
         let timeout: f64 = pick(
@@ -316,6 +328,7 @@ impl ConnectSpec {
             "connecttimeout",
             opts.connect_timeout.map(|t| t.to_string()),
             file.connect_timeout.as_ref().map(|s| (s.value.to_string(), s.origin.clone())),
+            fallback.connect_timeout.map(|t| t.to_string()),
             DEFAULT_CONNECT_TIMEOUT.to_string(),
         )
         .parse()
@@ -338,7 +351,7 @@ impl ConnectSpec {
         for (option, origin) in &file.ignored {
             rows.push(Row { setting: "ignored", value: option.clone(), origin: origin.clone() });
         }
-        let jump = jump_chain(&hops, opts, &source, depth + 1)?;
+        let jump = jump_chain(&hops, inherited.unwrap_or(opts), &source, depth + 1)?;
         let spec = ConnectSpec {
             alias: name.to_string(),
             host,
@@ -401,7 +414,7 @@ fn yes_no(b: bool) -> String {
 /// The spec of the last of `hops` (each reached through the one before it), or None without hops.
 ///
 /// A hop gets its own ssh_config entry (HostName, User, Port, IdentityFile, known hosts; the first hop
-/// also its own ProxyJump); where that says nothing, the caller's explicit user, identity file, known
+/// also its own ProxyJump); where that says nothing, the caller's (`opts`) user, identity file, known
 /// hosts, host key policy and timeout apply, but never the caller's port or password, which belong to
 /// the kernel hosts.
 fn jump_chain(hops: &[String], opts: &Options, source: &Source, depth: usize) -> Result<Option<Arc<ConnectSpec>>> {
@@ -420,44 +433,15 @@ fn jump_chain(hops: &[String], opts: &Options, source: &Source, depth: usize) ->
         let hop_opts = Options {
             port: hop.port,
             user: hop.user.clone(),
-            identity_file: None,
-            password: None,
-            known_hosts: None,
-            host_key_policy: None,
-            connect_timeout: None,
             max_sessions: opts.max_sessions,
             max_startups: opts.max_startups,
             ssh_config: Some(source.clone()),
+            ..Options::default()
         };
-        let me = current_user();
-        let file = ssh_config::lookup(&hop.host, source, &me.home, false)?;
-        let (mut spec, _) = ConnectSpec::explain_at(&hop.host, &hop_opts, false, depth + i).map_err(|e| match e {
+        let (mut spec, _) = ConnectSpec::explain_at(&hop.host, &hop_opts, Some(opts), false, depth + i).map_err(|e| match e {
             Error::Invalid(m) => Error::Invalid(format!("ProxyJump hop {raw}: {m}")),
             e => e,
         })?;
-        if file.user.is_none() && hop.user.is_none() {
-            if let Some(u) = &opts.user {
-                spec.user = u.clone();
-            }
-        }
-        if file.identity_files.is_empty() {
-            spec.identity_files.extend(opts.identity_file.iter().cloned());
-        }
-        if file.known_hosts.is_none() {
-            if let Some(k) = &opts.known_hosts {
-                spec.known_hosts = vec![k.clone()];
-            }
-        }
-        if file.host_key_policy.is_none() {
-            if let Some(p) = opts.host_key_policy {
-                spec.host_key_policy = p;
-            }
-        }
-        if file.connect_timeout.is_none() {
-            if let Some(t) = opts.connect_timeout {
-                spec.connect_timeout_ms = (t * 1000.0).ceil() as u64;
-            }
-        }
         if i > 0 {
             // Listed hops go through the one before them; only the first keeps its own ProxyJump.
             spec.jump = prev.clone();

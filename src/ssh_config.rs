@@ -127,17 +127,8 @@ fn load(path: &Path, home: &Path) -> Result<Arc<SshConfig>> {
     let config = match parse_text(&text, home) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            let total = text.lines().count();
             // The shortest prefix that fails ends with the offending line.
-            let (mut lo, mut hi) = (1usize, total.max(1));
-            while lo < hi {
-                let mid = (lo + hi) / 2;
-                if parse_text(&prefix(&text, mid), home).is_err() {
-                    hi = mid;
-                } else {
-                    lo = mid + 1;
-                }
-            }
+            let lo = first_line(text.lines().count(), |n| parse_text(&prefix(&text, n), home).is_err());
             let line = text.lines().nth(lo - 1).unwrap_or("").trim();
             return Err(Error::Config {
                 file: path.display().to_string(),
@@ -156,8 +147,7 @@ fn raw<'a>(params: &'a HostParams, name: &str) -> Option<&'a Vec<String>> {
 
 /// What one file says for `name`, each value's origin being the file (lines are filled in on demand).
 fn from_params(params: &HostParams, file: &Path, home: &Path) -> Result<HostConfig> {
-    let at = |what: &str| file.display().to_string() + what;
-    let origin = at("");
+    let origin = file.display().to_string();
     let set = |v| Setting { value: v, origin: origin.clone() };
     let bad = |option: &str, value: &str, expected: &str| Error::Config {
         file: file.display().to_string(),

@@ -4,6 +4,9 @@ test judges "nothing left behind" and "native tunnels" by the same rules.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import Any, Callable
 
 import pytest
@@ -25,6 +28,18 @@ def sshd_session_procs(host: hosts.RemoteHost) -> list[procs.Proc]:
     """Per-connection sshd processes in the host's namespace (the listener excluded)."""
     listeners = sshd_listener_pids(host)
     return [p for p in procs.netns_procs(host.name) if p.comm == "sshd" and p.pid not in listeners]
+
+
+def kill_sshd(host: hosts.RemoteHost, down_seconds: float) -> None:
+    """Every sshd process dies (listener first, so nothing reconnects in between), but not what was
+    started over SSH: the kernel outlives sshd as it would on a real host. sshd is back after `down_seconds`."""
+    listener = host.sshd.pid
+    assert listener
+    os.kill(listener, signal.SIGKILL)
+    for p in sshd_session_procs(host):
+        os.kill(p.pid, signal.SIGKILL)
+    time.sleep(down_seconds)
+    host.sshd.start()
 
 
 def kernel_side_procs(host: hosts.RemoteHost) -> list[procs.Proc]:

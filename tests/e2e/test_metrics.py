@@ -5,9 +5,6 @@ kernel recovers, the reconnect is counted and no total went backwards.
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from typing import Callable
 
 import pytest
@@ -18,7 +15,7 @@ import hosts
 
 from .conftest import E2EHosts
 from .gateway import Gateway, KernelSpecDef
-from .support import CHANNELS, report, require_native, sshd_session_procs, wait_for
+from .support import CHANNELS, kill_sshd, report, require_native, wait_for
 from .test_recovery import RECOVERY_BUDGET, SSHD_DOWN_SECONDS, _first_good_cell
 
 pytestmark = pytest.mark.e2e
@@ -60,14 +57,7 @@ def test_gateway_metrics_show_the_kernel_and_count_its_recovery(
         assert value(before, "egtunnel_forwarded_bytes_total", **dest, direction="from_remote") > 0
         assert value(before, "egtunnel_ssh_reconnects_total", **dest) == 0
 
-        # Every sshd process dies, the kernel does not (as in test_recovery).
-        listener = host.sshd.pid
-        assert listener
-        os.kill(listener, signal.SIGKILL)
-        for p in sshd_session_procs(host):
-            os.kill(p.pid, signal.SIGKILL)
-        time.sleep(SSHD_DOWN_SECONDS)
-        host.sshd.start()
+        kill_sshd(host, SSHD_DOWN_SECONDS)  # every sshd process dies, the kernel does not
         recovered = _first_good_cell(kernel, RECOVERY_BUDGET)
         assert kernel.execute("print(state + 1)").stdout == "42\n"
 

@@ -4,8 +4,6 @@ answers again through the same local ports, and the gateway never declared it de
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import Callable
 
@@ -14,7 +12,7 @@ import pytest
 from .conftest import E2EHosts
 from .gateway import Gateway
 from .kernel_client import GatewayClient, Kernel
-from .support import connections_to, kernel_status, report, require_native, sshd_session_procs
+from .support import connections_to, kernel_status, kill_sshd, report, require_native
 
 pytestmark = pytest.mark.e2e
 
@@ -65,18 +63,7 @@ def _outage(gateway: Gateway, client: GatewayClient, e2e_hosts: E2EHosts, name: 
 def test_sshd_restart(gateway: Gateway, client: GatewayClient, e2e_hosts: E2EHosts) -> None:
     host = e2e_hosts.a
 
-    def cut() -> None:
-        # Every sshd process dies (listener first, so nothing reconnects in between), but not what was
-        # started over SSH: the kernel outlives sshd as it would on a real host.
-        listener = host.sshd.pid
-        assert listener
-        os.kill(listener, signal.SIGKILL)
-        for p in sshd_session_procs(host):
-            os.kill(p.pid, signal.SIGKILL)
-        time.sleep(SSHD_DOWN_SECONDS)
-        host.sshd.start()
-
-    _outage(gateway, client, e2e_hosts, "sshd restart", cut)
+    _outage(gateway, client, e2e_hosts, "sshd restart", lambda: kill_sshd(host, SSHD_DOWN_SECONDS))
 
 
 def test_link_down_for_20_seconds(gateway: Gateway, client: GatewayClient, e2e_hosts: E2EHosts) -> None:

@@ -689,6 +689,7 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         d.set_item("last_error", &c.last_error)?;
         d.set_item("session_budget", c.session_budget)?;
         d.set_item("session_refusals", c.session_refusals)?;
+        d.set_item("unsettled_sleeps", c.unsettled_sleeps)?;
         d.set_item("via", &c.via)?;
         d.set_item("relays", c.relays)?;
         let forwards = PyList::empty_bound(py);

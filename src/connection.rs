@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{debug, warn};
+use once_cell::sync::Lazy;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::{ConnectSpec, TunnelMode};
-use crate::driver::{is_fatal, Attempt, SshIo};
+use crate::driver::{is_fatal, transport_received, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::exec::{ExecChannel, ExecOutput};
 use crate::forward::{ForwardChannel, Step};
@@ -28,6 +29,7 @@ use crate::idle_reader::{IdleReader, ReaderStep};
 use crate::keepalive::{probe_action, ProbeAction, MAX_KEEP_ALIVE_INTERVAL};
 use crate::metrics::{self, DestTotals, OpenChannel};
 use crate::net;
+use crate::raw_channel::{Rc as RawRc, SessionChannel};
 use crate::session;
 use crate::stats::{ChannelGuard, ForwardStats};
 
@@ -123,6 +125,9 @@ pub struct Shared {
     pub stopped: AtomicBool,
     /// The destination's process-wide counters, which outlive this connection (see `metrics`).
     pub totals: Arc<DestTotals>,
+    /// Times the actor went idle while a channel still had unread packets (checked only with
+    /// EGTUNNEL_CHECK_SETTLED=1; by construction it stays 0).
+    pub unsettled_sleeps: AtomicU64,
 }
 
 impl Shared {
@@ -161,6 +166,7 @@ impl Connection {
             keepalives_unanswered: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             totals,
+            unsettled_sleeps: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -472,8 +478,11 @@ impl Actor {
         let mut unanswered: u64 = 0;
         loop {
             let mut want_write = false;
-            if let Err(cause) = self.pump(&io, &mut chans, &mut want_write) {
-                return Exit::Dead(cause);
+            match self.pump(&io, &mut chans, &mut want_write) {
+                Err(cause) => return Exit::Dead(cause),
+                // Not settled within one turn: take commands first, then come straight back.
+                Ok(false) => self.shared.wake.notify_one(),
+                Ok(true) => self.check_settled(&chans),
             }
             // Our own sends may have put the socket back into delayed-ACK mode; push out any ACK
             // still pending before going idle, or sshd's Nagle holds its next packet for ~40 ms.
@@ -587,11 +596,41 @@ impl Actor {
         self.queue.push_front(req);
     }
 
-    /// Moves everything that can move without blocking. Err means the session is dead.
-    fn pump(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<(), String> {
-        // Channels first: a partly sent packet of theirs must be finished before anything new goes out.
-        chans.step_all(io, want_write)?;
-        // libssh2 runs one channel open at a time per session; the idle reader's open is one of them.
+    /// Moves everything that can move without blocking. Ok(true) when the connection has settled
+    /// and the actor may sleep until the socket, a command or a local connection wakes it; Ok(false)
+    /// when it must come back at once. Err means the session is dead.
+    ///
+    /// Why sleeping is safe only after a settled pass: libssh2 reads its socket on behalf of every
+    /// channel, so a call made for one channel may queue packets (data, EOF, exit status, window
+    /// space) for a channel stepped earlier in the same pass. The socket is then empty, no readiness
+    /// event follows, and that channel would wait for an unrelated wake-up. So each pass first lets
+    /// libssh2 process everything the socket holds (after which libssh2 holds no complete packet it
+    /// has not queued), then steps every channel against that queue, and the pass counts as settled
+    /// only if none of those steps received another byte (`transport_received`, counted in libssh2's
+    /// receive callback) and no channel was added. Any byte received mid-pass means another pass.
+    fn pump(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<bool, String> {
+        for _ in 0..MAX_PASSES {
+            chans.drain(io, want_write)?;
+            let mark = transport_received();
+            // Channels first: a partly sent packet of theirs must be finished before anything new goes out.
+            chans.step_all(io, want_write)?;
+            let added = self.open_queued(io, chans, want_write)?;
+            if !added && transport_received() == mark {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Starts or continues channel opens; true if a channel was added (it is stepped on the next pass).
+    fn open_queued(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<bool, String> {
+        let mut added = false;
+        // libssh2 runs one channel open at a time per session. The idle reader opens first on every
+        // connection: it is what lets each pass empty the socket into libssh2 (see `pump`), whatever
+        // channels exist, and it answers server keep-alives on a connection with no channel.
+        if chans.reader.is_none() {
+            chans.reader = Some(IdleReader::new());
+        }
         loop {
             if chans.opening.is_none() {
                 if let Some(reader) = chans.reader.as_mut().filter(|r| r.holds_session()) {
@@ -606,20 +645,22 @@ impl Actor {
                 }
                 match self.next_request(chans) {
                     Some(req) => chans.opening = Some(req),
-                    None if chans.reader.is_none() && chans.is_idle() && self.queue.is_empty() => {
-                        // Nothing to do: the moment to set up the idle reader without delaying anyone.
-                        chans.reader = Some(IdleReader::new());
-                        continue;
-                    }
                     None => break,
                 }
             }
             let req = chans.opening.as_ref().expect("set above");
             let r = match &req.target {
-                Target::Forward { host, port, .. } => io.sess.channel_direct_tcpip(host, *port, None),
-                Target::Exec { .. } => io.sess.channel_session(),
+                Target::Forward { host, port, .. } => io.attempt(want_write, io.sess.channel_direct_tcpip(host, *port, None)).map(Opened::Forward),
+                Target::Exec { .. } => match SessionChannel::open(&io.sess) {
+                    RawRc::Done(ch) => Attempt::Done(Opened::Session(ch)),
+                    RawRc::Blocked => {
+                        *want_write |= io.wants_write();
+                        Attempt::Blocked
+                    }
+                    RawRc::Failed(e) => Attempt::Failed(e),
+                },
             };
-            match io.attempt(want_write, r) {
+            match r {
                 Attempt::Blocked => break,
                 Attempt::Failed(e) if is_fatal(&e) => return Err(format!("opening a channel: {}", e.message())),
                 Attempt::Failed(e) => {
@@ -637,13 +678,36 @@ impl Actor {
                         self.session_retry_at = None;
                     }
                     chans.add(ch, req, &self.shared);
-                    // Give the new channel its first step right away.
-                    chans.step_all(io, want_write)?;
+                    added = true;
                 }
             }
         }
-        Ok(())
+        Ok(added)
     }
+
+    /// With EGTUNNEL_CHECK_SETTLED set: after a settled pass, looks for a channel with something libssh2
+    /// holds for it, which `pump` promises cannot exist, and counts each finding (`status()`).
+    fn check_settled(&self, chans: &Channels) {
+        if !*CHECK_SETTLED {
+            return;
+        }
+        let unread = chans.unread();
+        if unread > 0 {
+            self.shared.unsettled_sleeps.fetch_add(1, Ordering::Relaxed);
+            warn!("SSH connection {}: going idle with {unread} channel(s) holding unread packets", self.shared.spec.dest());
+        }
+    }
+}
+
+/// Passes one wake-up may take before the actor serves its commands again (it then wakes itself).
+const MAX_PASSES: usize = 64;
+
+static CHECK_SETTLED: Lazy<bool> = Lazy::new(|| std::env::var_os("EGTUNNEL_CHECK_SETTLED").is_some_and(|v| v == "1"));
+
+/// A channel the server has just opened, of either kind.
+enum Opened {
+    Forward(ssh2::Channel),
+    Session(SessionChannel),
 }
 
 fn is_fatal_code(code: std::os::raw::c_int) -> bool {
@@ -718,21 +782,36 @@ impl Channels {
         self.execs.len() + usize::from(self.reader.as_ref().is_some_and(IdleReader::holds_session))
     }
 
-    fn is_idle(&self) -> bool {
-        self.opening.is_none() && self.forwards.is_empty() && self.execs.is_empty()
-    }
-
-    fn add(&mut self, ch: ssh2::Channel, req: OpenRequest, shared: &Shared) {
-        match req.target {
-            Target::Forward { to_remote, from_remote, stats, reply, .. } => {
+    fn add(&mut self, ch: Opened, req: OpenRequest, shared: &Shared) {
+        match (ch, req.target) {
+            (Opened::Forward(ch), Target::Forward { to_remote, from_remote, stats, reply, .. }) => {
                 // If the caller gave up waiting, its queues are closed too: the channel then sends
                 // EOF and closes on its first step, like any finished connection.
                 let _ = reply.send(Ok(()));
                 self.forwards.push(ForwardChannel::new(ch, to_remote, from_remote, ChannelGuard::new(stats)));
             }
-            Target::Exec { command, reply } => {
+            (Opened::Session(ch), Target::Exec { command, reply }) => {
                 let open = OpenChannel::new(shared.totals.clone());
                 self.execs.push(ExecChannel::new(ch, command, reply, req.deadline, shared.spec.dest(), open));
+            }
+            // The open was chosen by the same request's target.
+            _ => unreachable!("channel kind follows the request"),
+        }
+    }
+
+    /// Lets libssh2 process every packet waiting in the socket (its transport loop runs until the
+    /// socket is empty), through the idle reader or, until it is ready, a forward's zero-length read.
+    /// This also answers the server's keep-alive probes, channels or not.
+    fn drain(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<(), String> {
+        match self.reader.as_mut() {
+            Some(reader) if reader.is_ready() => reader.read(&io.sess, is_fatal_code),
+            _ => {
+                for f in &mut self.forwards {
+                    if f.drain(io, want_write)? {
+                        break;
+                    }
+                }
+                Ok(())
             }
         }
     }
@@ -740,20 +819,6 @@ impl Channels {
     fn step_all(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<(), String> {
         if self.scratch.is_empty() {
             self.scratch = vec![0u8; crate::forward::CHUNK];
-        }
-        // Pull everything already in the socket into libssh2's queue before stepping any channel.
-        // Otherwise a channel stepped early could have its data drained by a later channel's call:
-        // the socket would then be empty, no readiness event would follow, and that data would wait.
-        // This also answers the server's keep-alive probes, channels or not.
-        match self.reader.as_mut() {
-            Some(reader) if reader.is_ready() => reader.read(&io.sess, is_fatal_code)?,
-            _ => {
-                for f in &mut self.forwards {
-                    if f.drain(io, want_write)? {
-                        break;
-                    }
-                }
-            }
         }
         let mut fatal = None;
         self.forwards.retain_mut(|f| match f.step(io, want_write, &mut self.scratch) {
@@ -776,6 +841,11 @@ impl Channels {
             Some(cause) => Err(cause),
             None => Ok(()),
         }
+    }
+
+    /// Channels for which libssh2 holds something they could act on now (see `Actor::check_settled`).
+    fn unread(&self) -> usize {
+        self.forwards.iter().filter(|f| f.has_unread()).count() + self.execs.iter().filter(|x| x.has_unread()).count()
     }
 
     fn next_deadline(&self) -> Instant {

@@ -4,9 +4,16 @@
 //! ready before retrying. `SshIo` turns that into awaits on socket readiness: no sleeps, no polling.
 //! Readiness is cleared *before* the retry, so data arriving after libssh2's last read re-arms it and
 //! no wake-up is lost.
+//!
+//! Readiness says nothing about what libssh2 already took *out* of the socket: any call that reads
+//! may queue packets for other channels. So libssh2 receives through our own `recv` callback, which
+//! counts the bytes it takes (`transport_received`); the connection actor compares the count around
+//! its passes to know whether a pass may have left work queued for a channel stepped earlier.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::raw::{c_int, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +24,71 @@ use tokio::io::Interest;
 use crate::error::is_eagain;
 use crate::jump::Relay;
 use crate::net;
+
+thread_local! {
+    /// Bytes libssh2 received on this thread. A connection's pass is synchronous (it never awaits), so
+    /// the difference across a pass is exactly what that pass's libssh2 calls took from its socket.
+    static RECEIVED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Bytes libssh2 has received from any socket on the calling thread; compare two readings taken
+/// within one synchronous stretch of code.
+pub fn transport_received() -> u64 {
+    RECEIVED.with(Cell::get)
+}
+
+const LIBSSH2_CALLBACK_RECV: c_int = 6;
+
+type GenericCallback = unsafe extern "C" fn();
+
+extern "C" {
+    // In libssh2 (linked through libssh2-sys, which does not declare it).
+    fn libssh2_session_callback_set2(
+        session: *mut libssh2_sys::LIBSSH2_SESSION,
+        cbtype: c_int,
+        callback: Option<GenericCallback>,
+    ) -> Option<GenericCallback>;
+}
+
+/// libssh2's own `recv` replacement, plus the count. Unlike libssh2's, an interrupted call is retried
+/// here instead of being reported as "would block": the data it left in the socket would otherwise
+/// wait for a readiness event that already fired.
+unsafe extern "C" fn counting_recv(
+    fd: c_int,
+    buf: *mut c_void,
+    len: libc::size_t,
+    flags: c_int,
+    _abstract: *mut *mut c_void,
+) -> libc::ssize_t {
+    loop {
+        // SAFETY: libssh2 passes its own buffer of `len` bytes and the session's socket.
+        let rc = unsafe { libc::recv(fd, buf, len, flags) };
+        if rc > 0 {
+            RECEIVED.with(|r| r.set(r.get() + rc as u64));
+        }
+        if rc >= 0 {
+            return rc;
+        }
+        match io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) {
+            libc::EINTR => continue,
+            e => return -(e as libc::ssize_t),
+        }
+    }
+}
+
+fn count_received(sess: &Session) {
+    let mut guard = sess.raw();
+    let raw = &mut *guard as *mut libssh2_sys::LIBSSH2_SESSION;
+    // SAFETY: the session is live and locked; the callback has libssh2's RECV signature, and libssh2
+    // stores the pointer as its generic callback type.
+    unsafe {
+        let cb: GenericCallback = std::mem::transmute::<
+            unsafe extern "C" fn(c_int, *mut c_void, libc::size_t, c_int, *mut *mut c_void) -> libc::ssize_t,
+            GenericCallback,
+        >(counting_recv);
+        libssh2_session_callback_set2(raw, LIBSSH2_CALLBACK_RECV, Some(cb));
+    }
+}
 
 /// Borrowed view of the session's socket for the reactor; the session owns and closes the fd.
 struct SocketRef(RawFd);
@@ -65,6 +137,7 @@ impl SshIo {
             }
         };
         sess.set_blocking(false);
+        count_received(&sess);
         // SAFETY: the session owns the socket and outlives `afd` (field order drops `afd` first), so
         // the fd stays open for as long as it is registered with the reactor.
         let afd = unsafe { AsyncFd::register_with_interest(SocketRef(fd), Interest::READABLE | Interest::WRITABLE) }
@@ -164,6 +237,16 @@ pub enum Attempt<T> {
     /// Would block: retry on the next wake-up (the caller's `want_write` says which one).
     Blocked,
     Failed(ssh2::Error),
+}
+
+impl<T> Attempt<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
+        match self {
+            Attempt::Done(v) => Attempt::Done(f(v)),
+            Attempt::Blocked => Attempt::Blocked,
+            Attempt::Failed(e) => Attempt::Failed(e),
+        }
+    }
 }
 
 impl SshIo {

@@ -4,8 +4,6 @@
 //! is empty, plus (here) the exit status. The command's stdin is closed at once, so commands that
 //! would read it cannot hang the gateway.
 
-use std::io::Read;
-
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -13,6 +11,7 @@ use crate::driver::{is_fatal, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::forward::Step;
 use crate::metrics::OpenChannel;
+use crate::raw_channel::{Rc, SessionChannel, EAGAIN};
 
 /// Everything a finished command produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,7 +32,7 @@ impl ExecOutput {
 /// The SSH half of one remote command, stepped by the connection actor. Messages never quote the
 /// command: it carries the kernel's environment, which may hold secrets.
 pub struct ExecChannel {
-    ch: ssh2::Channel,
+    ch: SessionChannel,
     command: String,
     reply: Option<oneshot::Sender<Result<ExecOutput>>>,
     deadline: Instant,
@@ -51,7 +50,7 @@ pub struct ExecChannel {
 
 impl ExecChannel {
     pub fn new(
-        ch: ssh2::Channel,
+        ch: SessionChannel,
         command: String,
         reply: oneshot::Sender<Result<ExecOutput>>,
         deadline: Instant,
@@ -79,6 +78,12 @@ impl ExecChannel {
         self.deadline
     }
 
+    /// Whether libssh2 holds something this channel has not acted on (see the connection's
+    /// `settled` check): queued output, or an exit that was not yet answered.
+    pub fn has_unread(&self) -> bool {
+        self.reply.is_some() && self.started && (self.ch.queued() > 0 || (self.out_eof && self.err_eof && self.ch.exit().is_some()))
+    }
+
     pub fn step(&mut self, io: &SshIo, want_write: &mut bool, scratch: &mut [u8]) -> Step {
         if self.reply.as_ref().is_none_or(|r| r.is_closed()) {
             return self.close(io, want_write);
@@ -89,15 +94,15 @@ impl ExecChannel {
             return self.close(io, want_write);
         }
         if !self.started {
-            match io.attempt(want_write, self.ch.exec(&self.command)) {
-                Attempt::Done(()) => self.started = true,
-                Attempt::Blocked => return Step::Continue,
-                Attempt::Failed(e) => return self.fail(io, want_write, e),
+            match self.ch.exec(&self.command) {
+                Rc::Done(_) => self.started = true,
+                Rc::Blocked => return self.blocked(io, want_write),
+                Rc::Failed(e) => return self.fail(io, want_write, e),
             }
         }
         if !self.stdin_closed {
-            match io.attempt_small(want_write, |ch: &mut ssh2::Channel| ch.send_eof(), &mut self.ch) {
-                Attempt::Done(()) => self.stdin_closed = true,
+            match io.attempt_small(want_write, |ch: &mut SessionChannel| rc_result(ch.send_eof()), &mut self.ch) {
+                Attempt::Done(_) => self.stdin_closed = true,
                 Attempt::Blocked => return Step::Continue,
                 Attempt::Failed(e) => return self.fail(io, want_write, e),
             }
@@ -108,27 +113,34 @@ impl ExecChannel {
                 if *eof {
                     break;
                 }
-                match io.attempt_io(want_write, self.ch.stream(stream_id).read(scratch)) {
-                    Attempt::Done(0) => *eof = true,
-                    Attempt::Done(n) => buf.extend_from_slice(&scratch[..n]),
-                    Attempt::Blocked => break,
-                    Attempt::Failed(e) => return self.fail(io, want_write, e),
+                match self.ch.read(stream_id, scratch) {
+                    // libssh2 returns 0 once the server's EOF (or close) arrived and nothing of this
+                    // stream is left queued.
+                    Rc::Done(0) => *eof = true,
+                    Rc::Done(n) => buf.extend_from_slice(&scratch[..n]),
+                    Rc::Blocked => {
+                        *want_write |= io.wants_write();
+                        break;
+                    }
+                    Rc::Failed(e) => return self.fail(io, want_write, e),
                 }
             }
         }
         if self.out_eof && self.err_eof {
             // sshd may send the streams' EOF before the exit-status request (the pipe drains before
-            // the child is reaped); it always sends it before its close. Answer once closed.
-            return match self.close(io, want_write) {
-                Step::Finished => {
-                    let exit_status = self.ch.exit_status().ok();
-                    let out = ExecOutput { exit_status, stdout: std::mem::take(&mut self.out), stderr: std::mem::take(&mut self.err) };
-                    self.answer(Ok(out));
-                    Step::Finished
-                }
-                other => other,
-            };
+            // the child is reaped), and always sends the status (or the signal that ended the command)
+            // before its close. Answer as soon as it is here; closing needs no answer from the server.
+            if let Some(exit_status) = self.ch.exit() {
+                let out = ExecOutput { exit_status, stdout: std::mem::take(&mut self.out), stderr: std::mem::take(&mut self.err) };
+                self.answer(Ok(out));
+                return self.close(io, want_write);
+            }
         }
+        Step::Continue
+    }
+
+    fn blocked(&self, io: &SshIo, want_write: &mut bool) -> Step {
+        *want_write |= io.wants_write();
         Step::Continue
     }
 
@@ -148,19 +160,30 @@ impl ExecChannel {
         self.close(io, want_write)
     }
 
+    /// Sends our EOF (if not yet) and our close. The caller has its answer already (or is gone).
     fn close(&mut self, io: &SshIo, want_write: &mut bool) -> Step {
         // libssh2's close sends a missing EOF from a stack buffer; send it ourselves, safely, first.
         if !self.stdin_closed {
-            match io.attempt_small(want_write, |ch: &mut ssh2::Channel| ch.send_eof(), &mut self.ch) {
+            match io.attempt_small(want_write, |ch: &mut SessionChannel| rc_result(ch.send_eof()), &mut self.ch) {
                 Attempt::Blocked => return Step::Continue,
                 _ => self.stdin_closed = true,
             }
         }
-        // Completes once the server closed its side too, i.e. the command has ended.
-        match io.attempt(want_write, self.ch.close()) {
-            Attempt::Blocked => Step::Continue,
+        // Done once the server's close arrived (or libssh2 processed any packet meanwhile); only then
+        // can libssh2 free the channel, so until then it stays here and keeps its session slot.
+        match self.ch.close() {
+            Rc::Blocked => self.blocked(io, want_write),
+            Rc::Failed(e) if is_fatal(&e) => Step::Fatal(e.message().to_string()),
             _ => Step::Finished,
         }
+    }
+}
+
+fn rc_result(rc: Rc<usize>) -> std::result::Result<usize, ssh2::Error> {
+    match rc {
+        Rc::Done(n) => Ok(n),
+        Rc::Blocked => Err(ssh2::Error::new(ssh2::ErrorCode::Session(EAGAIN), "would block")),
+        Rc::Failed(e) => Err(e),
     }
 }
 

@@ -153,6 +153,13 @@ impl ForwardChannel {
         Step::Continue
     }
 
+    /// Whether libssh2 holds something for this channel that a step would act on now: queued bytes
+    /// or the server's EOF, while the local side can take them.
+    pub fn has_unread(&self) -> bool {
+        let room = self.from_remote.as_ref().is_some_and(|tx| tx.capacity() > 0);
+        !self.remote_eof && !self.local_gone && room && (self.ch.read_window().available > 0 || self.ch.eof())
+    }
+
     /// Reads nothing but makes libssh2 pull every packet the socket holds into its queue. Returns
     /// whether that happened (a channel already at EOF short-circuits without reading).
     pub fn drain(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<bool, String> {

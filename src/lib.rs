@@ -8,6 +8,7 @@
 //! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
 //! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination.
 //! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
+//! - `raw_channel`: a session channel through libssh2's C API (exit-status arrival, reads past EOF).
 //! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
 //! - `jump`: sessions through a ProxyJump hop (a channel on the hop's pooled connection).
 //! - `connection`: the actor owning one SSH session: channel opens, pumping, keep-alive, reconnects.
@@ -35,6 +36,7 @@ pub mod keepalive;
 pub mod metrics;
 pub mod net;
 pub mod pool;
+pub mod raw_channel;
 pub mod requests;
 pub mod runtime;
 pub mod session;

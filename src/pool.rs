@@ -540,6 +540,8 @@ pub struct ConnectionStatus {
     pub last_error: Option<String>,
     pub session_budget: usize,
     pub session_refusals: u64,
+    /// Idle moments with unread packets found (EGTUNNEL_CHECK_SETTLED=1 only; 0 by construction).
+    pub unsettled_sleeps: u64,
     /// The ProxyJump hop this connection runs through.
     pub via: Option<String>,
     /// Sessions relayed through this connection (it is their hop).
@@ -574,6 +576,7 @@ pub fn status() -> Vec<ConnectionStatus> {
                 last_error: s.last_error.lock().unwrap().clone(),
                 session_budget: s.session_budget.load(Ordering::Relaxed),
                 session_refusals: s.session_refusals.load(Ordering::Relaxed),
+                unsettled_sleeps: s.unsettled_sleeps.load(Ordering::Relaxed),
                 via: s.spec.jump.as_ref().map(|j| j.dest()),
                 relays: e.relays.len(),
                 forwards,

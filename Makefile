@@ -13,6 +13,8 @@ BUILD_STAMP := $(VENV)/.stamp-build
 RUST_SOURCES := $(shell find src -name '*.rs' 2>/dev/null)
 PY_SOURCES := $(shell find python -type f -not -name '*.so' -not -path '*/__pycache__/*' 2>/dev/null)
 PYTEST_ARGS ?=
+# Operations of `make soak`'s stress run (bench/stress.py): echo bursts and remote commands, half each.
+STRESS_OPS ?= 20000
 # The portable wheel: one file for every CPython >= 3.9 (abi3) on any x86_64 Linux with glibc >= 2.17
 # (manylinux2014), built with zig, which links against glibc 2.17's symbols whatever this machine has.
 WHEEL_DIR := dist
@@ -187,7 +189,9 @@ bench: deps build ## Run the benchmarks (bench/run.py)
 scale: deps build ## A gateway with 100 kernels: egtunnel against tunneling off (bench/scale.py)
 	$(VENV_PY) bench/scale.py $(SCALE_ARGS)
 
-soak: deps build ## Reliability run: real gateway, two stock-sshd hosts, 40+20 kernels at once, 200 cycles
+soak: deps build ## Reliability runs: 20,000 operations on one shared connection (bench/stress.py), then a real gateway with 40+20 kernels and 200 cycles (bench/soak.py)
+	mkdir -p bench/results
+	$(VENV_PY) bench/stress.py --ops $(STRESS_OPS) --max-p99-ratio 1.5 --json bench/results/stress.json
 	$(VENV_PY) bench/soak.py $(SOAK_ARGS)
 
 lint: $(BUILD_STAMP) ## cargo clippy, and mypy.stubtest of the stubs when mypy is in .venv

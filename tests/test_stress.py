@@ -1,0 +1,40 @@
+"""The stress run, reduced: one shared connection to a stock sshd carrying 200 forwards and remote
+commands at once, with both cores kept busy (bench/stress.py; `make soak` runs 20,000 operations).
+
+A lost wake-up on the shared connection shows up here as an operation that hits its timeout, a
+command answered without its exit status, or (with EGTUNNEL_CHECK_SETTLED, which the run sets) the
+actor going idle while libssh2 still held packets for one of its channels.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hosts
+
+REPO = Path(__file__).resolve().parents[1]
+OPS = 300
+
+
+def test_shared_connection_answers_every_command_and_byte_under_load(tmp_path: Path) -> None:
+    if hosts.sshd_unavailable_reason():
+        pytest.skip(hosts.sshd_unavailable_reason())
+    out = tmp_path / "stress.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "stress.py"), "--ops", str(OPS), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.exists(), f"stress run produced no result (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    r = json.loads(out.read_text())
+    assert r["failures"] == [] and r["timeouts"] == 0, r
+    assert r["unsettled_sleeps"] == 0, r
+    # Every command of both paths was answered, and every operation of the budget ran.
+    assert r["commands"] == {"egtunnel": OPS // 2, "openssh": OPS // 2}, r
+    assert r["echo_operations"] + r["source_operations"] == OPS - OPS // 2, r
+    assert r["closes"]["half"] > 0 and r["closes"]["abrupt"] > 0 and r["closes"]["remote"] > 0, r
+    assert r["held"] and proc.returncode == 0, r

@@ -4,18 +4,21 @@
 // pyo3 0.22's #[pyfunction] expansion trips this lint on every PyResult return type.
 #![allow(clippy::useless_conversion)]
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyConnectionRefusedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::PyErrArguments;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use crate::config::{check_port, ConnectSpec, HostKeyPolicy, Options, TunnelMode};
 use crate::error::Error;
 use crate::exec::ExecOutput;
+use crate::exit_gate::{self, Entry};
 use crate::forward::Forward;
 use crate::keepalive::{self, Channel, MAX_KEEP_ALIVE_INTERVAL};
 use crate::metrics::{self as native_metrics, counted, Operation};
@@ -35,6 +38,27 @@ fn exc_type<'py>(py: Python<'py>, cell: &'static GILOnceCell<Py<PyType>>, name: 
 
 /// The single mapping from core errors to Python exceptions. `context` names the channel or call.
 fn to_py(err: Error, context: &str) -> PyErr {
+    to_py_gated(err, context, None)
+}
+
+/// Exception arguments that carry an exit-gate entry until Python converts them (under the GIL), so
+/// that an error handed to the asyncio bridge keeps the gate waiting until it has reached Python.
+struct GatedArgs<A> {
+    args: A,
+    _entry: Option<Entry>,
+}
+
+impl<A: PyErrArguments> PyErrArguments for GatedArgs<A> {
+    fn arguments(self, py: Python<'_>) -> PyObject {
+        self.args.arguments(py)
+    }
+}
+
+fn gated<A>(args: A, entry: &mut Option<Entry>) -> GatedArgs<A> {
+    GatedArgs { args, _entry: entry.take() }
+}
+
+fn to_py_gated(err: Error, context: &str, entry: Option<Entry>) -> PyErr {
     static TUNNEL: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     static CONNECT: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     static AUTH: GILOnceCell<Py<PyType>> = GILOnceCell::new();
@@ -44,14 +68,15 @@ fn to_py(err: Error, context: &str) -> PyErr {
     static PROHIBITED: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     static CONFIG: GILOnceCell<Py<PyType>> = GILOnceCell::new();
     let msg = if context.is_empty() { err.to_string() } else { format!("{context}: {err}") };
+    let mut entry = entry;
     Python::with_gil(|py| {
         let (cell, name) = match err.primary() {
-            Error::Invalid(_) => return PyValueError::new_err(msg),
+            Error::Invalid(_) => return PyValueError::new_err(gated((msg,), &mut entry)),
             // errno set so code written for sockets (EG checks `e.errno == ECONNREFUSED`) works as is.
-            Error::Refused { .. } => return PyConnectionRefusedError::new_err((libc::ECONNREFUSED, msg)),
+            Error::Refused { .. } => return PyConnectionRefusedError::new_err(gated((libc::ECONNREFUSED, msg), &mut entry)),
             Error::Prohibited { .. } => (&PROHIBITED, "ForwardingProhibited"),
-            Error::Bind { in_use: true, .. } => return PyOSError::new_err((libc::EADDRINUSE, msg)),
-            Error::Bind { .. } => return PyOSError::new_err(msg),
+            Error::Bind { in_use: true, .. } => return PyOSError::new_err(gated((libc::EADDRINUSE, msg), &mut entry)),
+            Error::Bind { .. } => return PyOSError::new_err(gated((msg,), &mut entry)),
             Error::Connect { .. } => (&CONNECT, "SshConnectError"),
             Error::Auth { .. } => (&AUTH, "SshAuthError"),
             Error::HostKey { .. } => (&HOST_KEY, "HostKeyError"),
@@ -61,8 +86,53 @@ fn to_py(err: Error, context: &str) -> PyErr {
             Error::Other { .. } | Error::Channels { .. } => (&TUNNEL, "TunnelError"),
         };
         match exc_type(py, cell, name) {
-            Ok(t) => PyErr::from_type_bound(t.clone(), msg),
+            Ok(t) => PyErr::from_type_bound(t.clone(), gated((msg,), &mut entry)),
             Err(e) => e,
+        }
+    })
+}
+
+/// Runs `fut` on the runtime with the GIL released. The GIL is taken back only through the exit gate:
+/// a daemon thread still waiting here when Python finalizes never returns (see `exit_gate`).
+fn wait<F>(py: Python<'_>, fut: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let (out, entry) = py.allow_threads(|| (runtime::block_on(fut), exit_gate::before_returning_to_python()));
+    drop(entry);
+    out
+}
+
+/// A value on its way to Python through the asyncio bridge, holding the exit gate open until it is
+/// converted (under the GIL).
+struct Gated<T> {
+    value: T,
+    _entry: Entry,
+}
+
+impl<T: IntoPy<PyObject>> IntoPy<PyObject> for Gated<T> {
+    fn into_py(self, py: Python<'_>) -> PyObject {
+        self.value.into_py(py)
+    }
+}
+
+/// An asyncio awaitable for `fut`, driven by egtunnel's runtime; errors are mapped under `context`.
+/// Once Python is shutting down the awaitable is left pending: completing it would take the GIL from a
+/// runtime thread during finalization.
+fn awaitable<'py, F, T>(py: Python<'py>, context: String, fut: F) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future<Output = crate::error::Result<T>> + Send + 'static,
+    T: IntoPy<PyObject> + Send + 'static,
+{
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let r = fut.await;
+        let Some(entry) = exit_gate::enter() else {
+            return std::future::pending().await;
+        };
+        match r {
+            Ok(value) => Ok(Gated { value, _entry: entry }),
+            Err(e) => Err(to_py_gated(e, &context, Some(entry))),
         }
     })
 }
@@ -200,7 +270,7 @@ impl Tunnel {
         let Some(in_flight) = fwd.begin_request() else {
             return Err(to_py(terminated(&fwd), &ctx));
         };
-        let r = py.allow_threads(|| runtime::block_on(pool::send_request(&fwd, data, timeout)));
+        let r = wait(py, pool::send_request(&fwd, data, timeout));
         drop(in_flight);
         r.map_err(|e| to_py(e, &ctx))
     }
@@ -215,10 +285,10 @@ impl Tunnel {
         let Some(in_flight) = fwd.begin_request() else {
             return Err(to_py(terminated(&fwd), &ctx));
         };
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        awaitable(py, ctx, async move {
             let r = pool::send_request(&fwd, data, timeout).await;
             drop(in_flight);
-            r.map_err(|e| to_py(e, &ctx))
+            r
         })
     }
 
@@ -397,9 +467,7 @@ fn open_tunnel(
         verify,
         refused_wait,
     };
-    let fwd = py
-        .allow_threads(|| runtime::block_on(counted(&spec, Operation::Forward, pool::open_forward(&spec, mode, req))))
-        .map_err(|e| to_py(e, &ctx))?;
+    let fwd = wait(py, counted(&spec, Operation::Forward, pool::open_forward(&spec, mode, req))).map_err(|e| to_py(e, &ctx))?;
     Ok(Tunnel { fwd })
 }
 
@@ -458,9 +526,7 @@ fn remote_exec(
     let timeout = positive_duration(timeout, "timeout")?;
     let spec = spec(host, options(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, max_sessions, max_startups)?)?;
     metrics_hook(py);
-    let out = py
-        .allow_threads(|| runtime::block_on(counted(&spec, Operation::Command, pool::exec(&spec, command, timeout))))
-        .map_err(|e| to_py(e, "remote command"))?;
+    let out = wait(py, counted(&spec, Operation::Command, pool::exec(&spec, command, timeout))).map_err(|e| to_py(e, "remote command"))?;
     Ok(ExecResult { out })
 }
 
@@ -580,8 +646,7 @@ impl SshTarget {
         let timeout = positive_duration(timeout, "timeout")?;
         let spec = self.spec.clone();
         metrics_hook(py);
-        let out = py
-            .allow_threads(|| runtime::block_on(counted(&spec, Operation::Command, pool::exec(&spec, command, timeout))))
+        let out = wait(py, counted(&spec, Operation::Command, pool::exec(&spec, command, timeout)))
             .map_err(|e| to_py(e, "remote command"))?;
         Ok(ExecResult { out })
     }
@@ -592,11 +657,8 @@ impl SshTarget {
         let timeout = positive_duration(timeout, "timeout")?;
         let spec = self.spec.clone();
         metrics_hook(py);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let out = counted(&spec, Operation::Command, pool::exec(&spec, &command, timeout))
-                .await
-                .map_err(|e| to_py(e, "remote command"))?;
-            Ok(ExecResult { out })
+        awaitable(py, "remote command".into(), async move {
+            counted(&spec, Operation::Command, pool::exec(&spec, &command, timeout)).await.map(|out| ExecResult { out })
         })
     }
 
@@ -626,9 +688,7 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=No
                              count, kernel_id, verify, refused_wait)?;
         let spec = self.spec.clone();
         metrics_hook(py);
-        let opened = py.allow_threads(|| {
-            runtime::block_on(counted(&spec, Operation::Forward, pool::open_kernel_forwards(&spec, args.mode, args.plan)))
-        });
+        let opened = wait(py, counted(&spec, Operation::Forward, pool::open_kernel_forwards(&spec, args.mode, args.plan)));
         opened.map(tunnels).map_err(|e| to_py(e, ""))
     }
 
@@ -658,9 +718,8 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=No
                              count, kernel_id, verify, refused_wait)?;
         let spec = self.spec.clone();
         metrics_hook(py);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let opened = counted(&spec, Operation::Forward, pool::open_kernel_forwards(&spec, args.mode, args.plan)).await;
-            opened.map(tunnels).map_err(|e| to_py(e, ""))
+        awaitable(py, String::new(), async move {
+            counted(&spec, Operation::Forward, pool::open_kernel_forwards(&spec, args.mode, args.plan)).await.map(tunnels)
         })
     }
 
@@ -797,15 +856,15 @@ fn check_host(
 ) -> PyResult<bool> {
     let spec = spec(host, options(port, user, identity_file, password, known_hosts, host_key_policy, connect_timeout, ssh_config, 8, 3)?)?;
     let mut failed_report: Option<PyErr> = None;
-    let ok = py.allow_threads(|| {
-        runtime::block_on(crate::check::run(&spec, command, &mut |step: crate::check::Step| {
-            Python::with_gil(|py| {
-                if let Err(e) = report.call1(py, (step.hop, step.name, step.ok, step.detail, step.secs)) {
-                    failed_report.get_or_insert(e);
-                }
-            })
-        }))
-    });
+    let ok = wait(py, crate::check::run(&spec, command, &mut |step: crate::check::Step| {
+        // This thread gave up the GIL to wait; it takes it back only while the exit gate is open.
+        let Some(_entry) = exit_gate::enter() else { return };
+        Python::with_gil(|py| {
+            if let Err(e) = report.call1(py, (step.hop, step.name, step.ok, step.detail, step.secs)) {
+                failed_report.get_or_insert(e);
+            }
+        })
+    }));
     match failed_report {
         Some(e) => Err(e),
         None => Ok(ok),
@@ -813,6 +872,41 @@ fn check_host(
 }
 
 static LOG_RESET: once_cell::sync::OnceCell<pyo3_log::ResetHandle> = once_cell::sync::OnceCell::new();
+
+/// pyo3-log behind the exit gate: records from threads that would have to take the GIL go to Python
+/// logging while the interpreter lives, and warnings and errors to stderr once it is shutting down.
+struct GatedLogger(pyo3_log::Logger);
+
+impl log::Log for GatedLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.0.enabled(record.metadata()) {
+            return;
+        }
+        match exit_gate::enter() {
+            Some(_entry) => self.0.log(record),
+            None if record.level() <= log::Level::Warn => {
+                eprintln!("{} {}: {}", record.level(), record.target(), record.args())
+            }
+            None => {}
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Registered with atexit at import: no thread but this one enters Python from now on, and the calls
+/// into Python already in flight finish first (see `exit_gate`).
+#[pyfunction]
+fn _at_exit(py: Python<'_>) {
+    let left = py.allow_threads(|| exit_gate::close(Duration::from_secs(2)));
+    if left > 0 {
+        eprintln!("egtunnel: {left} call(s) into Python still in flight at exit");
+    }
+}
 
 /// Forgets the cached levels of the `egtunnel` loggers; call after changing them at run time.
 #[pyfunction]
@@ -829,12 +923,17 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust `log` records go to Python logging under the "egtunnel" logger. Levels are cached too, so a
     // disabled record (every debug line of a busy gateway) never takes the GIL from a runtime thread;
     // `refresh_log_levels()` makes a later change of Python's levels visible.
-    if let Ok(handle) = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
-        .filter_target("egtunnel".to_owned(), log::LevelFilter::Trace)
-        .install()
-    {
-        let _ = LOG_RESET.set(handle);
+    let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+        .filter_target("egtunnel".to_owned(), log::LevelFilter::Trace);
+    let reset = logger.reset_handle();
+    if log::set_boxed_logger(Box::new(GatedLogger(logger))).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+        let _ = LOG_RESET.set(reset);
     }
+    // Closes the exit gate before the interpreter finalizes (atexit runs its handlers last registered
+    // first, so the gateway's own handlers, which may still close tunnels and log, run before this one).
+    m.add_function(wrap_pyfunction!(_at_exit, m)?)?;
+    m.py().import_bound("atexit")?.call_method1("register", (m.getattr("_at_exit")?,))?;
     m.add("MAX_KEEP_ALIVE_INTERVAL", MAX_KEEP_ALIVE_INTERVAL)?;
     let py = m.py();
     m.add("CHANNELS", PyTuple::new_bound(py, Channel::ALL.iter().map(|c| c.as_str())))?;

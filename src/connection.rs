@@ -482,7 +482,7 @@ impl Actor {
                 Err(cause) => return Exit::Dead(cause),
                 // Not settled within one turn: take commands first, then come straight back.
                 Ok(false) => self.shared.wake.notify_one(),
-                Ok(true) => self.check_settled(&chans),
+                Ok(true) => self.check_settled(&chans, want_write),
             }
             // Our own sends may have put the socket back into delayed-ACK mode; push out any ACK
             // still pending before going idle, or sshd's Nagle holds its next packet for ~40 ms.
@@ -686,9 +686,11 @@ impl Actor {
     }
 
     /// With EGTUNNEL_CHECK_SETTLED set: after a settled pass, looks for a channel with something libssh2
-    /// holds for it, which `pump` promises cannot exist, and counts each finding (`status()`).
-    fn check_settled(&self, chans: &Channels) {
-        if !*CHECK_SETTLED {
+    /// holds for it, which `pump` promises cannot exist, and counts each finding (`status()`). While
+    /// libssh2 waits to send (a window adjustment, say), a channel may hold data legitimately: the
+    /// socket's writability wakes the actor then.
+    fn check_settled(&self, chans: &Channels, want_write: bool) {
+        if !*CHECK_SETTLED || want_write {
             return;
         }
         let unread = chans.unread();

@@ -19,6 +19,7 @@
 //! - `stats`: counters read without disturbing the actor.
 //! - `metrics`: process-wide totals per destination for Prometheus, and the scrape-time snapshot.
 //! - `runtime`: the process-wide tokio runtime.
+//! - `exit_gate`: keeps other threads out of Python once the interpreter starts shutting down.
 //! - `check`: every stage of reaching a host, reported one by one (`python -m egtunnel check`).
 //! - `bindings`: the thin PyO3 layer (`egtunnel._native`).
 
@@ -29,6 +30,7 @@ pub mod connection;
 pub mod driver;
 pub mod error;
 pub mod exec;
+pub mod exit_gate;
 pub mod forward;
 pub mod idle_reader;
 pub mod jump;

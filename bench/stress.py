@@ -282,12 +282,14 @@ async def run(args: argparse.Namespace, server: hosts.SshServer, echo_port_host:
     busy = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(args.busy)]
     started = time.monotonic()
     try:
-        tasks = [
+        workers = [
             *(echo_worker(random.Random(rng.random()), t.local_port, budget, res) for t in tunnels[n_source:]),
             *(source_worker(random.Random(rng.random()), t.local_port, budget, res) for t in tunnels[:n_source]),
-            *(command_worker(queues[w], target, argv, res, w) for w in ("egtunnel", "openssh") for _ in range(8)),
         ]
-        await asyncio.gather(*tasks)
+        # Started in random order, so that a small budget still reaches both kinds of forward.
+        rng.shuffle(workers)
+        commanders = [command_worker(queues[w], target, argv, res, w) for w in ("egtunnel", "openssh") for _ in range(8)]
+        await asyncio.gather(*workers, *commanders)
     finally:
         for p in busy:
             p.kill()

@@ -61,6 +61,9 @@ pub struct ForwardChannel {
     remote_eof: bool,
     local_gone: bool,
     close_sent: bool,
+    /// The last step stopped reading because the local side's queue was full; the local task wakes
+    /// the actor as soon as it takes a chunk.
+    waiting_for_room: bool,
     guard: ChannelGuard,
 }
 
@@ -81,6 +84,7 @@ impl ForwardChannel {
             remote_eof: false,
             local_gone: false,
             close_sent: false,
+            waiting_for_room: false,
             guard,
         }
     }
@@ -121,11 +125,15 @@ impl ForwardChannel {
         // Inbound: remote → local, only as far as the local side has room (backpressure). The pump has
         // already pulled the socket into libssh2's queue, so a channel with nothing queued is skipped:
         // a read would only cost a recv() that says "try again", once per idle channel per wake-up.
+        self.waiting_for_room = false;
         while !self.remote_eof && !self.local_gone && (self.ch.read_window().available > 0 || self.ch.eof()) {
             let Some(tx) = self.from_remote.as_ref() else { break };
             let permit = match tx.try_reserve() {
                 Ok(p) => p,
-                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    self.waiting_for_room = true;
+                    break;
+                }
                 Err(mpsc::error::TrySendError::Closed(())) => {
                     self.local_gone = true;
                     break;
@@ -153,11 +161,11 @@ impl ForwardChannel {
         Step::Continue
     }
 
-    /// Whether libssh2 holds something for this channel that a step would act on now: queued bytes
-    /// or the server's EOF, while the local side can take them.
+    /// Whether libssh2 holds something for this channel that nothing will wake the actor for: queued
+    /// bytes or the server's EOF, unless the channel is waiting for its local side to take a chunk.
     pub fn has_unread(&self) -> bool {
-        let room = self.from_remote.as_ref().is_some_and(|tx| tx.capacity() > 0);
-        !self.remote_eof && !self.local_gone && room && (self.ch.read_window().available > 0 || self.ch.eof())
+        let open = self.from_remote.is_some() && !self.remote_eof && !self.local_gone;
+        open && !self.waiting_for_room && (self.ch.read_window().available > 0 || self.ch.eof())
     }
 
     /// Reads nothing but makes libssh2 pull every packet the socket holds into its queue. Returns

@@ -610,12 +610,17 @@ impl Actor {
     /// receive callback) and no channel was added. Any byte received mid-pass means another pass.
     fn pump(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<bool, String> {
         for _ in 0..MAX_PASSES {
+            let before = transport_received();
             chans.drain(io, want_write)?;
             let mark = transport_received();
+            // Whatever arrived may be for any channel: the next step looks at all of them once.
+            chans.rescan |= mark != before;
             // Channels first: a partly sent packet of theirs must be finished before anything new goes out.
             chans.step_all(io, want_write)?;
             let added = self.open_queued(io, chans, want_write)?;
-            if !added && transport_received() == mark {
+            let settled = transport_received() == mark;
+            chans.rescan |= !settled;
+            if settled && !added {
                 return Ok(true);
             }
         }
@@ -776,6 +781,9 @@ struct Channels {
     reader: Option<IdleReader>,
     /// Reused read buffer; channels copy out only what they read.
     scratch: Vec<u8>,
+    /// libssh2 received packets that no step has looked for yet: every forward checks its queue on
+    /// the next step. Otherwise only forwards with local work or something in progress are stepped.
+    rescan: bool,
 }
 
 impl Channels {
@@ -823,12 +831,18 @@ impl Channels {
             self.scratch = vec![0u8; crate::forward::CHUNK];
         }
         let mut fatal = None;
-        self.forwards.retain_mut(|f| match f.step(io, want_write, &mut self.scratch) {
-            Step::Continue => true,
-            Step::Finished => false,
-            Step::Fatal(cause) => {
-                fatal.get_or_insert(cause);
-                false
+        let rescan = std::mem::take(&mut self.rescan);
+        self.forwards.retain_mut(|f| {
+            if !f.wants_step(rescan) {
+                return true;
+            }
+            match f.step(io, want_write, &mut self.scratch) {
+                Step::Continue => true,
+                Step::Finished => false,
+                Step::Fatal(cause) => {
+                    fatal.get_or_insert(cause);
+                    false
+                }
             }
         });
         self.execs.retain_mut(|x| match x.step(io, want_write, &mut self.scratch) {

@@ -155,7 +155,7 @@ impl ExecChannel {
             self.answer(Err(Error::Down { dest: self.dest.clone(), cause: e.message().to_string() }));
             return Step::Fatal(e.message().to_string());
         }
-        let cause = format!("remote command failed: {}", e.message());
+        let cause = format!("remote command failed: {} (libssh2 error {:?})", e.message(), e.code());
         self.answer(Err(Error::Other { dest: self.dest.clone(), cause }));
         self.close(io, want_write)
     }

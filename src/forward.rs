@@ -64,6 +64,16 @@ pub struct ForwardChannel {
     /// The last step stopped reading because the local side's queue was full; the local task wakes
     /// the actor as soon as it takes a chunk.
     waiting_for_room: bool,
+    /// Not stepped yet: its first step must happen whatever else is known.
+    fresh: bool,
+    /// libssh2 received packets since this channel last read, which may include some for it.
+    inbound_unchecked: bool,
+    /// The last read returned "would block" although data was queued: libssh2 was sending this
+    /// channel's window adjustment first. Until it is out, no other packet of the session can go out,
+    /// so the channel is driven on every pass, room on the local side or not.
+    read_blocked: bool,
+    /// A chunk read from libssh2 that the local side had no room for yet.
+    held: Option<Vec<u8>>,
     guard: ChannelGuard,
 }
 
@@ -85,12 +95,64 @@ impl ForwardChannel {
             local_gone: false,
             close_sent: false,
             waiting_for_room: false,
+            fresh: true,
+            inbound_unchecked: false,
+            read_blocked: false,
+            held: None,
             guard,
         }
     }
 
+    /// Whether a step could move anything, judged from the local queues alone unless libssh2 received
+    /// packets since this channel last read (`rescan`; they may be for it). This is what keeps a
+    /// wake-up's cost to the channels with work: an idle channel costs a few atomic loads. A channel in
+    /// the middle of something (a chunk, EOF, window adjustment or close going out) is always stepped:
+    /// it waits on the socket or on the peer's window, which no local event announces, and libssh2
+    /// sends nothing else of the session until that packet is out.
+    pub fn wants_step(&mut self, rescan: bool) -> bool {
+        if self.fresh || self.read_blocked || self.pending.is_some() || (self.local_eof && !self.eof_sent) || self.closing() {
+            return true;
+        }
+        if !self.local_eof && (!self.to_remote.is_empty() || self.to_remote.is_closed()) {
+            return true;
+        }
+        let Some(tx) = self.from_remote.as_ref() else { return false };
+        if tx.is_closed() {
+            return true;
+        }
+        if self.remote_eof {
+            return false;
+        }
+        // Remembered until the local side has room to take what may be there.
+        self.inbound_unchecked |= rescan;
+        if tx.capacity() == 0 {
+            self.waiting_for_room |= self.held.is_some();
+            // The local task wakes the actor when it takes a chunk; whatever is queued waits for that.
+            self.waiting_for_room |= self.inbound_unchecked;
+            return false;
+        }
+        if self.held.is_some() {
+            return true;
+        }
+        if !(self.inbound_unchecked || self.waiting_for_room) {
+            return false;
+        }
+        let has_inbound = self.ch.read_window().available > 0 || self.ch.eof();
+        if !has_inbound {
+            self.inbound_unchecked = false;
+            self.waiting_for_room = false;
+        }
+        has_inbound
+    }
+
+    /// Both directions are done and the channel's close is under way.
+    fn closing(&self) -> bool {
+        self.eof_sent && (self.remote_eof || self.local_gone)
+    }
+
     /// Moves what can move now: local bytes out, then remote bytes in, then closing.
     pub fn step(&mut self, io: &SshIo, want_write: &mut bool, scratch: &mut [u8]) -> Step {
+        self.fresh = false;
         // Outbound: local → remote. A chunk stays `pending` until fully written, so a retried write
         // passes libssh2 the same bytes it started with.
         loop {
@@ -125,27 +187,45 @@ impl ForwardChannel {
         // Inbound: remote → local, only as far as the local side has room (backpressure). The pump has
         // already pulled the socket into libssh2's queue, so a channel with nothing queued is skipped:
         // a read would only cost a recv() that says "try again", once per idle channel per wake-up.
+        // A read may run ahead of the local side by one chunk (`held`): a read that libssh2 blocked
+        // while sending this channel's window adjustment must be repeated as it was, room or not, since
+        // libssh2 recomputes the adjustment from the length asked for when it resends it.
         self.waiting_for_room = false;
-        while !self.remote_eof && !self.local_gone && (self.ch.read_window().available > 0 || self.ch.eof()) {
+        self.inbound_unchecked = false;
+        loop {
+            if self.remote_eof || self.local_gone {
+                break;
+            }
             let Some(tx) = self.from_remote.as_ref() else { break };
-            let permit = match tx.try_reserve() {
-                Ok(p) => p,
-                Err(mpsc::error::TrySendError::Full(())) => {
-                    self.waiting_for_room = true;
-                    break;
+            if let Some(chunk) = self.held.take() {
+                match tx.try_reserve() {
+                    Ok(permit) => permit.send(chunk),
+                    Err(mpsc::error::TrySendError::Full(())) => {
+                        self.held = Some(chunk);
+                        self.waiting_for_room = true;
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        self.local_gone = true;
+                        break;
+                    }
                 }
-                Err(mpsc::error::TrySendError::Closed(())) => {
-                    self.local_gone = true;
-                    break;
-                }
-            };
+            }
+            if !(self.read_blocked || self.ch.read_window().available > 0 || self.ch.eof()) {
+                break;
+            }
             match io.attempt_io(want_write, self.ch.read(scratch)) {
                 Attempt::Done(0) => self.remote_eof = true,
                 Attempt::Done(n) => {
+                    self.read_blocked = false;
                     self.guard.stats().add_in(n);
-                    permit.send(scratch[..n].to_vec());
+                    self.held = Some(scratch[..n].to_vec());
                 }
-                Attempt::Blocked => break,
+                // Data is queued (or the loop would not have read), so libssh2 is sending first.
+                Attempt::Blocked => {
+                    self.read_blocked = true;
+                    break;
+                }
                 Attempt::Failed(e) => return Self::failed(e),
             }
         }
@@ -155,7 +235,7 @@ impl ForwardChannel {
         }
 
         // Both directions finished: close the channel (after which libssh2 may free it at once).
-        if self.eof_sent && (self.remote_eof || self.local_gone) {
+        if self.closing() {
             return self.close(io, want_write);
         }
         Step::Continue
@@ -165,13 +245,18 @@ impl ForwardChannel {
     /// bytes or the server's EOF, unless the channel is waiting for its local side to take a chunk.
     pub fn has_unread(&self) -> bool {
         let open = self.from_remote.is_some() && !self.remote_eof && !self.local_gone;
-        open && !self.waiting_for_room && (self.ch.read_window().available > 0 || self.ch.eof())
+        open && !self.waiting_for_room && (self.held.is_some() || self.ch.read_window().available > 0 || self.ch.eof())
     }
 
     /// Reads nothing but makes libssh2 pull every packet the socket holds into its queue. Returns
     /// whether that happened (a channel already at EOF short-circuits without reading).
     pub fn drain(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<bool, String> {
-        if self.remote_eof {
+        // A read libssh2 left mid-way must be repeated with its own length, not an empty one; and a
+        // channel whose receive window libssh2 would enlarge on this read is not used either: an
+        // adjustment sent for an empty read and booked for a full one (or the reverse) leaves libssh2
+        // and the server disagreeing about the window, which loses data or stalls the channel.
+        let window = self.ch.read_window();
+        if self.remote_eof || self.read_blocked || window.remaining < window.window_size_initial / 4 * 3 {
             return Ok(false);
         }
         match io.attempt_io(want_write, self.ch.read(&mut [])) {

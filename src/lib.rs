@@ -6,7 +6,8 @@
 //! - `error`: the one error type; `bindings` maps it to Python exceptions.
 //! - `net`: socket options std lacks (TCP_QUICKACK, TCP_INFO).
 //! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
-//! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination.
+//! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination (as `ssh -G`).
+//! - `algorithms`: OpenSSH's Ciphers, MACs, KexAlgorithms and HostKeyAlgorithms applied to libssh2.
 //! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
 //! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
 //! - `jump`: sessions through a ProxyJump hop (a channel on the hop's pooled connection).
@@ -21,6 +22,7 @@
 //! - `check`: every stage of reaching a host, reported one by one (`python -m egtunnel check`).
 //! - `bindings`: the thin PyO3 layer (`egtunnel._native`).
 
+pub mod algorithms;
 pub mod bindings;
 pub mod check;
 pub mod config;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use once_cell::sync::Lazy;
 use ssh2::{CheckResult, HostKeyType, KnownHostFileKind, KnownHostKeyFormat};
 use tokio::net::TcpStream;
@@ -134,7 +134,9 @@ pub async fn open(spec: &ConnectSpec, deadline: Instant, keep_alive: (u64, u32))
             Stream::Relayed(sock, relay)
         }
     };
-    SshIo::new(stream).map_err(|e| connect_err(spec, e))
+    let io = SshIo::new(stream).map_err(|e| connect_err(spec, e))?;
+    crate::algorithms::apply(&io.sess, &spec.algorithms, &spec.dest())?;
+    Ok(io)
 }
 
 /// The handshake alone, for diagnostics (`establish` retries dropped ones).
@@ -238,6 +240,9 @@ pub struct HostKeyReport {
     pub checked: bool,
 }
 
+/// Destinations already warned about running without host-key checks, so each is logged once.
+static UNCHECKED: Lazy<Mutex<std::collections::HashSet<String>>> = Lazy::new(Mutex::default);
+
 /// Checks the server's key against every known_hosts file; `locate` also finds the matching line.
 pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<HostKeyReport> {
     let dest = spec.dest();
@@ -252,6 +257,9 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
         checked: false,
     };
     if spec.host_key_policy == HostKeyPolicy::Off {
+        if UNCHECKED.lock().unwrap().insert(spec.dest()) {
+            warn!("host key of {} is not checked (EG_SSH_HOST_KEY_POLICY=off): anyone on the path can impersonate it", spec.dest());
+        }
         return Ok(report);
     }
     report.checked = true;

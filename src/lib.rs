@@ -8,6 +8,7 @@
 //! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
 //! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination (as `ssh -G`).
 //! - `algorithms`: OpenSSH's Ciphers, MACs, KexAlgorithms and HostKeyAlgorithms applied to libssh2.
+//! - `known_hosts`: markers (@revoked, @cert-authority), locked appends and file modes.
 //! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
 //! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
 //! - `jump`: sessions through a ProxyJump hop (a channel on the hop's pooled connection).
@@ -34,6 +35,7 @@ pub mod forward;
 pub mod idle_reader;
 pub mod jump;
 pub mod keepalive;
+pub mod known_hosts;
 pub mod metrics;
 pub mod net;
 pub mod pool;

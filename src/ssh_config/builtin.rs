@@ -114,6 +114,9 @@ fn raw<'a>(params: &'a HostParams, name: &str) -> Option<&'a Vec<String>> {
 pub fn resolve(name: &str, files: &[(PathBuf, bool)], walked: &Scan, home: &Path, explain: bool) -> Result<HostConfig> {
     refuse_unreproducible(walked)?;
     let mut out = HostConfig { resolver: "built-in parser (no OpenSSH client)".into(), ..HostConfig::default() };
+    // OpenSSH matches and connects with the host name in lower case.
+    let name = name.to_ascii_lowercase();
+    let name = name.as_str();
     for (file, _) in files.iter().filter(|(f, _)| f.is_file()) {
         let config = load(file, home)?;
         let mut hc = from_params(&config.query(name), file, home).map_err(|e| locate(e, file, home, name))?;
@@ -138,7 +141,7 @@ fn from_params(params: &HostParams, file: &Path, home: &Path) -> Result<HostConf
         cause: format!("{option} {value:?}: {expected}"),
     };
     let mut hc = HostConfig {
-        host_name: params.host_name.clone().map(set),
+        host_name: params.host_name.as_ref().map(|h| set(h.to_ascii_lowercase())),
         port: params.port.map(|p| Setting { value: p, origin: origin.clone() }),
         user: params.user.clone().map(set),
         identity_files: params.identity_file.clone().map(|files| Setting {

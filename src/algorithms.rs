@@ -62,9 +62,11 @@ pub fn preference(a: &Algorithms) -> Result<Option<String>> {
     })
 }
 
-/// Sets the session's preferences before the handshake.
-pub fn apply(sess: &Session, algorithms: &[Algorithms], dest: &str) -> Result<()> {
+/// Sets the session's preferences before the handshake. `known` are the host key algorithms of keys
+/// already recorded for the host: unless the file set HostKeyAlgorithms, they go first, as in OpenSSH.
+pub fn apply(sess: &Session, algorithms: &[Algorithms], known: &[&str], dest: &str) -> Result<()> {
     for a in algorithms {
+        let a = &prefer_known(a, known);
         let Some(pref) = preference(a)? else { continue };
         for t in method_type(a.kind) {
             sess.method_pref(t, &pref)
@@ -72,6 +74,16 @@ pub fn apply(sess: &Session, algorithms: &[Algorithms], dest: &str) -> Result<()
         }
     }
     Ok(())
+}
+
+/// OpenSSH's ordering of HostKeyAlgorithms when the user did not set it: the algorithms of known keys
+/// first, each group in the list's own order.
+fn prefer_known(a: &Algorithms, known: &[&str]) -> Algorithms {
+    if a.kind != AlgKind::HostKey || a.explicit || known.is_empty() {
+        return a.clone();
+    }
+    let (first, rest): (Vec<String>, Vec<String>) = a.list.iter().cloned().partition(|n| known.contains(&n.as_str()));
+    Algorithms { list: first.into_iter().chain(rest).collect(), ..a.clone() }
 }
 
 /// What the handshake negotiated, per kind, for `check`.
@@ -98,6 +110,15 @@ mod tests {
     fn openssh_order_libssh2_subset() {
         let a = list(AlgKind::Ciphers, "no-such-cipher,aes256-ctr,aes128-ctr", true);
         assert_eq!(preference(&a).unwrap().unwrap(), "aes256-ctr,aes128-ctr");
+    }
+
+    #[test]
+    fn known_key_types_go_first_unless_the_file_set_the_list() {
+        let a = list(AlgKind::HostKey, "ssh-ed25519,ecdsa-sha2-nistp256,rsa-sha2-512,rsa-sha2-256", false);
+        let known = ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"];
+        assert_eq!(prefer_known(&a, &known).list, ["rsa-sha2-512", "rsa-sha2-256", "ssh-ed25519", "ecdsa-sha2-nistp256"]);
+        let set = list(AlgKind::HostKey, "ssh-ed25519,rsa-sha2-512", true);
+        assert_eq!(prefer_known(&set, &known).list, set.list);
     }
 
     #[test]

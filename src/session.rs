@@ -135,8 +135,55 @@ pub async fn open(spec: &ConnectSpec, deadline: Instant, keep_alive: (u64, u32))
         }
     };
     let io = SshIo::new(stream).map_err(|e| connect_err(spec, e))?;
-    crate::algorithms::apply(&io.sess, &spec.algorithms, &spec.dest())?;
+    let known = known_key_algorithms(&io, spec);
+    crate::algorithms::apply(&io.sess, &spec.algorithms, &known, &spec.dest())?;
     Ok(io)
+}
+
+/// The host key algorithms of the keys known_hosts already holds for this host. OpenSSH puts them first
+/// (unless HostKeyAlgorithms is set), so that a known host presents a key that can be verified rather
+/// than another type that would look unknown (and be recorded under accept-new).
+fn known_key_algorithms(io: &SshIo, spec: &ConnectSpec) -> Vec<&'static str> {
+    use base64::Engine;
+    if spec.host_key_policy == HostKeyPolicy::Off {
+        return Vec::new();
+    }
+    let Ok(mut kh) = io.sess.known_hosts() else { return Vec::new() };
+    let mut files = spec.known_hosts.clone();
+    files.extend(spec.global_known_hosts.iter().cloned());
+    if known_hosts::read(&mut kh, &files).is_err() {
+        return Vec::new();
+    }
+    let mut names = vec![spec.host.clone()];
+    names.extend(io.peer.map(|ip| ip.to_string()).filter(|ip| *ip != spec.host));
+    let mut out: Vec<&'static str> = Vec::new();
+    for entry in kh.iter().unwrap_or_default() {
+        let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(entry.key()) else { continue };
+        if !names.iter().any(|n| matches!(kh.check_port(n, spec.port, &blob), CheckResult::Match)) {
+            continue;
+        }
+        let algorithms: &[&'static str] = match key_blob_type(&blob) {
+            Some("ssh-rsa") => &["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"],
+            Some("ssh-ed25519") => &["ssh-ed25519"],
+            Some("ecdsa-sha2-nistp256") => &["ecdsa-sha2-nistp256"],
+            Some("ecdsa-sha2-nistp384") => &["ecdsa-sha2-nistp384"],
+            Some("ecdsa-sha2-nistp521") => &["ecdsa-sha2-nistp521"],
+            Some("ssh-dss") => &["ssh-dss"],
+            _ => &[],
+        };
+        for a in algorithms {
+            if !out.contains(a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+/// The key type named at the start of an SSH public key blob (a length-prefixed string).
+fn key_blob_type(blob: &[u8]) -> Option<&str> {
+    let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
+    std::str::from_utf8(blob.get(4..4 + len)?).ok()
 }
 
 /// The handshake alone, for diagnostics (`establish` retries dropped ones).

@@ -408,3 +408,18 @@ def test_constructs_egtunnel_cannot_apply_are_refused_at_their_line(tmp_path: Pa
     cfg = _write(tmp_path / "proxy", "Host kernel-host\n  ProxyCommand nc %h %p\n")
     with pytest.raises(egtunnel.SshConfigError, match=f"{cfg}:2: proxycommand"):
         egtunnel.SshTarget("kernel-host", ssh_config=str(cfg))
+
+
+def test_a_host_known_by_another_key_type_presents_that_key(sshd_factory, tmp_path: Path) -> None:
+    # The server has an ECDSA key besides its Ed25519 one, and only the ECDSA key is recorded. OpenSSH
+    # prefers the algorithms of recorded keys, so it verifies the host; egtunnel must too, rather than
+    # take the Ed25519 key for unknown (and, under accept-new, record a second key unverified).
+    ecdsa = tmp_path / "ssh_host_ecdsa_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(ecdsa)], check=True)
+    server = sshd_factory(extra_config=[f"HostKey {ecdsa}"])
+    ecdsa_public = " ".join(ecdsa.with_suffix(".pub").read_text().split()[:2])
+    kh = _write(tmp_path / "known_hosts", f"{server.known_hosts_name} {ecdsa_public}\n")
+    for policy in ("yes", "accept-new"):
+        cfg = _write(tmp_path / f"ssh_config.{policy}", _alias_block("kernel-host", server, kh, StrictHostKeyChecking=policy))
+        assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo known-type").lines() == ["known-type"]
+    assert kh.read_text() == f"{server.known_hosts_name} {ecdsa_public}\n"

@@ -320,7 +320,7 @@ impl ConnectSpec {
         rows.push(Row {
             setting: "identityfile",
             value: if identity_files.is_empty() {
-                "agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa".into()
+                "agent, then ~/.ssh/id_rsa, id_ecdsa, id_ed25519, id_dsa".into()
             } else {
                 identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
             },

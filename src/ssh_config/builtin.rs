@@ -42,7 +42,7 @@ fn refuse(l: &super::scan::Line, why: &str) -> Error {
 
 /// Refuses, at its line, whatever this parser could resolve differently from OpenSSH.
 fn refuse_unreproducible(walked: &Scan) -> Result<()> {
-    const NEEDS_OPENSSH: &str = "only resolved through OpenSSH's client (ssh -G), which is not installed here \
+    const NEEDS_OPENSSH: &str = "only resolved through OpenSSH's client (ssh -G), which is not installed here or is turned off by EG_SSH_CLIENT=none \
                                  (install openssh-client, or set EG_SSH_CLIENT to its path)";
     let mut in_block: HashSet<String> = HashSet::new();
     let mut identity_blocks = 0;

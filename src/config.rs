@@ -510,9 +510,11 @@ pub fn check_port(what: &str, port: i64, allow_zero: bool) -> Result<u16> {
 }
 
 pub struct Me {
-
     pub name: Option<String>,
+    /// $HOME, else the password database's: egtunnel's own defaults (known_hosts, default keys).
     pub home: PathBuf,
+    /// The password database's home, which `ssh` uses for `~` and `~/.ssh/config` whatever $HOME says.
+    pub passwd_home: PathBuf,
 }
 
 pub fn current_user() -> Me {
@@ -535,11 +537,12 @@ pub fn current_user() -> Me {
         }
     }
     let name = name.or_else(|| std::env::var("USER").ok());
+    let passwd_home = pw_home.clone().unwrap_or_else(|| PathBuf::from("/"));
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .or(pw_home)
         .unwrap_or_else(|| PathBuf::from("/"));
-    Me { name, home }
+    Me { name, home, passwd_home }
 }
 
 fn expand_home(p: &str, home: &std::path::Path) -> PathBuf {

@@ -163,7 +163,8 @@ pub fn client() -> Option<PathBuf> {
 }
 
 /// The effective configuration for `name`, as `ssh [-l user] [-p port] name` would resolve it.
-/// `home` is the home of the user ssh would run as (`~`, `~/.ssh/config`). With `explain`, the
+/// `home` is the built-in parser's `~` ($HOME); through OpenSSH, `~` is what `ssh` takes it to be
+/// (the password database's home). With `explain`, the
 /// built-in parser also finds the line behind each value (the `ssh -G` path always does).
 pub fn lookup(name: &str, source: &Source, home: &Path, explain: bool, user: Option<&str>, port: Option<u16>) -> Result<Arc<HostConfig>> {
     if name.starts_with('-') || name.contains(char::is_whitespace) {
@@ -176,6 +177,9 @@ pub fn lookup(name: &str, source: &Source, home: &Path, explain: bool, user: Opt
             return Ok(c.config.clone());
         }
     }
+    // `ssh` takes `~` (and so ~/.ssh/config) from the password database, whatever $HOME says.
+    let passwd_home = crate::config::current_user().passwd_home;
+    let home = if client.is_some() { passwd_home.as_path() } else { home };
     let files = source.files(home)?;
     let walked = scan::walk(&files, home);
     let config = match &client {

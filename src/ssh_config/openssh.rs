@@ -17,9 +17,9 @@ use crate::error::{Error, Result};
 /// `ssh -G` reads files and prints; anything slower is stuck (an automounted home, a hung NFS).
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Options that differ from the defaults and that egtunnel neither applies nor needs to: reported as
-/// ignored (one debug line each, and `check` lists them).
-const NOT_REPORTED: [&str; 3] = ["host", "hostname", "user"];
+/// Options never reported as ignored: the ones honoured under another row, and `updatehostkeys`, which
+/// OpenSSH turns off by itself when UserKnownHostsFile is set (so it differs without being set).
+const NOT_REPORTED: [&str; 4] = ["host", "hostname", "user", "updatehostkeys"];
 
 /// The lines of one `ssh -G` run, keyword (lower case) and value.
 struct Printed(Vec<(String, String)>);

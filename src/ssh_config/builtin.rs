@@ -335,7 +335,7 @@ mod tests {
 
     fn lookup(name: &str, f: &Path, home: &Path, explain: bool) -> Result<HostConfig> {
         let files = vec![(f.to_path_buf(), false)];
-        resolve(name, &files, &scan::walk(&files, home), home, explain)
+        resolve(name, &files, &scan::walk(&files, home, name), home, explain)
     }
 
     #[test]

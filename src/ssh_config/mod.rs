@@ -181,7 +181,7 @@ pub fn lookup(name: &str, source: &Source, home: &Path, explain: bool, user: Opt
     let passwd_home = crate::config::current_user().passwd_home;
     let home = if client.is_some() { passwd_home.as_path() } else { home };
     let files = source.files(home)?;
-    let walked = scan::walk(&files, home);
+    let walked = scan::walk(&files, home, name);
     let config = match &client {
         Some(ssh) => openssh::resolve(ssh, source, &walked, name, home, user, port)?,
         None => builtin::resolve(name, &files, &walked, home, explain)?,

@@ -18,6 +18,8 @@ pub struct Line {
     pub number: usize,
     pub keyword: String,
     pub args: Vec<String>,
+    /// False inside a `Host` block whose patterns exclude the host looked up (`Match` blocks may apply).
+    pub may_apply: bool,
 }
 
 impl Line {
@@ -89,16 +91,18 @@ pub fn split(line: &str) -> Option<(String, Vec<String>)> {
 }
 
 /// Walks `files` (each a top-level file; `system` tells which are system files, whose relative
-/// Includes are under /etc/ssh rather than ~/.ssh).
-pub fn walk(files: &[(PathBuf, bool)], home: &Path) -> Scan {
+/// Includes are under /etc/ssh rather than ~/.ssh), for the host `name`.
+pub fn walk(files: &[(PathBuf, bool)], home: &Path, name: &str) -> Scan {
     let mut scan = Scan::default();
     for (file, system) in files {
-        visit(file, *system, home, 0, &mut scan);
+        visit(file, *system, home, name, true, 0, &mut scan);
     }
     scan
 }
 
-fn visit(file: &Path, system: bool, home: &Path, depth: usize, scan: &mut Scan) {
+/// `may_apply` is the state of the block an Include sits in; a file's own Host lines change it for the
+/// rest of that file only, as OpenSSH scopes them.
+fn visit(file: &Path, system: bool, home: &Path, name: &str, mut may_apply: bool, depth: usize, scan: &mut Scan) {
     scan.stamps.push(stamp(file));
     if depth > MAX_DEPTH {
         return;
@@ -106,7 +110,12 @@ fn visit(file: &Path, system: bool, home: &Path, depth: usize, scan: &mut Scan) 
     let Ok(text) = std::fs::read_to_string(file) else { return };
     for (i, raw) in text.lines().enumerate() {
         let Some((keyword, args)) = split(raw) else { continue };
-        let line = Line { file: file.to_path_buf(), number: i + 1, keyword, args };
+        match keyword.as_str() {
+            "host" => may_apply = crate::known_hosts::patterns_match(&args.join(","), &name.to_ascii_lowercase(), &|_| false),
+            "match" => may_apply = true,
+            _ => {}
+        }
+        let line = Line { file: file.to_path_buf(), number: i + 1, keyword, args, may_apply };
         let include = if line.keyword == "include" { line.args.clone() } else { Vec::new() };
         scan.lines.push(line);
         for pattern in include {
@@ -120,7 +129,7 @@ fn visit(file: &Path, system: bool, home: &Path, depth: usize, scan: &mut Scan) 
                 .unwrap_or_default();
             found.sort();
             for f in found.iter().filter(|f| f.is_file()) {
-                visit(f, system, home, depth + 1, scan);
+                visit(f, system, home, name, may_apply, depth + 1, scan);
             }
         }
     }
@@ -150,13 +159,16 @@ impl Scan {
         })
     }
 
-    /// Where `keyword` is set: the first line whose arguments are `value` (case-insensitive), else the
-    /// first line that sets it at all. A line is only a candidate: OpenSSH decided which block applied.
+    /// Where `keyword` is set: among the lines in blocks that may apply to the host, the first whose
+    /// arguments are `value` (case-insensitive), else the first that sets it; failing both, the same
+    /// among all lines. A line is only a candidate: OpenSSH decided which block applied.
     pub fn origin(&self, keyword: &str, value: Option<&str>) -> Option<&Line> {
-        let lines = || self.lines.iter().filter(|l| l.keyword == keyword);
-        value
-            .and_then(|v| lines().find(|l| l.args.join(" ").eq_ignore_ascii_case(v) || l.args.first().is_some_and(|a| a.eq_ignore_ascii_case(v))))
-            .or_else(|| lines().next())
+        let same = |l: &&Line| {
+            value.is_some_and(|v| l.args.join(" ").eq_ignore_ascii_case(v) || l.args.first().is_some_and(|a| a.eq_ignore_ascii_case(v)))
+        };
+        let applying = || self.lines.iter().filter(|l| l.keyword == keyword && l.may_apply);
+        let all = || self.lines.iter().filter(|l| l.keyword == keyword);
+        applying().find(same).or_else(|| applying().next()).or_else(|| all().find(same)).or_else(|| all().next())
     }
 }
 
@@ -174,12 +186,24 @@ mod tests {
     }
 
     #[test]
+    fn origins_prefer_blocks_that_match_the_host() {
+        let d = std::env::temp_dir().join(format!("egtunnel-scan-origin-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("c"), "Host a\n  Port 2222\nHost b !c\n  Port 2222\nHost *\n  User u\n").unwrap();
+        let scan = walk(&[(d.join("c"), false)], Path::new("/h"), "b");
+        assert_eq!(scan.origin("port", Some("2222")).unwrap().number, 4);
+        assert_eq!(scan.origin("user", None).unwrap().number, 6);
+        let scan = walk(&[(d.join("c"), false)], Path::new("/h"), "c");
+        assert_eq!(scan.origin("port", Some("2222")).unwrap().number, 2); // no block applies: the first
+    }
+
+    #[test]
     fn includes_are_followed_and_stamped() {
         let d = std::env::temp_dir().join(format!("egtunnel-scan-{}", std::process::id()));
         std::fs::create_dir_all(d.join("conf.d")).unwrap();
         std::fs::write(d.join("conf.d/a.conf"), "Match exec \"true\"\n").unwrap();
         std::fs::write(d.join("main"), format!("Host x\n  Include {}/conf.d/*.conf\n  User u\n", d.display())).unwrap();
-        let scan = walk(&[(d.join("main"), false)], Path::new("/nonexistent"));
+        let scan = walk(&[(d.join("main"), false)], Path::new("/nonexistent"), "x");
         assert_eq!(scan.match_exec().unwrap().origin(), format!("{}/conf.d/a.conf:1", d.display()));
         assert_eq!(scan.origin("user", None).unwrap().number, 3);
         assert!(scan.stamps.iter().any(|(p, _)| p.ends_with("conf.d")));

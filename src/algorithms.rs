@@ -39,7 +39,15 @@ pub fn supported(kind: AlgKind) -> &'static [String] {
 /// user's file set it.
 pub fn preference(a: &Algorithms) -> Result<Option<String>> {
     let have = supported(a.kind);
-    let usable: Vec<&str> = a.list.iter().map(String::as_str).filter(|n| have.iter().any(|h| h == n)).collect();
+    // A host certificate cannot be verified here (no CA support in the host-key check), so the server
+    // must present its plain key, which known_hosts can vouch for.
+    let usable: Vec<&str> = a
+        .list
+        .iter()
+        .map(String::as_str)
+        .filter(|n| have.iter().any(|h| h == n))
+        .filter(|n| a.kind != AlgKind::HostKey || !n.contains("-cert-"))
+        .collect();
     if !usable.is_empty() {
         return Ok(Some(usable.join(",")));
     }
@@ -119,6 +127,12 @@ mod tests {
         assert_eq!(prefer_known(&a, &known).list, ["rsa-sha2-512", "rsa-sha2-256", "ssh-ed25519", "ecdsa-sha2-nistp256"]);
         let set = list(AlgKind::HostKey, "ssh-ed25519,rsa-sha2-512", true);
         assert_eq!(prefer_known(&set, &known).list, set.list);
+    }
+
+    #[test]
+    fn host_certificates_are_never_asked_for() {
+        let a = list(AlgKind::HostKey, "ssh-ed25519-cert-v01@openssh.com,ssh-ed25519,rsa-sha2-512", false);
+        assert_eq!(preference(&a).unwrap().unwrap(), "ssh-ed25519,rsa-sha2-512");
     }
 
     #[test]

@@ -423,3 +423,13 @@ def test_a_host_known_by_another_key_type_presents_that_key(sshd_factory, tmp_pa
         cfg = _write(tmp_path / f"ssh_config.{policy}", _alias_block("kernel-host", server, kh, StrictHostKeyChecking=policy))
         assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo known-type").lines() == ["known-type"]
     assert kh.read_text() == f"{server.known_hosts_name} {ecdsa_public}\n"
+
+
+def test_password_authentication_no_is_honoured_and_shown(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    # EG_REMOTE_PWD is not sent where the file says PasswordAuthentication no (check shows it); keys still work.
+    kh = sshd.write_known_hosts(tmp_path / "known_hosts")
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh, PasswordAuthentication="no"))
+    rows, _ = egtunnel._native.explain("kernel-host", ssh_config=str(cfg))
+    assert ("passwordauthentication", "no (EG_REMOTE_PWD is not sent)", f"{cfg}:7") in rows, rows
+    target = egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), password="never-sent")
+    assert target.exec("echo key-only").lines() == ["key-only"]

@@ -58,7 +58,12 @@ pub async fn run(spec: &ConnectSpec, command: &str, report: &mut (dyn FnMut(Step
         match session::handshake(&io, hop, deadline).await {
             Ok(()) => {
                 let banner = io.sess.banner().unwrap_or("").to_string();
-                step(n, "SSH handshake", started, Ok(format!("server {banner}")));
+                let agreed = crate::algorithms::negotiated(&io.sess)
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                step(n, "SSH handshake", started, Ok(format!("server {banner}; negotiated {agreed}")));
             }
             Err(e) => return step(n, "SSH handshake", started, Err(e)),
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::ssh_config::{self, Source};
+use crate::ssh_config::{self, Algorithms, Source};
 
 /// How a server's host key is checked against the known_hosts file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -19,7 +19,8 @@ pub enum HostKeyPolicy {
     Strict,
     /// Unknown key appended to known_hosts; changed key refused.
     AcceptNew,
-    /// No check at all (for throwaway test hosts only).
+    /// No check at all (for throwaway test hosts only). Only egtunnel's own setting
+    /// (EG_SSH_HOST_KEY_POLICY, or the caller's argument) selects it, never ssh_config.
     Off,
 }
 
@@ -100,6 +101,8 @@ pub struct ConnectSpec {
     pub password: Option<String>,
     /// known_hosts files, all consulted; new keys go to the first.
     pub known_hosts: Vec<PathBuf>,
+    /// GlobalKnownHostsFile: consulted for changed and revoked keys, never written.
+    pub global_known_hosts: Vec<PathBuf>,
     pub host_key_policy: HostKeyPolicy,
     /// Stored in milliseconds so the spec can be a hash key.
     pub connect_timeout_ms: u64,
@@ -113,6 +116,8 @@ pub struct ConnectSpec {
     pub max_startups: usize,
     /// The hop this connection runs through (ProxyJump), itself possibly behind another.
     pub jump: Option<Arc<ConnectSpec>>,
+    /// Ciphers, MACs, KexAlgorithms and HostKeyAlgorithms as OpenSSH would offer them.
+    pub algorithms: Vec<Algorithms>,
 }
 
 /// Defaults of the two server budgets, with room below OpenSSH's stock limits.
@@ -243,7 +248,7 @@ impl ConnectSpec {
         }
         let me = current_user();
         let source = opts.ssh_config.clone().unwrap_or(Source::Default);
-        let file = ssh_config::lookup(name, &source, &me.home, lines)?;
+        let file = ssh_config::lookup(name, &source, &me.home, lines, opts.user.as_deref(), opts.port)?;
         let mut rows = Vec::new();
         let fallback = inherited.cloned().unwrap_or_default();
         // `explicit` and `fallback` are both the caller's (explicit for this host, fallback inherited by a hop).
@@ -276,16 +281,22 @@ impl ConnectSpec {
             &mut rows,
             "stricthostkeychecking",
             opts.host_key_policy.map(|p| p.as_str().to_string()),
-            file.host_key_policy.as_ref().map(|s| (s.value.as_str().to_string(), s.origin.clone())),
+            file.host_key_policy.as_ref().map(|s| (s.value.0.as_str().to_string(), s.origin.clone())),
             fallback.host_key_policy.map(|p| p.as_str().to_string()),
             "strict".into(),
         )
         .parse()?;
+        if let (Some(row), Some(s)) = (rows.last_mut(), &file.host_key_policy) {
+            if row.origin == s.origin && !s.value.1.eq_ignore_ascii_case(s.value.0.as_str()) {
+                // The file's word, so that `no` visibly means "unknown keys recorded, changed keys refused".
+                row.value = format!("{} (StrictHostKeyChecking {})", row.value, s.value.1);
+            }
+        }
         let file_known_hosts = file.known_hosts.as_ref().filter(|s| !s.value.is_empty());
         let known_hosts: Vec<PathBuf> = match (&opts.known_hosts, file_known_hosts, &fallback.known_hosts) {
             (Some(p), _, _) | (None, None, Some(p)) => vec![p.clone()],
             (None, Some(s), _) => s.value.clone(),
-            (None, None, None) => vec![me.home.join(".ssh").join("known_hosts")],
+            (None, None, None) => vec![me.home.join(".ssh").join("known_hosts"), me.home.join(".ssh").join("known_hosts2")],
         };
         let kh_text = known_hosts.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ");
         pick(
@@ -297,11 +308,11 @@ impl ConnectSpec {
             kh_text.clone(),
         );
         let mut identity_files: Vec<PathBuf> = opts.identity_file.iter().cloned().collect();
-        identity_files.extend(file.identity_files.iter().map(|s| s.value.clone()));
+        identity_files.extend(file.identity_files.iter().flat_map(|s| s.value.iter().cloned()));
         if identity_files.is_empty() {
             identity_files.extend(fallback.identity_file.iter().cloned());
         }
-        let ids_origin = match (&opts.identity_file, file.identity_files.first(), &fallback.identity_file) {
+        let ids_origin = match (&opts.identity_file, file.identity_files.as_ref().filter(|s| !s.value.is_empty()), &fallback.identity_file) {
             (Some(_), _, _) | (None, None, Some(_)) => Some("argument".to_string()),
             (None, Some(s), _) => Some(s.origin.clone()),
             (None, None, None) => None,
@@ -309,7 +320,7 @@ impl ConnectSpec {
         rows.push(Row {
             setting: "identityfile",
             value: if identity_files.is_empty() {
-                "agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa".into()
+                "agent, then ~/.ssh/id_rsa, id_ecdsa, id_ed25519, id_dsa".into()
             } else {
                 identity_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
             },
@@ -348,6 +359,34 @@ impl ConnectSpec {
                 origin: s.origin.clone(),
             });
         }
+        let password = match &file.password_authentication {
+            Some(s) if !s.value => {
+                rows.push(Row { setting: "passwordauthentication", value: "no (EG_REMOTE_PWD is not sent)".into(), origin: s.origin.clone() });
+                None
+            }
+            _ => opts.password.clone(),
+        };
+        let mut algorithms = file.algorithms.clone();
+        if algorithms.is_empty() {
+            // No configuration was resolved (EG_SSH_CONFIG=none without an OpenSSH client): OpenSSH's defaults.
+            algorithms = ssh_config::OPENSSH_DEFAULTS
+                .iter()
+                .map(|(kind, list)| Algorithms { kind: *kind, list: list.split(',').map(str::to_string).collect(), origin: "default".into(), explicit: false })
+                .collect();
+        }
+        for a in &algorithms {
+            // Refused here, at resolution, when the file asks for algorithms libssh2 does not have.
+            let offered = crate::algorithms::preference(a)?.unwrap_or_else(|| "libssh2's defaults".into());
+            rows.push(Row { setting: a.kind.keyword(), value: offered, origin: a.origin.clone() });
+        }
+        let global_known_hosts = if file.global_known_hosts.is_empty() {
+            vec![PathBuf::from("/etc/ssh/ssh_known_hosts"), PathBuf::from("/etc/ssh/ssh_known_hosts2")]
+        } else {
+            file.global_known_hosts.clone()
+        };
+        if !file.resolver.is_empty() {
+            rows.push(Row { setting: "resolved by", value: file.resolver.clone(), origin: source.describe() });
+        }
         for (option, origin) in &file.ignored {
             rows.push(Row { setting: "ignored", value: option.clone(), origin: origin.clone() });
         }
@@ -359,14 +398,16 @@ impl ConnectSpec {
             user,
             identity_files,
             identities_only,
-            password: opts.password.clone(),
+            password,
             known_hosts,
+            global_known_hosts,
             host_key_policy: policy,
             connect_timeout_ms: (timeout * 1000.0).ceil() as u64,
             count_max,
             max_sessions: opts.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
             max_startups: opts.max_startups.unwrap_or(DEFAULT_MAX_STARTUPS),
             jump,
+            algorithms,
         };
         Ok((spec, rows))
     }
@@ -403,7 +444,8 @@ impl ConnectSpec {
             return Vec::new();
         }
         let dir = current_user().home.join(".ssh");
-        ["id_ed25519", "id_ecdsa", "id_rsa"].iter().map(|n| dir.join(n)).collect()
+        // OpenSSH's order, without the key types libssh2 cannot load (security keys, XMSS).
+        ["id_rsa", "id_ecdsa", "id_ed25519", "id_dsa"].iter().map(|n| dir.join(n)).collect()
     }
 }
 
@@ -468,9 +510,11 @@ pub fn check_port(what: &str, port: i64, allow_zero: bool) -> Result<u16> {
 }
 
 pub struct Me {
-
     pub name: Option<String>,
+    /// $HOME, else the password database's: egtunnel's own defaults (known_hosts, default keys).
     pub home: PathBuf,
+    /// The password database's home, which `ssh` uses for `~` and `~/.ssh/config` whatever $HOME says.
+    pub passwd_home: PathBuf,
 }
 
 pub fn current_user() -> Me {
@@ -493,11 +537,12 @@ pub fn current_user() -> Me {
         }
     }
     let name = name.or_else(|| std::env::var("USER").ok());
+    let passwd_home = pw_home.clone().unwrap_or_else(|| PathBuf::from("/"));
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .or(pw_home)
         .unwrap_or_else(|| PathBuf::from("/"));
-    Me { name, home }
+    Me { name, home, passwd_home }
 }
 
 fn expand_home(p: &str, home: &std::path::Path) -> PathBuf {

@@ -6,7 +6,9 @@
 //! - `error`: the one error type; `bindings` maps it to Python exceptions.
 //! - `net`: socket options std lacks (TCP_QUICKACK, TCP_INFO).
 //! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
-//! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination.
+//! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination (as `ssh -G`).
+//! - `algorithms`: OpenSSH's Ciphers, MACs, KexAlgorithms and HostKeyAlgorithms applied to libssh2.
+//! - `known_hosts`: markers (@revoked, @cert-authority), locked appends and file modes.
 //! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
 //! - `raw_channel`: a session channel through libssh2's C API (exit-status arrival, reads past EOF).
 //! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
@@ -23,6 +25,7 @@
 //! - `check`: every stage of reaching a host, reported one by one (`python -m egtunnel check`).
 //! - `bindings`: the thin PyO3 layer (`egtunnel._native`).
 
+pub mod algorithms;
 pub mod bindings;
 pub mod check;
 pub mod config;
@@ -35,6 +38,7 @@ pub mod forward;
 pub mod idle_reader;
 pub mod jump;
 pub mod keepalive;
+pub mod known_hosts;
 pub mod metrics;
 pub mod net;
 pub mod pool;

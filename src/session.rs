@@ -6,12 +6,11 @@
 //! MaxStartups; one it drops anyway is retried with jittered backoff until the connect timeout.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use once_cell::sync::Lazy;
 use ssh2::{CheckResult, HostKeyType, KnownHostFileKind, KnownHostKeyFormat};
 use tokio::net::TcpStream;
@@ -21,6 +20,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::config::{ConnectSpec, HostKeyPolicy};
 use crate::driver::{RetryError, SshIo, Stream};
 use crate::jump;
+use crate::known_hosts;
 use crate::error::{Error, Result};
 
 /// A server's handshake budget and the semaphore that enforces it.
@@ -134,7 +134,56 @@ pub async fn open(spec: &ConnectSpec, deadline: Instant, keep_alive: (u64, u32))
             Stream::Relayed(sock, relay)
         }
     };
-    SshIo::new(stream).map_err(|e| connect_err(spec, e))
+    let io = SshIo::new(stream).map_err(|e| connect_err(spec, e))?;
+    let known = known_key_algorithms(&io, spec);
+    crate::algorithms::apply(&io.sess, &spec.algorithms, &known, &spec.dest())?;
+    Ok(io)
+}
+
+/// The host key algorithms of the keys known_hosts already holds for this host. OpenSSH puts them first
+/// (unless HostKeyAlgorithms is set), so that a known host presents a key that can be verified rather
+/// than another type that would look unknown (and be recorded under accept-new).
+fn known_key_algorithms(io: &SshIo, spec: &ConnectSpec) -> Vec<&'static str> {
+    use base64::Engine;
+    if spec.host_key_policy == HostKeyPolicy::Off {
+        return Vec::new();
+    }
+    let Ok(mut kh) = io.sess.known_hosts() else { return Vec::new() };
+    let mut files = spec.known_hosts.clone();
+    files.extend(spec.global_known_hosts.iter().cloned());
+    if known_hosts::read(&mut kh, &files).is_err() {
+        return Vec::new();
+    }
+    let mut names = vec![spec.host.clone()];
+    names.extend(io.peer.map(|ip| ip.to_string()).filter(|ip| *ip != spec.host));
+    let mut out: Vec<&'static str> = Vec::new();
+    for entry in kh.iter().unwrap_or_default() {
+        let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(entry.key()) else { continue };
+        if !names.iter().any(|n| matches!(kh.check_port(n, spec.port, &blob), CheckResult::Match)) {
+            continue;
+        }
+        let algorithms: &[&'static str] = match key_blob_type(&blob) {
+            Some("ssh-rsa") => &["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"],
+            Some("ssh-ed25519") => &["ssh-ed25519"],
+            Some("ecdsa-sha2-nistp256") => &["ecdsa-sha2-nistp256"],
+            Some("ecdsa-sha2-nistp384") => &["ecdsa-sha2-nistp384"],
+            Some("ecdsa-sha2-nistp521") => &["ecdsa-sha2-nistp521"],
+            Some("ssh-dss") => &["ssh-dss"],
+            _ => &[],
+        };
+        for a in algorithms {
+            if !out.contains(a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+/// The key type named at the start of an SSH public key blob (a length-prefixed string).
+fn key_blob_type(blob: &[u8]) -> Option<&str> {
+    let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
+    std::str::from_utf8(blob.get(4..4 + len)?).ok()
 }
 
 /// The handshake alone, for diagnostics (`establish` retries dropped ones).
@@ -238,7 +287,15 @@ pub struct HostKeyReport {
     pub checked: bool,
 }
 
+/// Destinations already warned about running without host-key checks, so each is logged once.
+static UNCHECKED: Lazy<Mutex<std::collections::HashSet<String>>> = Lazy::new(Mutex::default);
+
 /// Checks the server's key against every known_hosts file; `locate` also finds the matching line.
+///
+/// Never weaker than OpenSSH for the same configuration: a key listed `@revoked` is refused, a host
+/// whose trust comes from an `@cert-authority` line is refused (libssh2 cannot verify host
+/// certificates), a changed key is refused under every policy but `off`, and `accept-new` records an
+/// unknown key under a lock, so concurrent first connections record one key and verify the others.
 pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<HostKeyReport> {
     let dest = spec.dest();
     let hk_err = |cause: String| Error::HostKey { dest: dest.clone(), cause };
@@ -252,51 +309,74 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
         checked: false,
     };
     if spec.host_key_policy == HostKeyPolicy::Off {
+        if UNCHECKED.lock().unwrap().insert(dest.clone()) {
+            warn!("host key of {dest} is not checked (EG_SSH_HOST_KEY_POLICY=off): anyone on the path can impersonate it");
+        }
         return Ok(report);
     }
     report.checked = true;
-    let files = &spec.known_hosts;
-    let first = files.first().cloned().unwrap_or_default();
-    let names = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-    let mut kh = io.sess.known_hosts().map_err(|e| hk_err(e.message().to_string()))?;
-    for path in files.iter().filter(|p| p.exists()) {
-        kh.read_file(path, KnownHostFileKind::OpenSSH)
-            .map_err(|e| hk_err(format!("cannot read {}: {}", path.display(), e.message())))?;
-    }
+    let first = spec.known_hosts.first().cloned().unwrap_or_default();
+    let mut files = spec.known_hosts.clone();
+    files.extend(spec.global_known_hosts.iter().cloned());
+    let names = files.iter().filter(|p| p.exists()).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let names = if names.is_empty() { first.display().to_string() } else { names };
     // The host's name first (as OpenSSH checks it), then the address reached, as Enterprise Gateway's own
     // `ssh` tunnels (given addresses) recorded it: either may be what an operator's known_hosts holds.
     let mut candidates = vec![spec.host.clone()];
     if let Some(ip) = io.peer.map(|ip| ip.to_string()).filter(|ip| *ip != spec.host) {
         candidates.push(ip);
     }
-    let outcome = candidates
-        .iter()
-        .map(|n| (n.as_str(), kh.check_port(n, spec.port, &key)))
-        .find(|(_, r)| !matches!(r, CheckResult::NotFound))
-        .unwrap_or((spec.host.as_str(), CheckResult::NotFound));
-    let (name, result) = outcome;
+    let fingerprint = b64(&report.sha256);
+    let verdict = |kh: &mut ssh2::KnownHosts| -> Result<(String, CheckResult, Vec<known_hosts::Marker>)> {
+        let markers = known_hosts::read(kh, &files).map_err(|e| hk_err(e.to_string()))?;
+        if let Some(m) = markers.iter().find(|m| m.revoked && m.key == key) {
+            return Err(hk_err(format!(
+                "the {} key the server presented (SHA256:{}) is revoked at {} (@revoked): refused",
+                key_type_name(ktype),
+                fingerprint,
+                m.at()
+            )));
+        }
+        let (name, result) = candidates
+            .iter()
+            .map(|n| (n.clone(), kh.check_port(n, spec.port, &key)))
+            .find(|(_, r)| !matches!(r, CheckResult::NotFound))
+            .unwrap_or((spec.host.clone(), CheckResult::NotFound));
+        Ok((name, result, markers))
+    };
+    let mut kh = io.sess.known_hosts().map_err(|e| hk_err(e.message().to_string()))?;
+    let (name, result, markers) = verdict(&mut kh)?;
+    if matches!(result, CheckResult::NotFound) {
+        // A CA trusted for this host: OpenSSH would verify the host's certificate, which libssh2 cannot.
+        let probe = |pattern: &str| {
+            candidates.iter().any(|n| {
+                let Ok(mut one) = io.sess.known_hosts() else { return false };
+                one.read_str(&format!("{pattern} {} {}", key_type_name(ktype), b64_padded(&key)), KnownHostFileKind::OpenSSH).is_ok()
+                    && matches!(one.check_port(n, spec.port, &key), CheckResult::Match)
+            })
+        };
+        if let Some(m) = markers.iter().find(|m| {
+            !m.revoked && candidates.iter().any(|n| known_hosts::patterns_match(&m.patterns, &name_pattern(n, spec.port), &probe))
+        }) {
+            return Err(hk_err(format!(
+                "{} is trusted through a certificate authority ({} @cert-authority), and host certificates \
+                 cannot be verified by egtunnel (libssh2); record the host's own key (`ssh-keyscan -p {} {}`) in {}",
+                host_pattern(spec),
+                m.at(),
+                spec.port,
+                spec.host,
+                first.display()
+            )));
+        }
+    }
     match result {
         CheckResult::Match => {
             if locate {
-                report.matched = find_line(io, spec, name, &key, CheckResult::Match);
+                report.matched = find_line(io, spec, &name, &key, CheckResult::Match);
             }
             Ok(report)
         }
-        CheckResult::Mismatch => {
-            let at = find_line(io, spec, name, &key, CheckResult::Mismatch)
-                .map(|(p, n)| format!("{}:{n}", p.display()))
-                .unwrap_or(names);
-            Err(hk_err(format!(
-                "the {} key the server presented (SHA256:{}) differs from the one recorded for {} in {at} \
-                 (possible man-in-the-middle, or the host was reinstalled: verify, then remove the old line, \
-                 e.g. `ssh-keygen -R '{}' -f {}`)",
-                key_type_name(ktype),
-                b64(&report.sha256),
-                name_pattern(name, spec.port),
-                name_pattern(name, spec.port),
-                first.display()
-            )))
-        }
+        CheckResult::Mismatch => Err(changed(io, spec, &name, &key, ktype, &report, &names, &first)),
         CheckResult::NotFound if spec.host_key_policy == HostKeyPolicy::AcceptNew => {
             kh.add(&host_pattern(spec), &key, "added by egtunnel", KnownHostKeyFormat::from(ktype))
                 .map_err(|e| hk_err(e.message().to_string()))?;
@@ -305,10 +385,26 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
                 .ok()
                 .and_then(|hosts| hosts.last().and_then(|h| kh.write_string(h, KnownHostFileKind::OpenSSH).ok()))
                 .ok_or_else(|| hk_err("cannot format the new known_hosts line".into()))?;
-            append_line(&first, &added).map_err(|e| hk_err(format!("cannot record the key in {}: {e}", first.display())))?;
-            info!("recorded new {} host key for {} in {}", key_type_name(ktype), host_pattern(spec), first.display());
-            report.added = Some(first);
-            Ok(report)
+            // Another connection may have recorded a key since the files were read: re-read under the lock.
+            let outcome = known_hosts::locked_append(&first, || {
+                let mut again = io.sess.known_hosts().map_err(|e| std::io::Error::other(e.message().to_string()))?;
+                match verdict(&mut again) {
+                    Ok((_, CheckResult::NotFound, _)) => Ok((Some(added.clone()), Ok(true))),
+                    Ok((n, CheckResult::Mismatch, _)) => Ok((None, Err(n))),
+                    Ok(_) => Ok((None, Ok(false))),
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                }
+            })
+            .map_err(|e| hk_err(format!("cannot record the key in {}: {e}", first.display())))?;
+            match outcome {
+                Ok(true) => {
+                    info!("recorded new {} host key for {} in {}", key_type_name(ktype), host_pattern(spec), first.display());
+                    report.added = Some(first);
+                    Ok(report)
+                }
+                Ok(false) => Ok(report),
+                Err(n) => Err(changed(io, spec, &n, &key, ktype, &report, &names, &first)),
+            }
         }
         CheckResult::NotFound => Err(hk_err(format!(
             "{} is not in {names} (host key policy strict): add its key, e.g. `ssh-keyscan -p {} {} >> {}`, \
@@ -322,14 +418,33 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
     }
 }
 
+/// The refusal of a key that differs from the one recorded, naming the line.
+#[allow(clippy::too_many_arguments)]
+fn changed(io: &SshIo, spec: &ConnectSpec, name: &str, key: &[u8], ktype: HostKeyType, report: &HostKeyReport, names: &str, first: &Path) -> Error {
+    let at = find_line(io, spec, name, key, CheckResult::Mismatch).map(|(p, n)| format!("{}:{n}", p.display())).unwrap_or(names.to_string());
+    Error::HostKey {
+        dest: spec.dest(),
+        cause: format!(
+            "the {} key the server presented (SHA256:{}) differs from the one recorded for {} in {at} \
+             (possible man-in-the-middle, or the host was reinstalled: verify, then remove the old line, \
+             e.g. `ssh-keygen -R '{}' -f {}`)",
+            key_type_name(ktype),
+            b64(&report.sha256),
+            name_pattern(name, spec.port),
+            name_pattern(name, spec.port),
+            first.display()
+        ),
+    }
+}
+
 /// The first known_hosts line whose entry for this host gives `want`, each line checked alone by
 /// libssh2's own parser (so hashed names and markers are understood as in the check itself).
 fn find_line(io: &SshIo, spec: &ConnectSpec, name: &str, key: &[u8], want: CheckResult) -> Option<(PathBuf, usize)> {
-    for path in &spec.known_hosts {
+    for path in spec.known_hosts.iter().chain(&spec.global_known_hosts) {
         let Ok(text) = std::fs::read_to_string(path) else { continue };
         for (i, line) in text.lines().enumerate() {
             let t = line.trim();
-            if t.is_empty() || t.starts_with('#') {
+            if t.is_empty() || t.starts_with('#') || t.starts_with('@') {
                 continue;
             }
             let Ok(mut one) = io.sess.known_hosts() else { return None };
@@ -351,14 +466,10 @@ pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
 }
 
-fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    let mut line = line.trim_end().to_string();
-    line.push('\n');
-    f.write_all(line.as_bytes())
+/// Standard base64 with padding, as known_hosts lines hold keys.
+fn b64_padded(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// How authentication went: the method that worked and everything tried before it.

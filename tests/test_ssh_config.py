@@ -6,6 +6,7 @@ ProxyJump through a real hop, and `python -m egtunnel check` with its exit codes
 from __future__ import annotations
 
 import logging
+import re
 import os
 import subprocess
 import sys
@@ -258,3 +259,177 @@ def test_known_hosts_keyed_by_address_still_match_a_host_named_by_name(sshd: hos
     with pytest.raises(egtunnel.HostKeyError, match="differs"):
         egtunnel.SshTarget("localhost", port=sshd.port, user=sshd.user, identity_file=str(sshd.identity_file),
                            known_hosts=str(conflicting), ssh_config="none").exec("true")  # fmt: skip
+
+
+# -- host keys: never trusting less than OpenSSH ------------------------------------------------------
+
+
+_RACER = """
+import os, sys, time
+import egtunnel
+barrier = sys.argv[2]
+while not os.path.exists(barrier):
+    time.sleep(0.001)
+print(egtunnel.SshTarget("kernel-host", ssh_config=sys.argv[1]).exec("echo connected").lines()[0], flush=True)
+"""
+
+
+def test_three_concurrent_first_connections_record_one_key(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    # Three gateway processes meet a host for the first time at the same moment, with accept-new: one
+    # records the key (under flock, in a new 0700 directory and 0600 file), the others verify against it.
+    kh = tmp_path / "fresh" / "ssh" / "known_hosts"
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh, StrictHostKeyChecking="accept-new"))
+    barrier = tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(cfg), str(barrier)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
+    time.sleep(1.0)  # all three imported egtunnel and wait for the barrier
+    barrier.write_text("")
+    outputs = [p.communicate(timeout=60) for p in racers]
+    assert [p.returncode for p in racers] == [0, 0, 0], outputs
+    assert [o.strip() for o, _ in outputs] == ["connected"] * 3
+    lines = kh.read_text().splitlines()
+    assert len(lines) == 1 and sshd.host_public_key.split()[1] in lines[0], lines
+    assert kh.stat().st_mode & 0o777 == 0o600
+    assert kh.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_revoked_key_is_refused_naming_the_line(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    kh = _write(tmp_path / "known_hosts", "# revoked after the incident\n"
+                f"@revoked * {sshd.host_public_key}\n" + sshd.known_hosts_line())  # fmt: skip
+    before = kh.read_text()
+    for policy in ("yes", "accept-new"):
+        cfg = _write(tmp_path / f"ssh_config.{policy}", _alias_block("kernel-host", sshd, kh, StrictHostKeyChecking=policy))
+        with pytest.raises(egtunnel.HostKeyError) as failure:
+            egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("true")
+        assert f"{kh}:2" in str(failure.value) and "revoked" in str(failure.value), failure.value
+    # Revoked and nothing else: accept-new must not record it either.
+    only = _write(tmp_path / "only_revoked", f"@revoked * {sshd.host_public_key}\n")
+    cfg = _write(tmp_path / "ssh_config.only", _alias_block("kernel-host", sshd, only, StrictHostKeyChecking="no"))
+    with pytest.raises(egtunnel.HostKeyError, match="revoked"):
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("true")
+    assert only.read_text() == f"@revoked * {sshd.host_public_key}\n"
+    assert kh.read_text() == before
+    r = _check("kernel-host", env={"EG_SSH_CONFIG": str(tmp_path / "ssh_config.yes")})
+    assert r.returncode == 1 and "[FAIL] host key" in r.stdout and f"{kh}:2" in r.stdout, r.stdout
+
+
+def test_a_host_trusted_through_a_cert_authority_is_refused_clearly(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    other = hosts.SshServer(workdir=tmp_path / "ca")
+    try:
+        ca_key = other.host_public_key
+    finally:
+        other.close()
+    kh = _write(tmp_path / "known_hosts", f"@cert-authority [{sshd.host}]:*,*.lab {ca_key}\n")
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh, StrictHostKeyChecking="accept-new"))
+    with pytest.raises(egtunnel.HostKeyError) as failure:
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("true")
+    assert "certificate authority" in str(failure.value) and f"{kh}:1" in str(failure.value), failure.value
+    assert kh.read_text().count("\n") == 1  # nothing recorded on trust OpenSSH would have checked against the CA
+    # The host's own key next to it is what egtunnel can verify.
+    kh.write_text(kh.read_text() + sshd.known_hosts_line())
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo own-key").lines() == ["own-key"]
+
+
+def test_hashed_known_hosts_keep_working(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    kh = sshd.write_known_hosts(tmp_path / "known_hosts")
+    subprocess.run(["ssh-keygen", "-H", "-f", str(kh)], check=True, capture_output=True)
+    assert kh.read_text().startswith("|1|")
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh))
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo hashed").lines() == ["hashed"]
+
+
+def test_strict_host_key_checking_no_records_unknown_and_refuses_changed(sshd_factory, tmp_path: Path) -> None:
+    server = sshd_factory()
+    kh = _write(tmp_path / "known_hosts", "")
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", server, kh, StrictHostKeyChecking="no"))
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo recorded").lines() == ["recorded"]
+    assert server.host_public_key.split()[1] in kh.read_text()
+    server.regenerate_host_key()
+    # OpenSSH's `no` would connect with forwarding disabled, which leaves a tunnel nothing to carry.
+    cfg2 = _write(tmp_path / "ssh_config2", _alias_block("kernel-host", server, kh, StrictHostKeyChecking="no",
+                                                         ConnectTimeout="4"))  # fmt: skip
+    with pytest.raises(egtunnel.HostKeyError, match="differs"):
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg2)).exec("true")
+
+
+def test_host_key_checks_off_only_from_egtunnels_setting_and_warned_once(sshd: hosts.SshServer, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="egtunnel")
+    egtunnel.refresh_log_levels()
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, tmp_path / "none_here",
+                                                       StrictHostKeyChecking="off"))  # fmt: skip
+    rows, _ = egtunnel._native.explain("kernel-host", ssh_config=str(cfg))
+    assert dict((k, v) for k, v, _ in rows)["stricthostkeychecking"].startswith("accept-new")
+    for i in range(2):
+        target = egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), host_key_policy="off", connect_timeout=5.0 + i)
+        assert target.exec("echo unchecked").lines() == ["unchecked"]
+    warnings = [r.getMessage() for r in caplog.records if "not checked" in r.getMessage()]
+    assert len(warnings) == 1 and f"{sshd.user}@{sshd.host}:{sshd.port}" in warnings[0], warnings
+
+
+def test_edits_to_an_included_file_are_noticed(tmp_path: Path) -> None:
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    _write(conf_d / "10-port.conf", "Port 2201\n")
+    cfg = _write(tmp_path / "ssh_config", f"Host kernel-host\n  HostName 10.0.0.1\n  Include {conf_d}/*.conf\n")
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), user="u").destination == "u@10.0.0.1:2201"
+    _write(conf_d / "10-port.conf", "Port 22022\n")
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), user="u").destination == "u@10.0.0.1:22022"
+    # A new file matching the glob comes first in glob order: its value wins, as in OpenSSH.
+    _write(conf_d / "05-port.conf", "Port 2305\n")
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), user="u").destination == "u@10.0.0.1:2305"
+
+
+def test_algorithms_are_applied_and_check_prints_what_was_negotiated(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    kh = sshd.write_known_hosts(tmp_path / "known_hosts")
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh, Ciphers="aes256-ctr,aes128-ctr",
+                                                       MACs="umac-64@openssh.com,hmac-sha2-512"))  # fmt: skip
+    r = _check("kernel-host", env={"EG_SSH_CONFIG": str(cfg)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ciphers aes256-ctr;" in r.stdout and "macs hmac-sha2-512" in r.stdout, r.stdout
+    # OpenSSH's umac is not in libssh2: the usable rest of the list is offered, in OpenSSH's order.
+    assert re.search(r"macs\s+hmac-sha2-512\s", r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("line", ["KexAlgorithms sntrup761x25519-sha512@openssh.com", "MACs umac-128-etm@openssh.com"])
+def test_algorithm_lists_libssh2_cannot_meet_are_refused_at_their_line(tmp_path: Path, line: str) -> None:
+    cfg = _write(tmp_path / "ssh_config", f"Host kernel-host\n  HostName 10.0.0.1\n  {line}\n")
+    with pytest.raises(egtunnel.SshConfigError) as failure:
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), user="u")
+    assert f"{cfg}:3" in str(failure.value) and line.split()[0].lower() in str(failure.value), failure.value
+
+
+def test_constructs_egtunnel_cannot_apply_are_refused_at_their_line(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    cfg = _write(tmp_path / "ssh_config", f"Host kernel-host\n  User u\nMatch exec \"touch {marker}\"\n  Port 2\n")
+    with pytest.raises(egtunnel.SshConfigError, match=f"{cfg}:3: Match exec"):
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg))
+    assert not marker.exists()  # refused before OpenSSH could run it
+    cfg = _write(tmp_path / "proxy", "Host kernel-host\n  ProxyCommand nc %h %p\n")
+    with pytest.raises(egtunnel.SshConfigError, match=f"{cfg}:2: proxycommand"):
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg))
+
+
+def test_a_host_known_by_another_key_type_presents_that_key(sshd_factory, tmp_path: Path) -> None:
+    # The server has an ECDSA key besides its Ed25519 one, and only the ECDSA key is recorded. OpenSSH
+    # prefers the algorithms of recorded keys, so it verifies the host; egtunnel must too, rather than
+    # take the Ed25519 key for unknown (and, under accept-new, record a second key unverified).
+    ecdsa = tmp_path / "ssh_host_ecdsa_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(ecdsa)], check=True)
+    server = sshd_factory(extra_config=[f"HostKey {ecdsa}"])
+    ecdsa_public = " ".join(ecdsa.with_suffix(".pub").read_text().split()[:2])
+    kh = _write(tmp_path / "known_hosts", f"{server.known_hosts_name} {ecdsa_public}\n")
+    for policy in ("yes", "accept-new"):
+        cfg = _write(tmp_path / f"ssh_config.{policy}", _alias_block("kernel-host", server, kh, StrictHostKeyChecking=policy))
+        assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo known-type").lines() == ["known-type"]
+    assert kh.read_text() == f"{server.known_hosts_name} {ecdsa_public}\n"
+
+
+def test_password_authentication_no_is_honoured_and_shown(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    # EG_REMOTE_PWD is not sent where the file says PasswordAuthentication no (check shows it); keys still work.
+    kh = sshd.write_known_hosts(tmp_path / "known_hosts")
+    cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh, PasswordAuthentication="no"))
+    rows, _ = egtunnel._native.explain("kernel-host", ssh_config=str(cfg))
+    assert ("passwordauthentication", "no (EG_REMOTE_PWD is not sent)", f"{cfg}:7") in rows, rows
+    target = egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), password="never-sent")
+    assert target.exec("echo key-only").lines() == ["key-only"]

@@ -20,6 +20,7 @@ import hosts
 
 from .conftest import E2EHosts
 from .gateway import Gateway
+from .kernel_client import GatewayError
 from .support import kernel_side_procs, kernel_status, report, require_native, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -32,6 +33,7 @@ class Topology:
         self.bastion = bastion
         self.behind = behind
         self.config = config
+        self.revoked: Path = config
 
     def dest(self, host: hosts.RemoteHost) -> str:
         return f"{host.sshd.user}@{host.address}:{host.sshd.port}"
@@ -53,11 +55,18 @@ def topology(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory) -> I
         known.write_text(bastion.sshd.known_hosts_line() + behind.sshd.known_hosts_line())
         common = (f"  User {bastion.sshd.user}\n  IdentityFile {e2e_hosts.identity_file}\n"
                   f"  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n")  # fmt: skip
+        # The bastion once more, under a name whose known_hosts lists its key as revoked.
+        revoked = workdir / "known_hosts.revoked"
+        revoked.write_text(f"@revoked * {bastion.sshd.host_public_key}\n" + bastion.sshd.known_hosts_line())
         config = workdir / "ssh_config"
         config.write_text(
+            f"Host kh-revoked\n  HostName {bastion.address}\n  Port {port}\n  UserKnownHostsFile {revoked}\n"
             f"Host kh-alias\n  HostName {bastion.address}\n  Port {port}\n{common}"
-            f"Host kh-behind\n  HostName {behind.address}\n  Port {port}\n  ProxyJump kh-alias\n{common}")
-        yield Topology(bastion, behind, config)
+            f"Host kh-behind\n  HostName {behind.address}\n  Port {port}\n  ProxyJump kh-alias\n{common}"
+            f"Host kh-revoked\n{common}")
+        topology = Topology(bastion, behind, config)
+        topology.revoked = revoked
+        yield topology
     finally:
         behind.close()
         bastion.close()
@@ -154,3 +163,19 @@ def test_check_walks_both_hops_to_the_host_behind_the_bastion(topology: Topology
                         str(topology.behind.sshd.port), "--ssh-config", "none"],
                        env={**env, "EG_SSH_CONNECT_TIMEOUT": "2"}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 1 and "[FAIL] TCP connect" in r.stdout, r.stdout
+
+
+def test_a_kernel_start_on_a_revoked_host_key_fails_naming_the_line(ssh_config_gateway: Gateway, topology: Topology) -> None:
+    gw = ssh_config_gateway
+    client = gw.client(timeout=120)
+    try:
+        with pytest.raises(GatewayError) as failure:
+            client.start_kernel("egt", env={"KERNEL_REMOTE_HOST": "kh-revoked"}, timeout=120)
+    finally:
+        client.close()
+    error = failure.value
+    # A refused host key is a 403 in egtunnel, as an unknown or changed one (EG's own refusal status).
+    assert error.status == 403, error
+    assert f"{topology.revoked}:1" in error.reason and "revoked" in error.reason, error.reason
+    assert not kernel_side_procs(topology.bastion)
+    report("revoked host key", status=error.status, reason=error.reason[:300])

@@ -7,6 +7,7 @@ Hosts (session-wide, each its own namespace, sshd and 10.213.N.0/24):
   c  its host key is known, but it authorizes none of the gateway's keys.
 EG's own paramiko path (HOME/.ssh, used by the comparisons) has a second key, authorized on a and b,
 and a known_hosts naming all three hosts, so that what fails on b and c is egtunnel's native SSH.
+On demand (session-wide too): d, like a but its sshd says `AllowTcpForwarding no`.
 
 The main gateway (session-wide) tunnels, culls after 300 s and has these kernelspecs, all written by
 `python -m egtunnel kernelspec install`:
@@ -45,6 +46,8 @@ MAIN_SPECS = [
     KernelSpecDef("eg", class_name=EG_PROXY),
 ]
 CULL_IDLE_TIMEOUT = 300
+# Where `make eg-launcher` puts EG's own launcher.
+EG_LAUNCHER = Path(__file__).resolve().parents[2] / ".venv" / "eg-launchers" / "launch_ipykernel.py"
 # The slowest test takes about 30 s; its module fixture (20 sequential kernels) as long again.
 TEST_BUDGET_SECONDS = 240
 LOG_TAIL_CHARS = 20000
@@ -168,6 +171,24 @@ def e2e_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EHosts]:
             host.close()
 
 
+@pytest.fixture(scope="session")
+def no_forwarding_host(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory
+                       ) -> Iterator[hosts.RemoteHost]:
+    """Host d: like a, but its sshd says `AllowTcpForwarding no` (a common hardening)."""
+    host = hosts.RemoteHost().start()
+    try:
+        host.ssh_server(workdir=tmp_path_factory.mktemp("sshd-d"), port=e2e_hosts.a.sshd.port,
+                        extra_config=["AllowTcpForwarding no"])  # fmt: skip
+        host.run(["ip", "route", "add", f"{e2e_hosts.a.gateway_address}/32", "via", host.gateway_address],
+                 check=True, capture_output=True)  # fmt: skip
+        host.sshd.authorized_keys.write_text(Path(f"{e2e_hosts.identity_file}.pub").read_text())
+        with e2e_hosts.known_hosts.open("a") as f:
+            f.write(host.sshd.known_hosts_line())
+        yield host
+    finally:
+        host.close()
+
+
 # -- gateways -------------------------------------------------------------------------------------
 
 
@@ -246,6 +267,16 @@ def warm_up(gw: Gateway) -> None:
         kernel.delete()
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def eg_launcher() -> Path:
+    """EG 3.3's own launch_ipykernel.py, which EG's wheel leaves out: `make eg-launcher` fetches it from EG's
+    source distribution (EGTUNNEL_EG_LAUNCHER may name another copy)."""
+    path = Path(os.environ.get("EGTUNNEL_EG_LAUNCHER") or EG_LAUNCHER)
+    if not path.is_file():
+        pytest.skip(f"EG's launch_ipykernel.py is not at {path}: run `make eg-launcher`")
+    return path
 
 
 @pytest.fixture

@@ -47,6 +47,9 @@ class KernelSpecDef:
     class_name: str = EGTUNNEL_PROXY
     config: dict[str, Any] = field(default_factory=dict)  # metadata.process_proxy.config
     display_name: Optional[str] = None
+    # Replaces `python -m egtunnel.launcher` at the head of the argv (EG's own launch_ipykernel.py takes
+    # the same arguments); None keeps the installer's.
+    launcher: Optional[list[str]] = None
 
 
 @dataclass
@@ -168,6 +171,11 @@ class Gateway:
             raise GatewayStartError(f"{path}: class_name {proxy.get('class_name')!r}, wanted {spec.class_name!r}")
         if spec.config:
             proxy.setdefault("config", {}).update(spec.config)
+        if spec.launcher is not None:
+            head = [self.python, "-m", "egtunnel.launcher"]
+            if kernel["argv"][:3] != head:
+                raise GatewayStartError(f"{path}: argv does not start with {head}: {kernel['argv']}")
+            kernel["argv"] = [*spec.launcher, *kernel["argv"][3:]]
         kernel.setdefault("env", {}).update(self.kernel_env())
         path.write_text(json.dumps(kernel, indent=2))
         return path

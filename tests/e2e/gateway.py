@@ -82,6 +82,15 @@ class GatewayStartError(RuntimeError):
     pass
 
 
+# Started and not yet stopped, whoever made them (fixtures, a test, bench/lab.py in this process).
+_live: list["Gateway"] = []
+
+
+def live_gateways() -> list["Gateway"]:
+    """Gateways whose kernels are still theirs: started here, not stopped, process alive."""
+    return [gw for gw in _live if gw.alive()]
+
+
 class Gateway:
     """One gateway process; use as a context manager or call start()/stop()."""
 
@@ -249,6 +258,7 @@ class Gateway:
         self.port = free_port(self.config.ip)
         self.response_port = free_port(self.config.response_ip)
         self._log_file = open(self.log_path, "ab")
+        _live.append(self)
         self.process = subprocess.Popen(
             self.command(), env=self.environment(), cwd=self.workdir, stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
@@ -275,6 +285,8 @@ class Gateway:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (EG shuts its kernels down), then SIGKILL to the group and to every known descendant."""
+        if self in _live:
+            _live.remove(self)
         if self.process is None:
             return
         self._remember_descendants()

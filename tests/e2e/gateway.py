@@ -50,6 +50,9 @@ class KernelSpecDef:
     # Replaces `python -m egtunnel.launcher` at the head of the argv (EG's own launch_ipykernel.py takes
     # the same arguments); None keeps the installer's.
     launcher: Optional[list[str]] = None
+    # Appended to the argv. EG joins the argv with spaces into the remote shell command, so a shell
+    # redirection here applies to the launch itself.
+    argv_tail: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -185,6 +188,7 @@ class Gateway:
             if kernel["argv"][:3] != head:
                 raise GatewayStartError(f"{path}: argv does not start with {head}: {kernel['argv']}")
             kernel["argv"] = [*spec.launcher, *kernel["argv"][3:]]
+        kernel["argv"] += spec.argv_tail
         kernel.setdefault("env", {}).update(self.kernel_env())
         path.write_text(json.dumps(kernel, indent=2))
         return path

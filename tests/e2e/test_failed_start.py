@@ -1,10 +1,11 @@
 """A start that fails after the launch command went out leaves nothing of that kernel on its host, within
 EG's launch timeout plus 10 s, with egtunnel's launcher and with EG's own launch_ipykernel.py.
 
-Two failures, both after the launcher runs on the host: the host's sshd forbids forwarding (the launcher
-reported; the forwards are refused), and EG's launch timeout passes while the launcher cannot reach the
-gateway's response address (dropped by the host's firewall). The host's process list is the judge:
-every process whose arguments carry the kernel's id counts, whatever its pid or process group.
+Three failures, all after the launcher runs on the host: the host's sshd forbids forwarding (the
+launcher reported; the forwards are refused); EG's launch timeout passes while the launcher cannot reach
+the gateway's response address (dropped by the host's firewall); and the launch command itself times
+out (the launcher holds the command's output open, so its pid never comes back). The host's process list
+is the judge: every process whose arguments carry the kernel's id counts, whatever its pid or group.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pytest
 import hosts
 
 from . import procs
+from egtunnel.kernel_tunnels import EXEC_TIMEOUT
+
 from .conftest import MAIN_SPECS, E2EHosts
 from .gateway import Gateway, KernelSpecDef
 from .kernel_client import GatewayError
@@ -40,15 +43,20 @@ LAUNCHERS = ["egtunnel", "eg"]
 @pytest.fixture(scope="module")
 def gateway(gateway_factory: Callable[..., Gateway], eg_launcher: Path) -> Gateway:
     """A gateway of its own: the timeout case blocks its response port on host a."""
+    eg = [sys.executable, str(eg_launcher)]
     specs = [s for s in MAIN_SPECS if s.name == "egt"]
-    specs.append(KernelSpecDef("egt-eglauncher", launcher=[sys.executable, str(eg_launcher)]))
+    specs.append(KernelSpecDef("egt-eglauncher", launcher=eg))
+    # `3>&1` lands after the argv in EG's `nohup ARGV >> LOG 2>&1 & echo $!`: the launcher keeps a copy of
+    # the command's stdout, so the command never ends and its pid never comes back.
+    specs.append(KernelSpecDef("egt-hangs", argv_tail=["3>&1"]))
+    specs.append(KernelSpecDef("egt-eglauncher-hangs", launcher=eg, argv_tail=["3>&1"]))
     gw = gateway_factory("failed-start", kernelspecs=specs)
     require_native(gw)
     return gw
 
 
-def _spec(launcher: str) -> str:
-    return "egt" if launcher == "egtunnel" else "egt-eglauncher"
+def _spec(launcher: str, variant: str = "") -> str:
+    return ("egt" if launcher == "egtunnel" else "egt-eglauncher") + variant
 
 
 class KernelProcesses:
@@ -88,9 +96,11 @@ class KernelProcesses:
         procs.kill_procs(self.now())  # a failed test must not leave its kernel to the next one
 
 
-def _failed_start(gateway: Gateway, host: hosts.RemoteHost, launcher: str) -> tuple[GatewayError, float, KernelProcesses]:
+def _failed_start(gateway: Gateway, host: hosts.RemoteHost, launcher: str, variant: str = "",
+                  failure_timeout: float = LAUNCH_TIMEOUT) -> tuple[GatewayError, float, KernelProcesses]:
     """Starts a kernel that fails after launch; returns the error, the seconds from the request until a
-    process of the kernel was last seen on the host (sampled every 0.1 s), and what was seen."""
+    process of the kernel was last seen on the host (sampled every 0.1 s), and what was seen. The host
+    must be clean within `failure_timeout` (the timeout that fails the start) plus CLEAN_MARGIN."""
     kernel_id = str(uuid.uuid4())
     env = {"KERNEL_ID": kernel_id, "KERNEL_REMOTE_HOST": host.address, "KERNEL_LAUNCH_TIMEOUT": str(LAUNCH_TIMEOUT)}
     client = gateway.client()
@@ -98,9 +108,9 @@ def _failed_start(gateway: Gateway, host: hosts.RemoteHost, launcher: str) -> tu
         with KernelProcesses(host, kernel_id) as watch:
             requested = time.monotonic()
             with pytest.raises(GatewayError) as failure:
-                client.start_kernel(_spec(launcher), env=env, timeout=120)
+                client.start_kernel(_spec(launcher, variant), env=env, timeout=120)
             failed = time.monotonic() - requested
-            budget = LAUNCH_TIMEOUT + CLEAN_MARGIN
+            budget = failure_timeout + CLEAN_MARGIN
             wait_for(lambda: not watch.now(), max(0.0, requested + budget - time.monotonic()),
                      what=f"no process of kernel {kernel_id} on {host.name} within {budget:.0f} s of the request: "
                           f"{watch.now()}")  # fmt: skip
@@ -148,3 +158,12 @@ def test_launch_timeout_leaves_nothing(gateway: Gateway, e2e_hosts: E2EHosts, re
     assert error.status == 500, error
     assert f"Waited too long ({float(LAUNCH_TIMEOUT)}s)" in error.reason, error.reason
     assert clean >= LAUNCH_TIMEOUT - 1, "the kernel was stopped before EG's launch timeout: not this failure"
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launch_command_timeout_leaves_nothing(gateway: Gateway, e2e_hosts: E2EHosts, launcher: str) -> None:
+    error, clean, watch = _failed_start(gateway, e2e_hosts.a, launcher, "-hangs", EXEC_TIMEOUT)
+    assert error.status == 500, error
+    assert f"timed out after {EXEC_TIMEOUT:.0f} s" in error.reason, error.reason
+    # The launcher ran (and reported to nobody) while the command hung: no pid, so only its id finds it.
+    assert clean >= EXEC_TIMEOUT - 1, "the kernel was gone before the launch command timed out: not this failure"

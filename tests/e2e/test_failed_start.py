@@ -117,6 +117,8 @@ def _failed_start(gateway: Gateway, host: hosts.RemoteHost, launcher: str, varia
             time.sleep(0.3)  # one more sample by the watcher, which dates the end
             clean = watch.last_seen - requested
             assert watch.seen, "the launcher never ran on the host: the failure came before the launch"
+            # The wait above cannot judge a failure reported after the budget: the samples can.
+            assert clean <= budget, f"a process of kernel {kernel_id} ran until {clean:.1f} s after the request"
     finally:
         client.close()
     report("failed start", launcher=launcher, failed_after=failed, clean_after=clean,

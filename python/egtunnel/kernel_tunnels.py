@@ -317,7 +317,8 @@ class KernelTunnels:
         """
         if not _KERNEL_ID.fullmatch(self.kernel_id):
             return None
-        pattern = shlex.quote(f"kernel-id[ =]{self.kernel_id}")
+        # The id ends at a blank or the end of the arguments: another id that merely starts with it is spared.
+        pattern = shlex.quote(f"kernel-id[ =]{self.kernel_id}([[:space:]]|$)")
         return (f"p={pattern}; pkill -TERM -f -- \"$p\"; found=$?; sleep {STOP_LAUNCHED_GRACE}; "
                 f"pkill -KILL -f -- \"$p\"; sleep {STOP_LAUNCHED_LATE}; pkill -KILL -f -- \"$p\"; echo $found")
 

@@ -9,6 +9,9 @@ EG's own paramiko path (HOME/.ssh, used by the comparisons) has a second key, au
 and a known_hosts naming all three hosts, so that what fails on b and c is egtunnel's native SSH.
 On demand (session-wide too): d, like a but its sshd says `AllowTcpForwarding no`.
 
+After every test and every module, kernels left behind fail that test or module by name and are removed
+(see "leftovers" below), so that one leak does not fail the tests that come after it.
+
 The main gateway (session-wide) tunnels, culls after 300 s and has these kernelspecs, all written by
 `python -m egtunnel kernelspec install`:
   egt            egtunnel.DistributedProcessProxy (shared connections, the default)

@@ -348,8 +348,9 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
             await self.confirm_remote_startup()
         except BaseException:
             # Whatever failed once the command may have reached the host (its own timeout, EG's launch
-            # timeout, the forwards, the launcher's report): EG's kill reaches one pid, or none before
-            # the launcher reported, so everything started for this id is stopped on the host as well.
+            # timeout, the forwards, the launcher's report): EG's kill reaches at most one pid (none when
+            # the command's answer never came; the process group only once the launcher has reported),
+            # so everything started for this id is stopped on the host as well.
             self._egtunnel_stop_failed_start()
             raise
         finally:

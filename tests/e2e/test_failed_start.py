@@ -6,23 +6,28 @@ launcher reported; the forwards are refused); EG's launch timeout passes while t
 the gateway's response address (dropped by the host's firewall); and the launch command itself times
 out (the launcher holds the command's output open, so its pid never comes back). The host's process list
 is the judge: every process whose arguments carry the kernel's id counts, whatever its pid or group.
+And when the gateway itself dies between the report and its first poll, egtunnel's launcher stops its
+kernel by itself.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
 import hosts
 
 from . import procs
+from egtunnel import launcher as egtunnel_launcher
 from egtunnel.kernel_tunnels import EXEC_TIMEOUT
 
 from .conftest import MAIN_SPECS, E2EHosts
@@ -169,3 +174,53 @@ def test_launch_command_timeout_leaves_nothing(gateway: Gateway, e2e_hosts: E2EH
     assert f"timed out after {EXEC_TIMEOUT:.0f} s" in error.reason, error.reason
     # The launcher ran (and reported to nobody) while the command hung: no pid, so only its id finds it.
     assert clean >= EXEC_TIMEOUT - 1, "the kernel was gone before the launch command timed out: not this failure"
+
+
+# -- a gateway that dies after the report ---------------------------------------------------------
+
+# The client's launch timeout for this start: egtunnel's launcher waits that long plus its margin for the
+# gateway's first request before it stops the kernel.
+DYING_LAUNCH_TIMEOUT = 5
+
+
+def test_launcher_stops_when_its_gateway_died_before_taking_the_kernel_up(
+        gateway_factory: Callable[..., Gateway], e2e_hosts: E2EHosts) -> None:
+    """The gateway is frozen the moment the launcher logs its ports, just before it sends its report, and
+    then killed: the report lands in a socket nobody reads, no request ever reaches the communication
+    port (egtunnel's proxy sends its first when it opens the kernel's tunnels), and nothing is left to
+    stop the kernel from the gateway's side. egtunnel's launcher stops it by itself."""
+    gw = gateway_factory("dies-after-report", kernelspecs=[s for s in MAIN_SPECS if s.name == "egt"])
+    require_native(gw)
+    host = e2e_hosts.a
+    kernel_id = str(uuid.uuid4())
+    env = {"KERNEL_ID": kernel_id, "KERNEL_LAUNCH_TIMEOUT": str(DYING_LAUNCH_TIMEOUT)}
+    kernel_log = gw.kernel_log_dir / f"kernel-{kernel_id}.log"
+    client = gw.client()
+    starter = threading.Thread(target=lambda: _start_ignoring_failure(client, env), daemon=True)
+    with KernelProcesses(host, kernel_id) as watch:
+        starter.start()
+        wait_for(lambda: kernel_log.exists() and f"kernel {kernel_id}: pid" in kernel_log.read_text(), 60,
+                 interval=0.01, what="the launcher to pick its ports")  # fmt: skip
+        os.kill(gw.pid, signal.SIGSTOP)
+        gw.process.kill()  # type: ignore[union-attr]  # no SIGTERM: EG would shut its kernels down
+        gw.process.wait(10)  # type: ignore[union-attr]
+        killed = time.monotonic()
+        assert watch.now(), "the kernel was not running when its gateway died"
+        take_up = DYING_LAUNCH_TIMEOUT + egtunnel_launcher.TAKE_UP_MARGIN
+        budget = take_up + egtunnel_launcher.SHUTDOWN_GRACE + egtunnel_launcher.TERMINATE_GRACE + CLEAN_MARGIN
+        wait_for(lambda: not watch.now(), budget, interval=0.5,
+                 what=f"egtunnel's launcher to stop within {budget:.0f} s of its gateway's death: {watch.now()}")
+        gone = time.monotonic() - killed
+    starter.join(10)
+    client.rest.close()
+    report("gateway died before take-up", stopped_after=gone, take_up_timeout=take_up)
+    # It waited for the gateway's first request as long as it should have, counted from its report.
+    assert gone >= take_up - 5, gone
+    assert "take-up timeout" in kernel_log.read_text()
+
+
+def _start_ignoring_failure(client: Any, env: dict) -> None:
+    try:
+        client.start_kernel("egt", env=env, timeout=120)
+    except Exception:  # noqa: BLE001 - the gateway is killed under this request on purpose
+        pass

@@ -15,6 +15,9 @@ PY_SOURCES := $(shell find python -type f -not -name '*.so' -not -path '*/__pyca
 PYTEST_ARGS ?=
 # Operations of `make soak`'s stress run (bench/stress.py): echo bursts and remote commands, half each.
 STRESS_OPS ?= 20000
+# EG's own kernel launcher, for the end-to-end tests that compare with it (tests/e2e/conftest.py finds it here).
+EG_LAUNCHER_DIR := $(VENV)/eg-launchers
+EG_LAUNCHER := $(EG_LAUNCHER_DIR)/launch_ipykernel.py
 # The portable wheel: one file for every CPython >= 3.9 (abi3) on any x86_64 Linux with glibc >= 2.17
 # (manylinux2014), built with zig, which links against glibc 2.17's symbols whatever this machine has.
 WHEEL_DIR := dist
@@ -129,7 +132,7 @@ fi
 endef
 export DEPS_SH
 
-.PHONY: help deps venv build wheel wheel-test cargo-test pytest test demo bench soak scale lint clean distclean
+.PHONY: help deps venv build eg-launcher wheel wheel-test cargo-test pytest test demo bench soak scale lint clean distclean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -154,6 +157,18 @@ $(BUILD_STAMP): $(VENV_STAMP) Cargo.toml $(wildcard Cargo.lock) pyproject.toml $
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release
 	touch $@
 
+eg-launcher: $(EG_LAUNCHER) ## Fetch EG's own launch_ipykernel.py (its source distribution) for the tests that run kernels with it
+
+# EG's wheel leaves out its kernel launchers; its source distribution of the installed version has them.
+$(EG_LAUNCHER): $(VENV_STAMP)
+	rm -rf $(EG_LAUNCHER_DIR) && mkdir -p $(EG_LAUNCHER_DIR)/sdist
+	$(VENV_PY) -m pip download -q --no-deps --no-binary :all: -d $(EG_LAUNCHER_DIR)/sdist \
+		"jupyter_enterprise_gateway==$$($(VENV_PY) -c 'import importlib.metadata as m; print(m.version("jupyter_enterprise_gateway"))')"
+	tar -xzf $(EG_LAUNCHER_DIR)/sdist/*.tar.gz -C $(EG_LAUNCHER_DIR) --strip-components=5 \
+		--wildcards '*/etc/kernel-launchers/python/scripts/launch_ipykernel.py'
+	rm -rf $(EG_LAUNCHER_DIR)/sdist
+	test -s $@ && touch $@
+
 wheel: $(WHEEL_STAMP) ## Build the portable wheel (manylinux2014, abi3, OpenSSL and libssh2 built in) into dist/; check it with auditwheel
 
 # maturin runs zig as `python3 -m ziglang`, from PATH. Variables that would make the -sys crates link a
@@ -173,10 +188,10 @@ wheel-test: $(WHEEL_STAMP) ## Install the wheel into a fresh virtualenv outside 
 cargo-test: $(VENV_STAMP) ## Run the Rust unit tests, linked against the venv's Python
 	$(CARGO_ENV) cargo test
 
-pytest: $(BUILD_STAMP) ## Run the Python tests (pass options with PYTEST_ARGS="-k name")
+pytest: $(BUILD_STAMP) $(EG_LAUNCHER) ## Run the Python tests (pass options with PYTEST_ARGS="-k name")
 	$(VENV_PY) -m pytest -q -rs $(PYTEST_ARGS)
 
-test: deps build wheel ## Install what is missing, build, then run cargo test and pytest, the wheel's smoke included (what CI runs)
+test: deps build wheel eg-launcher ## Install what is missing, build, then run cargo test and pytest, the wheel's smoke included (what CI runs)
 	$(CARGO_ENV) cargo test
 	$(WHEEL_ENV) $(VENV_PY) -m pytest -q -rs $(PYTEST_ARGS)
 

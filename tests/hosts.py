@@ -47,6 +47,7 @@ __all__ = [
     "NetnsUnavailable",
     "SshServer",
     "RemoteHost",
+    "live_hosts",
     "EchoServer",
     "OpenSshForward",
     "StreamResult",
@@ -1247,6 +1248,11 @@ class RemoteHost:
             _destroy_netns(self.name, self.host_ifname)
         _unregister(self)
 
+    @property
+    def created(self) -> bool:
+        """Whether the namespace exists (started and not yet closed)."""
+        return self._created
+
     def __enter__(self) -> "RemoteHost":
         return self.start()
 
@@ -1256,3 +1262,11 @@ class RemoteHost:
     def __repr__(self) -> str:
         addr = self.address if self.subnet is not None else "-"
         return f"<RemoteHost {self.name} {addr}>"
+
+
+def live_hosts() -> list[RemoteHost]:
+    """Every namespace host this process has started and not closed, oldest first: what a check for
+    leftovers on "remote hosts" has to look at, whichever fixture or test made them."""
+    with _live_lock:
+        objs = list(_live.values())
+    return [o for o in objs if isinstance(o, RemoteHost) and o.created]

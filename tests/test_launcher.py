@@ -414,6 +414,30 @@ def test_killed_kernel_leaves_nothing(kernel):
     assert wait_until(lambda: group_empty(kernel.pgid), 5)
 
 
+TAKE_UP_TIMEOUT = 3.0
+
+
+def test_kernel_nobody_takes_up_stops_by_itself(start_kernel):
+    # The gateway received the report (EG's own ResponseManager decoded it) and then never came:
+    # the gateway died or gave the start up. No request reaches the communication port.
+    kernel = start_kernel(extra_args=("--take-up-timeout", str(TAKE_UP_TIMEOUT)))
+    reported = time.monotonic()
+    assert kernel.exited(TAKE_UP_TIMEOUT + launcher.SHUTDOWN_GRACE + launcher.TERMINATE_GRACE + 5), kernel.log()
+    assert time.monotonic() - reported >= TAKE_UP_TIMEOUT - 0.5, "stopped before its take-up timeout"
+    assert "take-up timeout" in kernel.log()
+    assert port_refuses(kernel.comm_port)
+    assert wait_until(lambda: group_empty(kernel.pgid), 5)
+    assert not list(kernel.tmp_path.glob(f"kernel-{kernel.kernel_id}*")), "connection file left behind"
+
+
+def test_kernel_the_gateway_polled_outlives_the_take_up_timeout(start_kernel):
+    kernel = start_kernel(extra_args=("--take-up-timeout", str(TAKE_UP_TIMEOUT)))
+    send_request(kernel.comm_port, {"signum": 0})  # EG's restarter's first poll
+    time.sleep(TAKE_UP_TIMEOUT + 1.5)
+    assert not kernel.exited(0), kernel.log()
+    assert kernel.run("print(6 * 7)")[1] == "42\n"
+
+
 def test_forked_child_does_not_keep_the_port_open(kernel):
     # A process forked by kernel code inherits the listening socket unless the launcher closes it.
     _, output = kernel.run("import os, time\nchild = os.fork()\nif child == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(child)")
@@ -663,6 +687,22 @@ def test_port_range_size_follows_eg_setting(monkeypatch, capsys):
     assert "EG_MIN_PORT_RANGE_SIZE='lots' is not a non-negative integer" in parse_error(
         BASE + ["--port-range", "40000..40010"], capsys
     )
+
+
+def test_take_up_timeout_follows_the_launch_timeout(monkeypatch, capsys):
+    for name in ("KERNEL_LAUNCH_TIMEOUT", "EG_KERNEL_LAUNCH_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    margin = launcher.TAKE_UP_MARGIN
+    assert launcher.parse_args(BASE).take_up_timeout == launcher.DEFAULT_LAUNCH_TIMEOUT + margin
+    monkeypatch.setenv("EG_KERNEL_LAUNCH_TIMEOUT", "50")
+    assert launcher.parse_args(BASE).take_up_timeout == 50 + margin
+    # A client's KERNEL_LAUNCH_TIMEOUT overrides the gateway's, as in EG.
+    monkeypatch.setenv("KERNEL_LAUNCH_TIMEOUT", "7")
+    assert launcher.parse_args(BASE).take_up_timeout == 7 + margin
+    assert launcher.parse_args(BASE + ["--take-up-timeout", "0"]).take_up_timeout == 0
+    assert "--take-up-timeout='soon' is not a non-negative number" in parse_error(BASE + ["--take-up-timeout", "soon"], capsys)
+    monkeypatch.setenv("KERNEL_LAUNCH_TIMEOUT", "-1")
+    assert "KERNEL_LAUNCH_TIMEOUT='-1' is not a non-negative number" in parse_error(BASE, capsys)
 
 
 def test_empty_port_range_means_any_port():

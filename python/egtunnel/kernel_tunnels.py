@@ -9,7 +9,9 @@ proxies, which keep only EG's hook methods, each handing over to it:
   kernel is gone, a connection that is down means liveness unknown (the kernel is kept);
 - on the gateway's event loop nothing waits on the network: requests run on egtunnel's runtime and a
   poll answers from the kernel's last known liveness while one refresh per kernel is in flight.
-  Off the loop (a worker thread, the gateway's start-up revival) the same calls simply block.
+  Off the loop (a worker thread, the gateway's start-up revival) the same calls simply block;
+- a start that fails after the launch command went out stops, on the kernel's host, every process
+  whose arguments carry the kernel's id (`stop_launched`), in the background.
 
 No Enterprise Gateway import here: the module works with any object that gives it a logger.
 """
@@ -20,6 +22,8 @@ import asyncio
 import errno
 import json
 import logging
+import re
+import shlex
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -44,6 +48,15 @@ REQUEST_TIMEOUT = 10.0
 EXEC_TIMEOUT = 30.0
 
 ALIVE, DEAD, UNKNOWN = "alive", "dead", "unknown"
+
+# Kernel ids EG generates are UUIDs; anything else is not spliced into a remote command.
+_KERNEL_ID = re.compile(r"[A-Za-z0-9_-]+")
+# Between SIGTERM and SIGKILL, and again later for a launcher whose start was still on its way when the
+# first signals went out (a launch command that timed out may yet run).
+STOP_LAUNCHED_GRACE = 1
+STOP_LAUNCHED_LATE = 2
+# The background stops still running; asyncio keeps only weak references to tasks.
+_stopping: set[asyncio.Future] = set()
 
 
 def on_event_loop() -> Optional[asyncio.AbstractEventLoop]:
@@ -289,6 +302,77 @@ class KernelTunnels:
         except (TunnelError, TimeoutError):
             return UNKNOWN
         return ALIVE
+
+    # ------------------------------------------------------------------------------- failed starts
+
+    def stop_launched_command(self) -> Optional[str]:
+        """The remote command that stops every process started for this kernel, or None when the id
+        cannot be put in a command safely.
+
+        EG's launchers (its own launch_ipykernel.py and egtunnel's) take the id as `--kernel-id ID` or
+        `--RemoteProcessProxy.kernel-id ID`, so the id is in the arguments of the launcher, of a wrapper
+        script that passes them on, and of EG's listener process, which its launcher forks: a pid or a
+        process group misses some of those, and before the connection info arrives EG knows neither. The
+        bracket keeps the pattern from matching the shell that runs it; pkill excludes itself.
+        """
+        if not _KERNEL_ID.fullmatch(self.kernel_id):
+            return None
+        # The id ends at a blank or the end of the arguments: another id that merely starts with it is spared.
+        pattern = shlex.quote(f"kernel-id[ =]{self.kernel_id}([[:space:]]|$)")
+        return (f"p={pattern}; pkill -TERM -f -- \"$p\"; found=$?; sleep {STOP_LAUNCHED_GRACE}; "
+                f"pkill -KILL -f -- \"$p\"; sleep {STOP_LAUNCHED_LATE}; pkill -KILL -f -- \"$p\"; echo $found")
+
+    def stop_launched(self, host: str) -> None:
+        """Stops what was launched for this kernel on `host` after its start failed, without waiting.
+
+        On the event loop the command runs natively in the background and its outcome is logged; the
+        failed start is reported at once. Off the loop it runs to completion.
+        """
+        command = self.stop_launched_command()
+        if command is None:
+            self.log.warning(f"KernelID '{self.kernel_id}' is not a plain id; processes it launched on "
+                             f"{host} are left to the launcher's own exit.")  # fmt: skip
+            return
+        try:
+            target = self.target(host)
+        except Exception as exc:  # noqa: BLE001 - the start's own failure is what gets reported
+            self.log.warning(f"Cannot stop KernelID '{self.kernel_id}' on {host} after its failed start: {exc}")
+            return
+        self.log.info(f"Stopping processes of KernelID '{self.kernel_id}' on {target.destination} after its failed start.")
+        if on_event_loop() is None:
+            try:
+                self._stopped(target, target.exec(command, EXEC_TIMEOUT))
+            except Exception as exc:  # noqa: BLE001
+                self._stop_failed(target, exc)
+            return
+        future = asyncio.ensure_future(target.exec_async(command, EXEC_TIMEOUT))
+        _stopping.add(future)
+        future.add_done_callback(lambda f: self._stop_done(f, target))
+
+    def _stop_done(self, future: asyncio.Future, target: Any) -> None:
+        _stopping.discard(future)
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._stop_failed(target, exc)
+        else:
+            self._stopped(target, future.result())
+
+    def _stopped(self, target: Any, result: Any) -> None:
+        lines = [line.strip() for line in result.lines()]
+        # pkill: 0 = signalled some, 1 = none matched; anything else is pkill's own failure.
+        found = lines[-1] if lines else ""
+        if found == "0":
+            self.log.info(f"Stopped the processes of KernelID '{self.kernel_id}' on {target.destination}.")
+        elif found == "1":
+            self.log.debug(f"No process of KernelID '{self.kernel_id}' was left on {target.destination}.")
+        else:
+            self.log.warning(f"Stopping KernelID '{self.kernel_id}' on {target.destination} failed: pkill said {lines!r}.")
+
+    def _stop_failed(self, target: Any, exc: BaseException) -> None:
+        self.log.warning(f"Stopping KernelID '{self.kernel_id}' on {target.destination} after its failed start "
+                         f"failed: {type(exc).__name__}: {exc}")  # fmt: skip
 
     # ------------------------------------------------------------------------------------- remote signals
 

@@ -13,6 +13,11 @@ same process, and the launcher makes itself the leader of its own process group.
 whatever it started and nothing else; when the kernel dies the listener dies with it, so the gateway's
 next poll is refused and no listener can outlive its kernel.
 
+A kernel nobody takes up stops by itself: once the connection info is sent, the gateway asks the
+communication port for the kernel's liveness every few seconds (EG's restarter polls with signal 0). If
+no request at all arrives within the take-up timeout (EG's launch timeout, read from the environment EG
+exports, plus a margin), the gateway has died or given the start up, and the kernel shuts down.
+
 This module needs only the standard library, ipykernel (with its jupyter_client and pyzmq) and
 pycryptodomex, the library EG itself uses for this payload, so remote hosts need nothing more.
 """
@@ -66,6 +71,11 @@ TERMINATE_GRACE = 2.0
 EXIT_DEADLINE = 5.0
 RESPONSE_CONNECT_TIMEOUT = 30.0
 RESPONSE_ATTEMPTS = 3
+# EG's default launch timeout (EG_KERNEL_LAUNCH_TIMEOUT unset), and what the take-up timeout adds to
+# the launch timeout: the gateway's tunnel set-up after the report (bounded by its SSH connect timeout)
+# and its first poll, which comes 3 s after the start, with room for a busy gateway.
+DEFAULT_LAUNCH_TIMEOUT = 30.0
+TAKE_UP_MARGIN = 30.0
 
 
 class LaunchError(RuntimeError):
@@ -89,6 +99,8 @@ class LaunchOptions:
     connection_file: Optional[str]
     # Failed binds tolerated per port before giving up (EG's MAX_PORT_RANGE_RETRIES).
     port_retries: int = 5
+    # Seconds after the report within which the gateway's first request must arrive; 0 waits forever.
+    take_up_timeout: float = DEFAULT_LAUNCH_TIMEOUT + TAKE_UP_MARGIN
 
 
 # Arguments EG's launch_ipykernel.py accepts under two spellings: `--NAME` and the older
@@ -137,6 +149,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="IPv4 address the kernel and communication ports bind to (default 0.0.0.0)",
     )
     parser.add_argument(
+        "--take-up-timeout",
+        metavar="SECONDS",
+        help="stop the kernel when no request from the gateway reaches the communication port within "
+        "SECONDS of reporting the connection info; 0 never stops it (default: the launch timeout, "
+        f"KERNEL_LAUNCH_TIMEOUT or EG_KERNEL_LAUNCH_TIMEOUT, else {DEFAULT_LAUNCH_TIMEOUT:.0f}, "
+        f"plus {TAKE_UP_MARGIN:.0f})",
+    )
+    parser.add_argument(
         "connection_file",
         nargs="?",
         help="where to write the connection file (older kernelspecs pass {connection_file}); "
@@ -167,6 +187,28 @@ def _env_int(names: tuple[str, ...], default: int, parser: argparse.ArgumentPars
             parser.error(f"environment variable {env_name}={raw!r} is not a non-negative integer")
         return value
     return default
+
+
+def _seconds(text: str, what: str, parser: argparse.ArgumentParser) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        parser.error(f"{what}={text!r} is not a non-negative number of seconds")
+    return value
+
+
+def _take_up_timeout(text: Optional[str], parser: argparse.ArgumentParser) -> float:
+    if text is not None:
+        return _seconds(text, "--take-up-timeout", parser)
+    # EG exports its own environment and the kernel's into the launch command: a client's
+    # KERNEL_LAUNCH_TIMEOUT overrides the gateway's EG_KERNEL_LAUNCH_TIMEOUT, as in EG.
+    for name in ("KERNEL_LAUNCH_TIMEOUT", "EG_KERNEL_LAUNCH_TIMEOUT"):
+        raw = os.environ.get(name)
+        if raw:
+            return _seconds(raw, f"environment variable {name}", parser) + TAKE_UP_MARGIN
+    return DEFAULT_LAUNCH_TIMEOUT + TAKE_UP_MARGIN
 
 
 def _parse_port_range(text: Optional[str], parser: argparse.ArgumentParser) -> tuple[int, int]:
@@ -266,6 +308,7 @@ def parse_args(argv: Optional[list[str]] = None) -> LaunchOptions:
         ip=ip,
         connection_file=args.connection_file,
         port_retries=_env_int(("MAX_PORT_RANGE_RETRIES", "EG_MAX_PORT_RANGE_RETRIES"), 5, parser),
+        take_up_timeout=_take_up_timeout(args.take_up_timeout, parser),
     )
 
 
@@ -401,6 +444,9 @@ class CommListener(threading.Thread):
         self._on_interrupt = on_interrupt
         self._stopping = threading.Event()
         self._shutdown_requested = False
+        # Set by the gateway's first request; until then `_take_up_deadline` (monotonic) may stop the kernel.
+        self.taken_up = threading.Event()
+        self._take_up_deadline: Optional[float] = None
         # Set by the main thread once the kernel has returned; ends the shutdown escalation.
         self.kernel_stopped = threading.Event()
         # A process forked by kernel code (multiprocessing, os.fork) would otherwise hold the port
@@ -410,12 +456,27 @@ class CommListener(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
 
+    def expect_take_up(self, seconds: float) -> None:
+        """The connection info is out: the gateway's first request must arrive within `seconds` (0: no limit)."""
+        if seconds > 0:
+            self._take_up_deadline = time.monotonic() + seconds
+
+    def _abandoned(self) -> bool:
+        deadline = self._take_up_deadline
+        return deadline is not None and not self.taken_up.is_set() and time.monotonic() > deadline
+
     def run(self) -> None:
         # Signals sent to the process must land on the kernel's main thread: a SIGINT taken by this
         # thread would not wake a cell sleeping in a system call.
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             while not self._stopping.is_set():
+                if self._abandoned():
+                    # Nothing holds this kernel: the gateway died or gave the start up after the report.
+                    log.error("no request from the gateway within the take-up timeout after the connection "
+                              "info was sent; nobody uses this kernel, so it stops")  # fmt: skip
+                    self._shutdown_requested = True
+                    break
                 try:
                     conn, _ = self._sock.accept()
                 except socket.timeout:
@@ -471,6 +532,8 @@ class CommListener(threading.Thread):
 
     def handle(self, request: dict[str, Any]) -> None:
         """Act on one decoded request; anything malformed is logged and ignored."""
+        if "signum" in request or "shutdown" in request:
+            self.taken_up.set()
         if "signum" in request:
             self._signal(request["signum"])
         if request.get("shutdown"):
@@ -812,6 +875,7 @@ def launch(options: LaunchOptions) -> int:
                 options.public_key,
             )
             send_to_gateway(options.response_address, payload)
+            listener.expect_take_up(options.take_up_timeout)
         else:
             log.info("no response address given; connection file: %s", connection_file)
         for sock in reservations:

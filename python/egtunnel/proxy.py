@@ -5,7 +5,8 @@ methods, each handing over to the kernel's `KernelTunnels` (egtunnel.kernel_tunn
 EG's contracts stay: the same `tunnel_processes` dict (its values are native `Tunnel` objects whose
 `terminate()` returns at once), the same HTTP errors, the same return values of `send_signal`/`poll`.
 The ready-made drop-ins subclass EG's classes of the same names; `DistributedProcessProxy` also
-replaces EG's paramiko remote launch and signalling.
+replaces EG's paramiko remote launch and signalling, and stops on the host whatever a failed start
+launched there.
 
 EG calls some hooks from coroutines (launch, connection info) and others as plain methods on its event
 loop (poll, send_signal, kill, cleanup, shutdown_listener). The first await native calls; the second
@@ -40,7 +41,7 @@ from .config import (
     parse_tunnel_settings,
     parse_tunneling,
 )
-from .errors import HostKeyError, SshAuthError
+from .errors import HostKeyError, SshAuthError, SshConnectError
 from .kernel_tunnels import COMM, EXEC_TIMEOUT, KERNEL_PORTS, Forward, KernelTunnels, http_status, on_event_loop
 
 __all__ = [
@@ -301,7 +302,12 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
 
     def kill(self) -> Optional[bool]:
         """EG's kill (SIGTERM, poll until gone, then SIGKILL). EG sleeps between polls; on the event loop
-        the same steps run as a task instead, so the gateway keeps serving meanwhile."""
+        the same steps run as a task instead, so the gateway keeps serving meanwhile.
+
+        A kill during the start (EG's launch timeout, failed forwards) also stops on the host whatever was
+        launched for the kernel, at once rather than after EG's seconds of signals and polls."""
+        if self._egtunnel_starting:
+            self._egtunnel_stop_failed_start()
         if on_event_loop() is None or getattr(self, "use_gss", False):
             return super().kill()  # type: ignore[misc]
         result = self.terminate()  # type: ignore[attr-defined]
@@ -332,26 +338,70 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
             self.log_and_raise(http_status_code=500, reason=f"KernelID '{self.kernel_id}': cannot resolve kernel host "
                                f"'{self.assigned_host}': {type(exc).__name__}: {exc}")  # fmt: skip
         self.egtunnel.name_host(self.assigned_ip, self.assigned_host)  # type: ignore[union-attr]
+        remote = not _pp.BaseProcessProxyABC.ip_is_local(self.ip)
+        self._egtunnel_loop = asyncio.get_running_loop()
+        self._egtunnel_launch_host, self._egtunnel_stop_fired, self._egtunnel_starting = None, False, True
         try:
-            if _pp.BaseProcessProxyABC.ip_is_local(self.ip):
+            await self._egtunnel_launch(kernel_cmd, remote, **kwargs)
+            self.log.info(f"Kernel launched on '{self.assigned_host}', pid: {self.pid}, ID: {self.kernel_id}, "
+                          f"Log file: {self.assigned_host}:{self.kernel_log}, Command: '{kernel_cmd}'.  ")  # fmt: skip
+            await self.confirm_remote_startup()
+        except BaseException:
+            # Whatever failed once the command may have reached the host (its own timeout, EG's launch
+            # timeout, the forwards, the launcher's report): EG's kill reaches at most one pid (none when
+            # the command's answer never came; the process group only once the launcher has reported),
+            # so everything started for this id is stopped on the host as well.
+            self._egtunnel_stop_failed_start()
+            raise
+        finally:
+            self._egtunnel_starting = False
+        return self
+
+    # The host the launch command went to, once it may have reached it; None before (or when local).
+    _egtunnel_launch_host: Optional[str] = None
+    # Between the launch and the end of launch_process: a kill() then means the start failed.
+    _egtunnel_starting = False
+    _egtunnel_stop_fired = False
+    _egtunnel_loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def _egtunnel_stop_failed_start(self) -> None:
+        """Once per start, in the background: stop on the host everything launched for this kernel
+        (`KernelTunnels.stop_launched`). EG calls kill() from an executor thread on a launch timeout, so
+        the remote command is handed to the event loop, which never waits for it."""
+        host = self._egtunnel_launch_host
+        if host is None or self._egtunnel_stop_fired:
+            return
+        self._egtunnel_stop_fired = True
+        loop = self._egtunnel_loop
+        if on_event_loop() is None and loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(self.egtunnel.stop_launched, host)  # type: ignore[union-attr]
+        else:
+            self.egtunnel.stop_launched(host)  # type: ignore[union-attr]
+
+    async def _egtunnel_launch(self, kernel_cmd: str, remote: bool, **kwargs: Any) -> None:
+        """EG's launch command (native exec on the pooled connection, or EG's local Popen); sets the pid."""
+        try:
+            if not remote:
                 result_pid = self._launch_remote_process(kernel_cmd, **kwargs)  # EG's local Popen path
             else:
                 cmd = self._build_startup_command(kernel_cmd, **kwargs)
                 self.log.debug(f"Invoking cmd: '{cmd}' on host: {self.assigned_host}")
+                self._egtunnel_launch_host = self.ip
                 result = await self.egtunnel.target(self.ip).exec_async(cmd, EXEC_TIMEOUT)  # type: ignore[union-attr]
                 result_pid = ([line.strip() for line in result.lines()] or ["bad_pid"])[-1]
             self.pid = int(result_pid)
         except web.HTTPError:
             raise
-        except (SshAuthError, HostKeyError) as exc:
+        except (SshConnectError, SshAuthError, HostKeyError) as exc:
+            # Refused before any command went out: there is nothing to stop on the host.
+            self._egtunnel_launch_host = None
+            if isinstance(exc, SshConnectError):
+                self.log_and_raise(http_status_code=500, reason=f"Failure occurred starting kernel on '{self.ip}' "
+                                   f"({self.egtunnel.destination(self.ip)}).  Returned result: {exc}")  # type: ignore[union-attr]  # fmt: skip
             self._egtunnel_refused(self.ip, exc)
         except Exception as exc:
             self.log_and_raise(http_status_code=500, reason=f"Failure occurred starting kernel on '{self.ip}' "
                                f"({self.egtunnel.destination(self.ip)}).  Returned result: {exc}")  # type: ignore[union-attr]  # fmt: skip
-        self.log.info(f"Kernel launched on '{self.assigned_host}', pid: {self.pid}, ID: {self.kernel_id}, "
-                      f"Log file: {self.assigned_host}:{self.kernel_log}, Command: '{kernel_cmd}'.  ")  # fmt: skip
-        await self.confirm_remote_startup()
-        return self
 
 
 async def _resolve(target: Any) -> str:

@@ -7,6 +7,10 @@ Hosts (session-wide, each its own namespace, sshd and 10.213.N.0/24):
   c  its host key is known, but it authorizes none of the gateway's keys.
 EG's own paramiko path (HOME/.ssh, used by the comparisons) has a second key, authorized on a and b,
 and a known_hosts naming all three hosts, so that what fails on b and c is egtunnel's native SSH.
+On demand (session-wide too): d, like a but its sshd says `AllowTcpForwarding no`.
+
+After every test and every module, kernels left behind fail that test or module by name and are removed
+(see "leftovers" below), so that one leak does not fail the tests that come after it.
 
 The main gateway (session-wide) tunnels, culls after 300 s and has these kernelspecs, all written by
 `python -m egtunnel kernelspec install`:
@@ -22,20 +26,23 @@ from __future__ import annotations
 import _thread
 import faulthandler
 import os
+import re
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator, Optional
 
 import pytest
+import requests
 
 import hosts
 
 from . import procs
-from .gateway import EG_PROXY, Gateway, GatewayConfig, KernelSpecDef
+from .gateway import EG_PROXY, Gateway, GatewayConfig, KernelSpecDef, live_gateways
 from .kernel_client import GatewayClient
+from .support import kernel_side_procs
 
 MAIN_SPECS = [
     KernelSpecDef("egt"),
@@ -45,6 +52,8 @@ MAIN_SPECS = [
     KernelSpecDef("eg", class_name=EG_PROXY),
 ]
 CULL_IDLE_TIMEOUT = 300
+# Where `make eg-launcher` puts EG's own launcher.
+EG_LAUNCHER = Path(__file__).resolve().parents[2] / ".venv" / "eg-launchers" / "launch_ipykernel.py"
 # The slowest test takes about 30 s; its module fixture (20 sequential kernels) as long again.
 TEST_BUDGET_SECONDS = 240
 LOG_TAIL_CHARS = 20000
@@ -81,6 +90,159 @@ def _watchdog() -> Iterator[None]:
     finally:
         timer.cancel()
         faulthandler.cancel_dump_traceback_later()
+
+
+# -- leftovers ------------------------------------------------------------------------------------
+#
+# A kernel left running by one test must fail that test, not the later ones that look at the same host.
+# After every test: a kernel a gateway holds that it did not hold when the test began is the test's and
+# is deleted; then, as after every module (whose fixtures may keep kernels across its tests), the
+# processes of kernels that no live gateway holds must be gone from every namespace host. What stays
+# fails that test (or module) by name and is killed, so that the next test starts clean.
+
+# How long a deleted kernel may take to go: EG's shutdown request, the launcher's grace for a kernel that
+# does not stop on its own (5 s, then SIGTERM and 2 s more), and a loaded 2-core machine.
+LEFTOVER_GRACE = 20.0
+_KERNEL_ID_ARG = re.compile(r"kernel-id[ =]([0-9A-Za-z_-]+)")
+# Launchers and kernels that did not get the id in their arguments (ipykernel started some other way).
+_KERNEL_MARKERS = ("egtunnel.launcher", "launch_ipykernel", "ipykernel")
+
+
+@dataclass(frozen=True)
+class Stray:
+    host: hosts.RemoteHost
+    proc: procs.Proc
+    kernel_id: Optional[str]
+
+    def __str__(self) -> str:
+        return (f"kernel {self.kernel_id or '(no id)'} on {self.host.name} ({self.host.address}): "
+                f"pid {self.proc.pid} {self.proc.cmdline[:160]}")
+
+
+def _held_kernels() -> Optional[dict[str, Gateway]]:
+    """The kernels every live gateway still holds, by id; None when one does not answer.
+
+    Read from the gateway's kernel manager (gateway_app.py's /egtunnel/status) rather than GET
+    /api/kernels, which EG answers with 403 unless EG_LIST_KERNELS is set."""
+    held: dict[str, Gateway] = {}
+    for gw in live_gateways():
+        try:
+            response = requests.get(gw.url + "/egtunnel/status", timeout=10)
+            response.raise_for_status()
+        except requests.RequestException:
+            return None
+        held.update((kernel_id, gw) for kernel_id in response.json()["kernels"])
+    return held
+
+
+def _listed_kernels() -> Optional[set[str]]:
+    held = _held_kernels()
+    return None if held is None else set(held)
+
+
+def check_no_kernels_left_held(who: str, before: set[str]) -> None:
+    """Kernels a gateway holds now that it did not hold when `who` began were started by it (wider
+    fixtures are set up before) and left running: deleted through their gateway, then named."""
+    held = _held_kernels() or {}
+    left = {kernel_id: gw for kernel_id, gw in held.items() if kernel_id not in before}
+    if not left:
+        return
+    for kernel_id, gw in left.items():
+        try:
+            requests.delete(f"{gw.url}/api/kernels/{kernel_id}", timeout=30)
+        except requests.RequestException:
+            pass  # the process check that follows names and kills what stays
+    pytest.fail(f"{who} left kernels running in their gateways (deleted now): "
+                + ", ".join(f"{kernel_id} in {gw.workdir.name}" for kernel_id, gw in left.items()), pytrace=False)
+
+
+def stray_kernels() -> list[Stray]:
+    """Processes of kernels on the namespace hosts that no live gateway lists.
+
+    A process counts as a kernel's when its arguments, or an ancestor's, carry `kernel-id ID` (both
+    launchers, EG's forked listener, what a kernel started), or name a launcher or ipykernel. Remote
+    commands in flight (below an sshd session: launches, polls) are the gateways' business, not kernels.
+    Kernels of a revived session keep their old response address, so ownership goes by id, not address.
+    """
+    live = hosts.live_hosts()
+    if not live:
+        return []
+    listed = _listed_kernels()
+    if listed is None:
+        return []  # a gateway that does not answer cannot say which kernels are its own
+    everything = {p.pid: p for p in procs.all_procs()}
+    out = []
+    for host in live:
+        for p in kernel_side_procs(host):
+            chain = _ancestors(p, everything)
+            if any(a.comm == "sshd" for a in chain):
+                continue
+            kernel_id = next((m.group(1) for q in (p, *chain) if (m := _KERNEL_ID_ARG.search(q.cmdline))), None)
+            if kernel_id is None and not any(marker in p.cmdline for marker in _KERNEL_MARKERS):
+                continue
+            if kernel_id is None or kernel_id not in listed:
+                out.append(Stray(host, p, kernel_id))
+    return out
+
+
+def _ancestors(p: procs.Proc, everything: dict[int, procs.Proc]) -> list[procs.Proc]:
+    chain = []
+    parent = everything.get(p.ppid)
+    while parent is not None and parent.pid > 1 and len(chain) < 64:
+        chain.append(parent)
+        parent = everything.get(parent.ppid)
+    return chain
+
+
+def check_no_stray_kernels(who: str, before: frozenset[tuple[int, int]] = frozenset(),
+                           grace: float = LEFTOVER_GRACE) -> None:
+    """Waits up to `grace` seconds for stray kernel processes to go; kills and names those that stay.
+
+    `before` holds (pid, start) of strays already there when `who` began: named as left by a fixture
+    set up before it, so that the failure points at the right place.
+    """
+    try:
+        hosts.wait_until(lambda: not stray_kernels(), grace, interval=0.5)
+        return
+    except TimeoutError:
+        pass
+    stayed = stray_kernels()
+    if not stayed:
+        return
+    for stray in stayed:
+        procs.kill_procs([stray.proc, *procs.descendants(stray.proc.pid)])
+    mine = [s for s in stayed if (s.proc.pid, s.proc.start) not in before]
+    earlier = [s for s in stayed if (s.proc.pid, s.proc.start) in before]
+    lines = [f"{who} left kernel processes that no gateway lists, still running {grace:.0f} s "
+             f"after it ended (killed now):"]
+    lines += [f"  {s}" for s in mine]
+    if earlier:
+        lines.append("and these were already there when it began (left by a fixture set up before it):")
+        lines += [f"  {s}" for s in earlier]
+    pytest.fail("\n".join(lines), pytrace=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_stray_kernels_after_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Set up before the module's own fixtures, so torn down after them: what they kept across the
+    # module's tests is checked once they have deleted it.
+    yield
+    check_no_stray_kernels(f"module {request.node.nodeid}")
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_kernels_after_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Set up after the module and session fixtures the test uses and torn down after its other
+    # function fixtures (a client deleting its kernels): what the gateways hold now and did not hold
+    # before is this test's, and what wider fixtures hold is theirs.
+    who = f"test {request.node.nodeid}"
+    held = _listed_kernels() or set()
+    before = frozenset((s.proc.pid, s.proc.start) for s in stray_kernels())
+    yield
+    try:
+        check_no_kernels_left_held(who, held)
+    finally:
+        check_no_stray_kernels(who, before)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -168,6 +330,24 @@ def e2e_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EHosts]:
             host.close()
 
 
+@pytest.fixture(scope="session")
+def no_forwarding_host(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory
+                       ) -> Iterator[hosts.RemoteHost]:
+    """Host d: like a, but its sshd says `AllowTcpForwarding no` (a common hardening)."""
+    host = hosts.RemoteHost().start()
+    try:
+        host.ssh_server(workdir=tmp_path_factory.mktemp("sshd-d"), port=e2e_hosts.a.sshd.port,
+                        extra_config=["AllowTcpForwarding no"])  # fmt: skip
+        host.run(["ip", "route", "add", f"{e2e_hosts.a.gateway_address}/32", "via", host.gateway_address],
+                 check=True, capture_output=True)  # fmt: skip
+        host.sshd.authorized_keys.write_text(Path(f"{e2e_hosts.identity_file}.pub").read_text())
+        with e2e_hosts.known_hosts.open("a") as f:
+            f.write(host.sshd.known_hosts_line())
+        yield host
+    finally:
+        host.close()
+
+
 # -- gateways -------------------------------------------------------------------------------------
 
 
@@ -246,6 +426,16 @@ def warm_up(gw: Gateway) -> None:
         kernel.delete()
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def eg_launcher() -> Path:
+    """EG 3.3's own launch_ipykernel.py, which EG's wheel leaves out: `make eg-launcher` fetches it from EG's
+    source distribution (EGTUNNEL_EG_LAUNCHER may name another copy)."""
+    path = Path(os.environ.get("EGTUNNEL_EG_LAUNCHER") or EG_LAUNCHER)
+    if not path.is_file():
+        pytest.skip(f"EG's launch_ipykernel.py is not at {path}: run `make eg-launcher`")
+    return path
 
 
 @pytest.fixture

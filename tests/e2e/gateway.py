@@ -47,6 +47,12 @@ class KernelSpecDef:
     class_name: str = EGTUNNEL_PROXY
     config: dict[str, Any] = field(default_factory=dict)  # metadata.process_proxy.config
     display_name: Optional[str] = None
+    # Replaces `python -m egtunnel.launcher` at the head of the argv (EG's own launch_ipykernel.py takes
+    # the same arguments); None keeps the installer's.
+    launcher: Optional[list[str]] = None
+    # Appended to the argv. EG joins the argv with spaces into the remote shell command, so a shell
+    # redirection here applies to the launch itself.
+    argv_tail: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +83,15 @@ class GatewayConfig:
 
 class GatewayStartError(RuntimeError):
     pass
+
+
+# Started and not yet stopped, whoever made them (fixtures, a test, bench/lab.py in this process).
+_live: list["Gateway"] = []
+
+
+def live_gateways() -> list["Gateway"]:
+    """Gateways whose kernels are still theirs: started here, not stopped, process alive."""
+    return [gw for gw in _live if gw.alive()]
 
 
 class Gateway:
@@ -168,6 +183,12 @@ class Gateway:
             raise GatewayStartError(f"{path}: class_name {proxy.get('class_name')!r}, wanted {spec.class_name!r}")
         if spec.config:
             proxy.setdefault("config", {}).update(spec.config)
+        if spec.launcher is not None:
+            head = [self.python, "-m", "egtunnel.launcher"]
+            if kernel["argv"][:3] != head:
+                raise GatewayStartError(f"{path}: argv does not start with {head}: {kernel['argv']}")
+            kernel["argv"] = [*spec.launcher, *kernel["argv"][3:]]
+        kernel["argv"] += spec.argv_tail
         kernel.setdefault("env", {}).update(self.kernel_env())
         path.write_text(json.dumps(kernel, indent=2))
         return path
@@ -241,6 +262,7 @@ class Gateway:
         self.port = free_port(self.config.ip)
         self.response_port = free_port(self.config.response_ip)
         self._log_file = open(self.log_path, "ab")
+        _live.append(self)
         self.process = subprocess.Popen(
             self.command(), env=self.environment(), cwd=self.workdir, stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
@@ -267,6 +289,8 @@ class Gateway:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (EG shuts its kernels down), then SIGKILL to the group and to every known descendant."""
+        if self in _live:
+            _live.remove(self)
         if self.process is None:
             return
         self._remember_descendants()

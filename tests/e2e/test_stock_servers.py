@@ -5,8 +5,6 @@ started many at once, and on a host whose sshd forbids TCP forwarding.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -75,24 +73,6 @@ def test_concurrent_starts_on_a_stock_host_all_run_and_lose_no_first_output(
 
 
 # -- a host that forbids forwarding ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def no_forwarding_host(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory
-                       ) -> Iterator[hosts.RemoteHost]:
-    """Host d: like a, but its sshd says `AllowTcpForwarding no` (a common hardening)."""
-    host = hosts.RemoteHost().start()
-    try:
-        host.ssh_server(workdir=tmp_path_factory.mktemp("sshd-d"), port=e2e_hosts.a.sshd.port,
-                        extra_config=["AllowTcpForwarding no"])  # fmt: skip
-        host.run(["ip", "route", "add", f"{e2e_hosts.a.gateway_address}/32", "via", host.gateway_address],
-                 check=True, capture_output=True)  # fmt: skip
-        host.sshd.authorized_keys.write_text(Path(f"{e2e_hosts.identity_file}.pub").read_text())
-        with e2e_hosts.known_hosts.open("a") as f:
-            f.write(host.sshd.known_hosts_line())
-        yield host
-    finally:
-        host.close()
 
 
 def test_forwarding_forbidden_by_sshd_fails_the_start_with_500_naming_the_cause(

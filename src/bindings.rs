@@ -932,8 +932,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     // Closes the exit gate before the interpreter finalizes (atexit runs its handlers last registered
     // first, so the gateway's own handlers, which may still close tunnels and log, run before this one).
-    m.add_function(wrap_pyfunction!(_at_exit, m)?)?;
-    m.py().import_bound("atexit")?.call_method1("register", (m.getattr("_at_exit")?,))?;
+    m.py().import_bound("atexit")?.call_method1("register", (wrap_pyfunction!(_at_exit, m)?,))?;
     m.add("MAX_KEEP_ALIVE_INTERVAL", MAX_KEEP_ALIVE_INTERVAL)?;
     let py = m.py();
     m.add("CHANNELS", PyTuple::new_bound(py, Channel::ALL.iter().map(|c| c.as_str())))?;

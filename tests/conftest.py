@@ -43,6 +43,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 
 @pytest.fixture(autouse=True)
+def _no_stale_shell_lock() -> None:
+    """A shell start-up lock left by a session an earlier test killed would stall this test's remote
+    commands (see hosts.clear_stale_shell_lock)."""
+    hosts.clear_stale_shell_lock()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_log_levels() -> Iterator[None]:
     """egtunnel caches its loggers' levels; a test that sets them (caplog.set_level) does so before
     its first record, so forgetting the cache at the start of each test makes the new level count."""

@@ -203,6 +203,27 @@ def _all_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
+def clear_stale_shell_lock() -> Optional[Path]:
+    """Removes the lock of `pyenv rehash` when no rehash is running; returns it if it was removed.
+
+    The remote hosts of these tests log in to this machine's own account, whose shell start-up may
+    run `pyenv rehash` in every SSH session (root's ~/.bashrc does on the machines this project is
+    built on). The rehash holds a lock file that a session killed half-way (tests kill sshd sessions)
+    leaves behind, and every later session's start-up then waits 60 s for it: a remote command of any
+    later test would time out for a reason outside the code under test."""
+    root = Path(os.environ.get("PYENV_ROOT") or Path(pwd.getpwuid(os.geteuid()).pw_dir) / ".pyenv")
+    lock = root / "shims" / ".pyenv-shim"
+    if not lock.exists():
+        return None
+    for pid in _all_pids():
+        with contextlib.suppress(OSError):
+            if b"pyenv-rehash" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return None
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+    return lock
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of pid (children first), found through /proc."""
     children: dict[int, list[int]] = {}
@@ -569,6 +590,7 @@ class SshServer:
             # Reaped above, so its pid may already belong to someone else.
             victims = [p for p in victims if p != proc.pid]
         _kill_and_wait(sorted(set(victims)))
+        clear_stale_shell_lock()
 
     def restart(self, kill_sessions: bool = True) -> "SshServer":
         """Stop and start again on the same port with the same host key.
@@ -623,6 +645,7 @@ class SshServer:
 
     def kill_sessions(self) -> None:
         _kill_and_wait(self.session_pids())
+        clear_stale_shell_lock()
 
     def established_connections(self) -> int:
         """Established TCP connections to the server's port, counted on the server side with ss."""

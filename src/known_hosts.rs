@@ -5,7 +5,9 @@
 //! `@revoked` and `@cert-authority` markers and would read such a line as a host literally named
 //! "@revoked". So each file is read line by line here: marker lines are kept aside (a revoked key is
 //! refused naming its line, a host whose trust comes from a CA is refused because libssh2 cannot
-//! verify host certificates), every other line goes to libssh2 unchanged.
+//! verify host certificates), and so are plain lines whose host patterns use wildcards or negation,
+//! which libssh2 matches only literally (they are matched here, as OpenSSH matches them); every other
+//! line goes to libssh2 unchanged.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
@@ -16,10 +18,13 @@ use std::sync::Mutex;
 
 use ssh2::{KnownHostFileKind, KnownHosts};
 
-/// A marker line: `@revoked` or `@cert-authority`, its host patterns and key.
+/// A line kept aside from libssh2: `@revoked`, `@cert-authority`, or a plain line with wildcard or
+/// negated host patterns; its host patterns and key.
 #[derive(Clone, Debug)]
 pub struct Marker {
     pub revoked: bool,
+    /// The key type of a plain line with wildcard patterns (`ssh-ed25519`, ...); None for a marker.
+    pub wildcard_type: Option<String>,
     pub patterns: String,
     pub key: Vec<u8>,
     pub file: PathBuf,
@@ -53,7 +58,15 @@ pub fn read(kh: &mut KnownHosts, files: &[PathBuf]) -> std::io::Result<Vec<Marke
                 let revoked = f[0].eq_ignore_ascii_case("@revoked");
                 if f.len() >= 4 && (revoked || f[0].eq_ignore_ascii_case("@cert-authority")) {
                     let key = base64::engine::general_purpose::STANDARD.decode(f[3]).unwrap_or_default();
-                    markers.push(Marker { revoked, patterns: f[1].to_string(), key, file: path.clone(), line: i + 1 });
+                    markers.push(Marker { revoked, wildcard_type: None, patterns: f[1].to_string(), key, file: path.clone(), line: i + 1 });
+                }
+                continue;
+            }
+            let f: Vec<&str> = t.split_whitespace().collect();
+            if f.len() >= 3 && !f[0].starts_with('|') && f[0].contains(['*', '?', '!']) {
+                if let Ok(key) = base64::engine::general_purpose::STANDARD.decode(f[2]) {
+                    let wildcard_type = Some(f[1].to_string());
+                    markers.push(Marker { revoked: false, wildcard_type, patterns: f[0].to_string(), key, file: path.clone(), line: i + 1 });
                 }
                 continue;
             }

@@ -342,6 +342,30 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
             .map(|n| (n.clone(), kh.check_port(n, spec.port, &key)))
             .find(|(_, r)| !matches!(r, CheckResult::NotFound))
             .unwrap_or((spec.host.clone(), CheckResult::NotFound));
+        if !matches!(result, CheckResult::NotFound) {
+            return Ok((name, result, markers));
+        }
+        // Lines with wildcard or negated patterns, which libssh2 reads literally: a key of the same type
+        // recorded for a pattern the host matches decides, as OpenSSH decides.
+        let literal = |_: &str| false;
+        let same_type: Vec<&known_hosts::Marker> = markers
+            .iter()
+            .filter(|m| m.wildcard_type.as_deref() == Some(key_type_name(ktype)))
+            .filter(|m| candidates.iter().any(|n| known_hosts::patterns_match(&m.patterns, &name_pattern(n, spec.port), &literal)))
+            .collect();
+        if same_type.iter().any(|m| m.key == key) {
+            return Ok((name, CheckResult::Match, markers));
+        }
+        if let Some(m) = same_type.first() {
+            return Err(hk_err(format!(
+                "the {} key the server presented (SHA256:{}) differs from the one recorded for {} at {}: \
+                 refused (if the host was reinstalled, replace that line)",
+                key_type_name(ktype),
+                fingerprint,
+                m.patterns,
+                m.at()
+            )));
+        }
         Ok((name, result, markers))
     };
     let mut kh = io.sess.known_hosts().map_err(|e| hk_err(e.message().to_string()))?;
@@ -356,7 +380,7 @@ pub fn check_host_key(io: &SshIo, spec: &ConnectSpec, locate: bool) -> Result<Ho
             })
         };
         if let Some(m) = markers.iter().find(|m| {
-            !m.revoked && candidates.iter().any(|n| known_hosts::patterns_match(&m.patterns, &name_pattern(n, spec.port), &probe))
+            !m.revoked && m.wildcard_type.is_none() && candidates.iter().any(|n| known_hosts::patterns_match(&m.patterns, &name_pattern(n, spec.port), &probe))
         }) {
             return Err(hk_err(format!(
                 "{} is trusted through a certificate authority ({} @cert-authority), and host certificates \

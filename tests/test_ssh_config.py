@@ -338,6 +338,39 @@ def test_hashed_known_hosts_keep_working(sshd: hosts.SshServer, tmp_path: Path) 
     assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo hashed").lines() == ["hashed"]
 
 
+def test_wildcard_known_hosts_lines_are_matched_as_openssh_matches_them(sshd: hosts.SshServer, tmp_path: Path) -> None:
+    # libssh2 reads host patterns literally; OpenSSH applies `*`, `?` and `!`. A key recorded for a
+    # pattern the host matches must verify it, and a different key under such a pattern must be refused.
+    other = hosts.SshServer(workdir=tmp_path / "other")
+    try:
+        wrong_key = other.host_public_key
+    finally:
+        other.close()
+    ktype, kb64 = sshd.host_public_key.split()[:2]
+    pattern = f"[{sshd.host.rsplit('.', 1)[0]}.*]:{sshd.port}"
+    good = _write(tmp_path / "known_hosts.good", f"{pattern},!*.invalid {ktype} {kb64}\n")
+    cfg = _write(tmp_path / "ssh_config.good", _alias_block("kernel-host", sshd, good, StrictHostKeyChecking="yes"))
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo by-pattern").lines() == ["by-pattern"]
+    assert ssh_accepts(sshd, good)
+    bad = _write(tmp_path / "known_hosts.bad", f"{pattern} {wrong_key}\n")
+    cfg = _write(tmp_path / "ssh_config.bad", _alias_block("kernel-host", sshd, bad, StrictHostKeyChecking="accept-new"))
+    with pytest.raises(egtunnel.HostKeyError) as failure:
+        egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("true")
+    assert "differs" in str(failure.value) and f"{bad}:1" in str(failure.value), failure.value
+    assert bad.read_text() == f"{pattern} {wrong_key}\n"  # accept-new recorded nothing beside it
+    assert not ssh_accepts(sshd, bad)
+    # A negated pattern vetoes the line: the host is then unknown, and accept-new records it.
+    vetoed = _write(tmp_path / "known_hosts.vetoed", f"{pattern},![{sshd.host}]:{sshd.port} {wrong_key}\n")
+    cfg = _write(tmp_path / "ssh_config.vetoed", _alias_block("kernel-host", sshd, vetoed, StrictHostKeyChecking="accept-new"))
+    assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo vetoed").lines() == ["vetoed"]
+    assert kb64 in vetoed.read_text()
+
+
+def ssh_accepts(server: hosts.SshServer, known_hosts: Path) -> bool:
+    """What OpenSSH itself says of the same known_hosts file (StrictHostKeyChecking yes)."""
+    return server.ssh("true", known_hosts=known_hosts, timeout=30).returncode == 0
+
+
 def test_strict_host_key_checking_no_records_unknown_and_refuses_changed(sshd_factory, tmp_path: Path) -> None:
     server = sshd_factory()
     kh = _write(tmp_path / "known_hosts", "")

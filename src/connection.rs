@@ -845,8 +845,13 @@ impl Channels {
                 }
             }
         });
-        self.execs.retain_mut(|x| match x.step(io, want_write, &mut self.scratch) {
-            Step::Continue => true,
+        // One `exec` request awaiting its reply at a time (see `ExecChannel::step`); the oldest first.
+        let mut requesting = false;
+        self.execs.retain_mut(|x| match x.step(io, want_write, &mut self.scratch, !requesting) {
+            Step::Continue => {
+                requesting |= x.awaiting_reply();
+                true
+            }
             Step::Finished => false,
             Step::Fatal(cause) => {
                 fatal.get_or_insert(cause);

@@ -38,6 +38,8 @@ pub struct ExecChannel {
     deadline: Instant,
     created: Instant,
     dest: String,
+    /// The `exec` request was handed to libssh2 (it may be only partly sent, or awaiting its reply).
+    requested: bool,
     started: bool,
     stdin_closed: bool,
     out: Vec<u8>,
@@ -64,6 +66,7 @@ impl ExecChannel {
             deadline,
             created: Instant::now(),
             dest,
+            requested: false,
             started: false,
             stdin_closed: false,
             out: Vec::new(),
@@ -84,7 +87,16 @@ impl ExecChannel {
         self.reply.is_some() && self.started && (self.ch.queued() > 0 || (self.out_eof && self.err_eof && self.ch.exit().is_some()))
     }
 
-    pub fn step(&mut self, io: &SshIo, want_write: &mut bool, scratch: &mut [u8]) -> Step {
+    /// The `exec` request went out and its reply has not been read yet.
+    pub fn awaiting_reply(&self) -> bool {
+        self.requested && !self.started
+    }
+
+    /// One step. `may_request` is false while another command's `exec` request awaits its reply:
+    /// libssh2 takes a channel-request reply for any channel as the reply it waits for and, finding it
+    /// is another channel's, fails its own request ("Failed waiting for channel success") although the
+    /// server runs the command. So requests go out one at a time per connection.
+    pub fn step(&mut self, io: &SshIo, want_write: &mut bool, scratch: &mut [u8], may_request: bool) -> Step {
         if self.reply.as_ref().is_none_or(|r| r.is_closed()) {
             return self.close(io, want_write);
         }
@@ -94,6 +106,10 @@ impl ExecChannel {
             return self.close(io, want_write);
         }
         if !self.started {
+            if !self.requested && !may_request {
+                return Step::Continue;
+            }
+            self.requested = true;
             match self.ch.exec(&self.command) {
                 Rc::Done(_) => self.started = true,
                 Rc::Blocked => return self.blocked(io, want_write),

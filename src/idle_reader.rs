@@ -13,15 +13,13 @@
 //! moving no data and sending nothing itself. ssh2-rs would skip that read for a channel at EOF, and
 //! some servers send EOF before their close, so the three calls go to libssh2 directly.
 
-use std::os::raw::{c_char, c_int, c_uint};
+use std::os::raw::{c_char, c_int};
 
 use ssh2::Session;
 
 use libssh2_sys as raw;
 
 const EAGAIN: c_int = -37;
-const CHANNEL_WINDOW_DEFAULT: c_uint = 2 * 1024 * 1024;
-const CHANNEL_PACKET_DEFAULT: c_uint = 32768;
 
 /// What one step concluded.
 pub enum ReaderStep {
@@ -77,24 +75,7 @@ impl IdleReader {
         loop {
             match self.state {
                 State::Opening => {
-                    let kind = b"session";
-                    let ch = {
-                        let mut guard = sess.raw();
-                        let raw_sess = &mut *guard as *mut raw::LIBSSH2_SESSION;
-                        // SAFETY: the session is live and locked for the duration of the call;
-                        // libssh2 copies the type string.
-                        unsafe {
-                            raw::libssh2_channel_open_ex(
-                                raw_sess,
-                                kind.as_ptr() as *const c_char,
-                                kind.len() as c_uint,
-                                CHANNEL_WINDOW_DEFAULT,
-                                CHANNEL_PACKET_DEFAULT,
-                                std::ptr::null(),
-                                0,
-                            )
-                        }
-                    };
+                    let ch = crate::raw_channel::open_session(sess);
                     if ch.is_null() {
                         let (code, msg) = last_error(sess);
                         if code == EAGAIN {

@@ -41,26 +41,31 @@ fn error(sess: &Session, code: c_int) -> ssh2::Error {
     ssh2::Error::last_session_error(sess).unwrap_or_else(|| ssh2::Error::new(ssh2::ErrorCode::Session(code), "channel call failed"))
 }
 
+/// One step of libssh2's open of a "session" channel: the channel, or null with the session's last
+/// error saying why (would block, or refused). Shared with `idle_reader`, which keeps its channel
+/// for the session's life instead of freeing it.
+pub fn open_session(sess: &Session) -> *mut raw::LIBSSH2_CHANNEL {
+    let kind = b"session";
+    let mut guard = sess.raw();
+    let raw_sess = &mut *guard as *mut raw::LIBSSH2_SESSION;
+    // SAFETY: the session is live and locked for the call; libssh2 copies the type string.
+    unsafe {
+        raw::libssh2_channel_open_ex(
+            raw_sess,
+            kind.as_ptr() as *const c_char,
+            kind.len() as c_uint,
+            CHANNEL_WINDOW_DEFAULT,
+            CHANNEL_PACKET_DEFAULT,
+            ptr::null(),
+            0,
+        )
+    }
+}
+
 impl SessionChannel {
     /// One step of opening a "session" channel; Blocked until the server answers.
     pub fn open(sess: &Session) -> Rc<SessionChannel> {
-        let kind = b"session";
-        let ch = {
-            let mut guard = sess.raw();
-            let raw_sess = &mut *guard as *mut raw::LIBSSH2_SESSION;
-            // SAFETY: the session is live and locked for the call; libssh2 copies the type string.
-            unsafe {
-                raw::libssh2_channel_open_ex(
-                    raw_sess,
-                    kind.as_ptr() as *const c_char,
-                    kind.len() as c_uint,
-                    CHANNEL_WINDOW_DEFAULT,
-                    CHANNEL_PACKET_DEFAULT,
-                    ptr::null(),
-                    0,
-                )
-            }
-        };
+        let ch = open_session(sess);
         if !ch.is_null() {
             return Rc::Done(SessionChannel { ch, sess: sess.clone() });
         }

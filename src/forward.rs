@@ -126,9 +126,8 @@ impl ForwardChannel {
         // Remembered until the local side has room to take what may be there.
         self.inbound_unchecked |= rescan;
         if tx.capacity() == 0 {
-            self.waiting_for_room |= self.held.is_some();
-            // The local task wakes the actor when it takes a chunk; whatever is queued waits for that.
-            self.waiting_for_room |= self.inbound_unchecked;
+            // The local task wakes the actor when it takes a chunk; whatever is held or queued waits for that.
+            self.waiting_for_room |= self.held.is_some() || self.inbound_unchecked;
             return false;
         }
         if self.held.is_some() {

@@ -126,12 +126,12 @@ async fn test_channel(spec: &ConnectSpec, timeout: Duration) -> Result<String> {
     let (from_remote_tx, mut from_remote) = mpsc::channel::<Vec<u8>>(4);
     let deadline = Instant::now() + timeout;
     let stats = std::sync::Arc::new(ForwardStats::default());
-    let reply_rx = conn.open_channel(spec.host.clone(), spec.port, to_remote_rx, from_remote_tx, stats, deadline);
+    let (reply_rx, nudge) = conn.open_channel(spec.host.clone(), spec.port, to_remote_rx, from_remote_tx, stats, deadline);
     let target = format!("{}:{}", spec.host, spec.port);
     let outcome = tokio::time::timeout_at(deadline, async {
         reply_rx.await.map_err(|_| Error::Other { dest: conn.dest(), cause: "connection closed".into() })??;
         let first = from_remote.recv().await;
-        conn.wake().notify_one();
+        nudge.raise();
         match first {
             Some(bytes) => Ok(format!(
                 "direct-tcpip to {target} answered {:?}",
@@ -143,7 +143,8 @@ async fn test_channel(spec: &ConnectSpec, timeout: Duration) -> Result<String> {
     .await
     .unwrap_or_else(|_| Err(Error::Timeout { dest: conn.dest(), what: format!("test channel to {target}"), secs: timeout.as_secs_f64() }));
     drop(to_remote);
-    conn.wake().notify_one();
+    drop(from_remote);
+    drop(nudge);
     pool::release_shared(&conn);
     outcome
 }

@@ -10,14 +10,14 @@
 //! A refused session channel lowers that budget to what was open and the command waits its turn again:
 //! only its own deadline can fail it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{debug, warn};
 use once_cell::sync::Lazy;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::{ConnectSpec, TunnelMode};
@@ -29,7 +29,8 @@ use crate::idle_reader::{IdleReader, ReaderStep};
 use crate::keepalive::{probe_action, ProbeAction, MAX_KEEP_ALIVE_INTERVAL};
 use crate::metrics::{self, DestTotals, OpenChannel};
 use crate::net;
-use crate::raw_channel::{Rc as RawRc, SessionChannel};
+use crate::raw_channel::{self, RawChannel};
+use crate::ready::{Flag, Nudge, ReadyList};
 use crate::session;
 use crate::stats::{ChannelGuard, ForwardStats};
 
@@ -43,6 +44,8 @@ pub enum Target {
         from_remote: mpsc::Sender<Vec<u8>>,
         stats: Arc<ForwardStats>,
         reply: oneshot::Sender<Result<()>>,
+        /// The actor's end of the flag the local side raises (see `ready`).
+        flag: Flag,
     },
     /// A session channel running one command.
     Exec { command: String, reply: oneshot::Sender<Result<ExecOutput>> },
@@ -117,8 +120,8 @@ pub struct Shared {
     /// Forwards and in-flight remote commands using this connection (kept by the pool). A connection
     /// that dies with no users is not worth re-establishing.
     pub users: AtomicUsize,
-    /// Local connection tasks poke this after moving bytes so the actor pumps again.
-    pub wake: Notify,
+    /// The actor's wake-up, and which channels' local sides moved (see `ready`).
+    pub ready: Arc<ReadyList>,
     /// Keep-alive probes sent since the server last sent anything (a gauge for metrics).
     pub keepalives_unanswered: AtomicU64,
     /// Set when reconnecting stopped for good (host key changed, credentials refused).
@@ -162,7 +165,7 @@ impl Connection {
             session_budget: AtomicUsize::new(max_sessions),
             session_refusals: AtomicU64::new(0),
             users: AtomicUsize::new(0),
-            wake: Notify::new(),
+            ready: Arc::new(ReadyList::default()),
             keepalives_unanswered: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             totals,
@@ -202,10 +205,6 @@ impl Connection {
         self.shared.alive.load(Ordering::Acquire)
     }
 
-    pub fn wake(&self) -> &Notify {
-        &self.shared.wake
-    }
-
     pub fn set_keep_alive(&self, interval: u64, count_max: u32) {
         self.shared.interval.store(interval, Ordering::Relaxed);
         let _ = self.commands.send(Command::KeepAlive { interval, count_max });
@@ -219,7 +218,8 @@ impl Connection {
     }
 
     /// Queues a direct-tcpip channel to host:port whose bytes flow through the given queues; the
-    /// receiver answers with the open's outcome (or is dropped if the connection ends first).
+    /// receiver answers with the open's outcome (or is dropped if the connection ends first). The local
+    /// side raises the `Nudge` after every move on those queues, and drops it when done.
     pub fn open_channel(
         &self,
         host: String,
@@ -228,10 +228,11 @@ impl Connection {
         from_remote: mpsc::Sender<Vec<u8>>,
         stats: Arc<ForwardStats>,
         deadline: Instant,
-    ) -> oneshot::Receiver<Result<()>> {
+    ) -> (oneshot::Receiver<Result<()>>, Nudge) {
         let (reply, reply_rx) = oneshot::channel();
-        self.open(OpenRequest::new(Target::Forward { host, port, to_remote, from_remote, stats, reply }, deadline));
-        reply_rx
+        let (nudge, flag) = self.shared.ready.pair();
+        self.open(OpenRequest::new(Target::Forward { host, port, to_remote, from_remote, stats, reply, flag }, deadline));
+        (reply_rx, nudge)
     }
 
     /// Stops the actor (and any reconnecting) and waits until its socket is closed.
@@ -481,7 +482,7 @@ impl Actor {
             match self.pump(&io, &mut chans, &mut want_write) {
                 Err(cause) => return Exit::Dead(cause),
                 // Not settled within one turn: take commands first, then come straight back.
-                Ok(false) => self.shared.wake.notify_one(),
+                Ok(false) => self.shared.ready.wake.notify_one(),
                 Ok(true) => self.check_settled(&chans, want_write),
             }
             // Our own sends may have put the socket back into delayed-ACK mode; push out any ACK
@@ -553,7 +554,7 @@ impl Actor {
                         return Exit::Dead(format!("socket error: {e}"));
                     }
                 }
-                _ = self.shared.wake.notified() => {}
+                _ = self.shared.ready.wake.notified() => {}
                 _ = sleep_until(expiry) => self.expire(),
             }
         }
@@ -616,7 +617,7 @@ impl Actor {
             // Whatever arrived may be for any channel: the next step looks at all of them once.
             chans.rescan |= mark != before;
             // Channels first: a partly sent packet of theirs must be finished before anything new goes out.
-            chans.step_all(io, want_write)?;
+            chans.step_all(io, &self.shared.ready, want_write)?;
             let added = self.open_queued(io, chans, want_write)?;
             let settled = transport_received() == mark;
             chans.rescan |= !settled;
@@ -655,15 +656,8 @@ impl Actor {
             }
             let req = chans.opening.as_ref().expect("set above");
             let r = match &req.target {
-                Target::Forward { host, port, .. } => io.attempt(want_write, io.sess.channel_direct_tcpip(host, *port, None)).map(Opened::Forward),
-                Target::Exec { .. } => match SessionChannel::open(&io.sess) {
-                    RawRc::Done(ch) => Attempt::Done(Opened::Session(ch)),
-                    RawRc::Blocked => {
-                        *want_write |= io.wants_write();
-                        Attempt::Blocked
-                    }
-                    RawRc::Failed(e) => Attempt::Failed(e),
-                },
+                Target::Forward { host, port, .. } => io.attempt_rc(want_write, RawChannel::open_direct_tcpip(&io.sess, host, *port)).map(Opened::Forward),
+                Target::Exec { .. } => io.attempt_rc(want_write, RawChannel::open_session(&io.sess)).map(Opened::Session),
             };
             match r {
                 Attempt::Blocked => break,
@@ -713,8 +707,8 @@ static CHECK_SETTLED: Lazy<bool> = Lazy::new(|| std::env::var_os("EGTUNNEL_CHECK
 
 /// A channel the server has just opened, of either kind.
 enum Opened {
-    Forward(ssh2::Channel),
-    Session(SessionChannel),
+    Forward(RawChannel),
+    Session(RawChannel),
 }
 
 fn is_fatal_code(code: std::os::raw::c_int) -> bool {
@@ -775,14 +769,19 @@ fn open_error(spec: &ConnectSpec, req: &OpenRequest, e: &ssh2::Error) -> Error {
 #[derive(Default)]
 struct Channels {
     opening: Option<OpenRequest>,
-    forwards: Vec<ForwardChannel>,
+    /// By key (see `ready`); keys grow with age, so sorting them steps older channels first.
+    forwards: HashMap<u64, ForwardChannel>,
+    /// Forwards to step on the next pass whatever else is known: new, or in the middle of something.
+    active: Vec<u64>,
+    /// Reused list of the forwards one pass steps.
+    todo: Vec<u64>,
     execs: Vec<ExecChannel>,
     /// Reads the transport when no other channel does (see `idle_reader`); set up once idle.
     reader: Option<IdleReader>,
     /// Reused read buffer; channels copy out only what they read.
     scratch: Vec<u8>,
-    /// libssh2 received packets that no step has looked for yet: every forward checks its queue on
-    /// the next step. Otherwise only forwards with local work or something in progress are stepped.
+    /// libssh2 received packets that no step has looked for yet: every forward's libssh2 queue is
+    /// checked on the next pass. Otherwise only forwards with local work or something in progress are.
     rescan: bool,
 }
 
@@ -794,11 +793,15 @@ impl Channels {
 
     fn add(&mut self, ch: Opened, req: OpenRequest, shared: &Shared) {
         match (ch, req.target) {
-            (Opened::Forward(ch), Target::Forward { to_remote, from_remote, stats, reply, .. }) => {
+            (Opened::Forward(ch), Target::Forward { to_remote, from_remote, stats, reply, flag, .. }) => {
                 // If the caller gave up waiting, its queues are closed too: the channel then sends
                 // EOF and closes on its first step, like any finished connection.
                 let _ = reply.send(Ok(()));
-                self.forwards.push(ForwardChannel::new(ch, to_remote, from_remote, ChannelGuard::new(stats)));
+                let key = flag.key();
+                // Whatever the local side raised before now is covered by the first step.
+                flag.clear();
+                self.forwards.insert(key, ForwardChannel::new(ch, to_remote, from_remote, ChannelGuard::new(stats), flag));
+                self.active.push(key);
             }
             (Opened::Session(ch), Target::Exec { command, reply }) => {
                 let open = OpenChannel::new(shared.totals.clone());
@@ -816,7 +819,7 @@ impl Channels {
         match self.reader.as_mut() {
             Some(reader) if reader.is_ready() => reader.read(&io.sess, is_fatal_code),
             _ => {
-                for f in &mut self.forwards {
+                for f in self.forwards.values_mut() {
                     if f.drain(io, want_write)? {
                         break;
                     }
@@ -826,25 +829,45 @@ impl Channels {
         }
     }
 
-    fn step_all(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<(), String> {
+    /// Steps the forwards that may have work, and every remote command. A forward may have work when
+    /// its local side raised its flag (`ready`), when it is in the middle of something (see
+    /// `ForwardChannel::busy`), or, after libssh2 received packets, when libssh2 holds something for
+    /// it. Everything else is left alone: an idle channel costs nothing on a wake-up that is not
+    /// about it, and only a flag check on one that followed received packets.
+    fn step_all(&mut self, io: &SshIo, ready: &ReadyList, want_write: &mut bool) -> std::result::Result<(), String> {
         if self.scratch.is_empty() {
             self.scratch = vec![0u8; crate::forward::CHUNK];
         }
         let mut fatal = None;
         let rescan = std::mem::take(&mut self.rescan);
-        self.forwards.retain_mut(|f| {
+        let mut todo = std::mem::take(&mut self.todo);
+        todo.append(&mut self.active);
+        ready.take(&mut todo);
+        if rescan {
+            let held = raw_channel::lock(&io.sess);
+            todo.extend(self.forwards.iter().filter(|(_, f)| f.may_have_inbound(&held)).map(|(k, _)| *k));
+        }
+        todo.sort_unstable();
+        todo.dedup();
+        for key in todo.drain(..) {
+            let Some(f) = self.forwards.get_mut(&key) else { continue };
+            f.clear_flag();
             if !f.wants_step(rescan) {
-                return true;
+                continue;
             }
             match f.step(io, want_write, &mut self.scratch) {
-                Step::Continue => true,
-                Step::Finished => false,
+                Step::Continue if f.busy() => self.active.push(key),
+                Step::Continue => {}
+                Step::Finished => {
+                    self.forwards.remove(&key);
+                }
                 Step::Fatal(cause) => {
                     fatal.get_or_insert(cause);
-                    false
+                    self.forwards.remove(&key);
                 }
             }
-        });
+        }
+        self.todo = todo;
         // One `exec` request awaiting its reply at a time (see `ExecChannel::step`); the oldest first.
         let mut requesting = false;
         self.execs.retain_mut(|x| match x.step(io, want_write, &mut self.scratch, !requesting) {
@@ -866,7 +889,7 @@ impl Channels {
 
     /// Channels for which libssh2 holds something they could act on now (see `Actor::check_settled`).
     fn unread(&self) -> usize {
-        self.forwards.iter().filter(|f| f.has_unread()).count() + self.execs.iter().filter(|x| x.has_unread()).count()
+        self.forwards.values().filter(|f| f.has_unread()).count() + self.execs.iter().filter(|x| x.has_unread()).count()
     }
 
     fn next_deadline(&self) -> Instant {

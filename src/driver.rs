@@ -24,6 +24,7 @@ use tokio::io::Interest;
 use crate::error::is_eagain;
 use crate::jump::Relay;
 use crate::net;
+use crate::raw_channel::Rc;
 
 thread_local! {
     /// Bytes libssh2 received on this thread. A connection's pass is synchronous (it never awaits), so
@@ -275,6 +276,18 @@ impl SshIo {
             return Attempt::Blocked;
         }
         self.attempt(want_write, op(target))
+    }
+
+    /// Same for the calls of `raw_channel`.
+    pub fn attempt_rc<T>(&self, want_write: &mut bool, r: Rc<T>) -> Attempt<T> {
+        match r {
+            Rc::Done(v) => Attempt::Done(v),
+            Rc::Blocked => {
+                *want_write |= self.wants_write();
+                Attempt::Blocked
+            }
+            Rc::Failed(e) => Attempt::Failed(e),
+        }
     }
 
     /// Same for the `std::io` face of channels, recovering libssh2's error code from the session.

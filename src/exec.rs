@@ -11,7 +11,7 @@ use crate::driver::{is_fatal, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::forward::Step;
 use crate::metrics::OpenChannel;
-use crate::raw_channel::{Rc, SessionChannel, EAGAIN};
+use crate::raw_channel::{Rc, RawChannel};
 
 /// Everything a finished command produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,7 +32,7 @@ impl ExecOutput {
 /// The SSH half of one remote command, stepped by the connection actor. Messages never quote the
 /// command: it carries the kernel's environment, which may hold secrets.
 pub struct ExecChannel {
-    ch: SessionChannel,
+    ch: RawChannel,
     command: String,
     reply: Option<oneshot::Sender<Result<ExecOutput>>>,
     deadline: Instant,
@@ -52,7 +52,7 @@ pub struct ExecChannel {
 
 impl ExecChannel {
     pub fn new(
-        ch: SessionChannel,
+        ch: RawChannel,
         command: String,
         reply: oneshot::Sender<Result<ExecOutput>>,
         deadline: Instant,
@@ -117,7 +117,7 @@ impl ExecChannel {
             }
         }
         if !self.stdin_closed {
-            match io.attempt_small(want_write, |ch: &mut SessionChannel| rc_result(ch.send_eof()), &mut self.ch) {
+            match io.attempt_small(want_write, |ch: &mut RawChannel| ch.send_eof().into_result(), &mut self.ch) {
                 Attempt::Done(_) => self.stdin_closed = true,
                 Attempt::Blocked => return Step::Continue,
                 Attempt::Failed(e) => return self.fail(io, want_write, e),
@@ -180,7 +180,7 @@ impl ExecChannel {
     fn close(&mut self, io: &SshIo, want_write: &mut bool) -> Step {
         // libssh2's close sends a missing EOF from a stack buffer; send it ourselves, safely, first.
         if !self.stdin_closed {
-            match io.attempt_small(want_write, |ch: &mut SessionChannel| rc_result(ch.send_eof()), &mut self.ch) {
+            match io.attempt_small(want_write, |ch: &mut RawChannel| ch.send_eof().into_result(), &mut self.ch) {
                 Attempt::Blocked => return Step::Continue,
                 _ => self.stdin_closed = true,
             }
@@ -192,14 +192,6 @@ impl ExecChannel {
             Rc::Failed(e) if is_fatal(&e) => Step::Fatal(e.message().to_string()),
             _ => Step::Finished,
         }
-    }
-}
-
-fn rc_result(rc: Rc<usize>) -> std::result::Result<usize, ssh2::Error> {
-    match rc {
-        Rc::Done(n) => Ok(n),
-        Rc::Blocked => Err(ssh2::Error::new(ssh2::ErrorCode::Session(EAGAIN), "would block")),
-        Rc::Failed(e) => Err(e),
     }
 }
 

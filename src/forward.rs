@@ -4,7 +4,6 @@
 //! Each local connection is one lightweight task (no thread); the SSH side of it is a
 //! `ForwardChannel` stepped by the connection actor, which owns the session.
 
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +19,8 @@ use crate::connection::Connection;
 use crate::driver::{is_fatal, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::keepalive::Channel;
+use crate::raw_channel::{Locked, RawChannel};
+use crate::ready::{Flag, Nudge};
 use crate::stats::{ActiveGuard, ChannelGuard, ForwardStats};
 
 /// How long a local connection waits for its channel (covers a reconnecting SSH link).
@@ -51,7 +52,7 @@ pub enum Step {
 
 /// The SSH half of one forwarded local connection.
 pub struct ForwardChannel {
-    ch: ssh2::Channel,
+    ch: RawChannel,
     to_remote: mpsc::Receiver<Vec<u8>>,
     from_remote: Option<mpsc::Sender<Vec<u8>>>,
     /// A chunk being written and how much of it went out already.
@@ -75,14 +76,17 @@ pub struct ForwardChannel {
     /// A chunk read from libssh2 that the local side had no room for yet.
     held: Option<Vec<u8>>,
     guard: ChannelGuard,
+    /// Raised by the local side (see `ready`).
+    flag: Flag,
 }
 
 impl ForwardChannel {
     pub fn new(
-        ch: ssh2::Channel,
+        ch: RawChannel,
         to_remote: mpsc::Receiver<Vec<u8>>,
         from_remote: mpsc::Sender<Vec<u8>>,
         guard: ChannelGuard,
+        flag: Flag,
     ) -> Self {
         ForwardChannel {
             ch,
@@ -100,17 +104,35 @@ impl ForwardChannel {
             read_blocked: false,
             held: None,
             guard,
+            flag,
         }
     }
 
-    /// Whether a step could move anything, judged from the local queues alone unless libssh2 received
-    /// packets since this channel last read (`rescan`; they may be for it). This is what keeps a
-    /// wake-up's cost to the channels with work: an idle channel costs a few atomic loads. A channel in
-    /// the middle of something (a chunk, EOF, window adjustment or close going out) is always stepped:
-    /// it waits on the socket or on the peer's window, which no local event announces, and libssh2
-    /// sends nothing else of the session until that packet is out.
+    pub fn clear_flag(&self) {
+        self.flag.clear();
+    }
+
+    /// In the middle of something that no local event announces: new, a chunk, EOF, window
+    /// adjustment or close going out. Such a channel is stepped on every pass until it is through.
+    pub fn busy(&self) -> bool {
+        self.fresh || self.read_blocked || self.pending.is_some() || (self.local_eof && !self.eof_sent) || self.closing()
+    }
+
+    /// Whether libssh2 may hold bytes or EOF for this channel that it has not read yet; asked of every
+    /// forward after packets were received, under one session lock (`held`), so it checks libssh2's
+    /// queue only for a channel that still reads.
+    pub fn may_have_inbound<G>(&self, held: &Locked<G>) -> bool {
+        self.from_remote.is_some() && !self.remote_eof && !self.local_gone && self.ch.has_inbound_under(held)
+    }
+
+    /// Whether a step of a channel the actor picked (see `Channels::step_all`) could move anything,
+    /// judged from the local queues alone unless libssh2 received packets since this channel last read
+    /// (`rescan`; they may be for it). A channel in the middle of something (a chunk, EOF, window
+    /// adjustment or close going out) is always stepped: it waits on the socket or on the peer's
+    /// window, which no local event announces, and libssh2 sends nothing else of the session until
+    /// that packet is out.
     pub fn wants_step(&mut self, rescan: bool) -> bool {
-        if self.fresh || self.read_blocked || self.pending.is_some() || (self.local_eof && !self.eof_sent) || self.closing() {
+        if self.busy() {
             return true;
         }
         if !self.local_eof && (!self.to_remote.is_empty() || self.to_remote.is_closed()) {
@@ -136,7 +158,7 @@ impl ForwardChannel {
         if !(self.inbound_unchecked || self.waiting_for_room) {
             return false;
         }
-        let has_inbound = self.ch.read_window().available > 0 || self.ch.eof();
+        let has_inbound = self.ch.has_inbound();
         if !has_inbound {
             self.inbound_unchecked = false;
             self.waiting_for_room = false;
@@ -163,7 +185,7 @@ impl ForwardChannel {
                 }
             }
             let Some((buf, off)) = self.pending.as_mut() else { break };
-            match io.attempt_io(want_write, self.ch.write(&buf[*off..])) {
+            match io.attempt_rc(want_write, self.ch.write(&buf[*off..])) {
                 Attempt::Done(n) => {
                     *off += n;
                     self.guard.stats().add_out(n);
@@ -176,8 +198,8 @@ impl ForwardChannel {
             }
         }
         if self.local_eof && self.pending.is_none() && !self.eof_sent {
-            match io.attempt_small(want_write, |ch: &mut ssh2::Channel| ch.send_eof(), &mut self.ch) {
-                Attempt::Done(()) => self.eof_sent = true,
+            match io.attempt_small(want_write, |ch: &mut RawChannel| ch.send_eof().into_result(), &mut self.ch) {
+                Attempt::Done(_) => self.eof_sent = true,
                 Attempt::Blocked => {}
                 Attempt::Failed(e) => return Self::failed(e),
             }
@@ -196,6 +218,11 @@ impl ForwardChannel {
                 break;
             }
             let Some(tx) = self.from_remote.as_ref() else { break };
+            if tx.is_closed() {
+                // Nobody reads this direction any more (the local socket failed): nothing to wait for.
+                self.local_gone = true;
+                break;
+            }
             if let Some(chunk) = self.held.take() {
                 match tx.try_reserve() {
                     Ok(permit) => permit.send(chunk),
@@ -210,10 +237,10 @@ impl ForwardChannel {
                     }
                 }
             }
-            if !(self.read_blocked || self.ch.read_window().available > 0 || self.ch.eof()) {
+            if !(self.read_blocked || self.ch.has_inbound()) {
                 break;
             }
-            match io.attempt_io(want_write, self.ch.read(scratch)) {
+            match io.attempt_rc(want_write, self.ch.read(0, scratch)) {
                 Attempt::Done(0) => self.remote_eof = true,
                 Attempt::Done(n) => {
                     self.read_blocked = false;
@@ -244,7 +271,7 @@ impl ForwardChannel {
     /// bytes or the server's EOF, unless the channel is waiting for its local side to take a chunk.
     pub fn has_unread(&self) -> bool {
         let open = self.from_remote.is_some() && !self.remote_eof && !self.local_gone;
-        open && !self.waiting_for_room && (self.held.is_some() || self.ch.read_window().available > 0 || self.ch.eof())
+        open && !self.waiting_for_room && (self.held.is_some() || self.ch.has_inbound())
     }
 
     /// Reads nothing but makes libssh2 pull every packet the socket holds into its queue. Returns
@@ -254,11 +281,11 @@ impl ForwardChannel {
         // channel whose receive window libssh2 would enlarge on this read is not used either: an
         // adjustment sent for an empty read and booked for a full one (or the reverse) leaves libssh2
         // and the server disagreeing about the window, which loses data or stalls the channel.
-        let window = self.ch.read_window();
-        if self.remote_eof || self.read_blocked || window.remaining < window.window_size_initial / 4 * 3 {
+        let (remaining, initial) = self.ch.window();
+        if self.remote_eof || self.read_blocked || remaining < initial / 4 * 3 {
             return Ok(false);
         }
-        match io.attempt_io(want_write, self.ch.read(&mut [])) {
+        match io.attempt_rc(want_write, self.ch.read(0, &mut [])) {
             Attempt::Blocked => Ok(true),
             Attempt::Done(_) => Ok(false),
             Attempt::Failed(e) if is_fatal(&e) => Err(e.message().to_string()),
@@ -270,8 +297,8 @@ impl ForwardChannel {
         if self.close_sent {
             return Step::Finished;
         }
-        match io.attempt(want_write, self.ch.close()) {
-            Attempt::Done(()) => {
+        match io.attempt_rc(want_write, self.ch.close()) {
+            Attempt::Done(_) => {
                 self.close_sent = true;
                 Step::Finished
             }
@@ -430,10 +457,10 @@ async fn accept_loop(
 }
 
 /// Asks the actor for a channel to the forward's target; on success returns this connection's queues.
-async fn open_channel(conn: &Connection, info: &ForwardInfo) -> Result<(mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>)> {
+async fn open_channel(conn: &Connection, info: &ForwardInfo) -> Result<(mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>, Nudge)> {
     let (to_remote_tx, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (from_remote_tx, from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-    let reply_rx = conn.open_channel(
+    let (reply_rx, nudge) = conn.open_channel(
         info.remote_host.clone(),
         info.remote_port,
         to_remote_rx,
@@ -442,7 +469,7 @@ async fn open_channel(conn: &Connection, info: &ForwardInfo) -> Result<(mpsc::Se
         Instant::now() + OPEN_WAIT,
     );
     reply_rx.await.unwrap_or_else(|_| Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }))?;
-    Ok((to_remote_tx, from_remote_rx))
+    Ok((to_remote_tx, from_remote_rx, nudge))
 }
 
 async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {
@@ -469,7 +496,7 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
             other => break other,
         }
     };
-    let (to_remote_tx, from_remote_rx) = match opened {
+    let (to_remote_tx, from_remote_rx, nudge) = match opened {
         Ok(queues) => queues,
         Err(e) => {
             // Closing only this local connection; the forward keeps serving.
@@ -492,24 +519,23 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
     }
 
     let (rd, wr) = stream.into_split();
-    let wake = &conn.shared.wake;
-    let carried = carry(rd, wr, to_remote_tx, from_remote_rx, wake, || {}, || {});
+    let carried = carry(rd, wr, to_remote_tx, from_remote_rx, &nudge, || {}, || {});
     tokio::select! {
         _ = carried => {}
         _ = stop.changed() => {}
     }
-    wake.notify_one();
+    // Dropping the queues and then the nudge lets the actor finish the channel.
 }
 
-/// Moves bytes between a local stream and a channel's queues until both directions have ended, waking
-/// the connection's actor after each move. `on_remote_data` runs for each chunk from the remote end,
+/// Moves bytes between a local stream and a channel's queues until both directions have ended, raising
+/// the channel's nudge after each move. `on_remote_data` runs for each chunk from the remote end,
 /// `on_remote_end` once that direction has ended, before the local side sees EOF.
 pub async fn carry<R, W>(
     mut rd: R,
     mut wr: W,
     to_remote: mpsc::Sender<Vec<u8>>,
     mut from_remote: mpsc::Receiver<Vec<u8>>,
-    wake: &tokio::sync::Notify,
+    wake: &Nudge,
     on_remote_data: impl Fn(),
     on_remote_end: impl FnOnce(),
 ) where
@@ -529,7 +555,7 @@ pub async fn carry<R, W>(
                     if tx.send(buf[..n].to_vec()).await.is_err() {
                         break;
                     }
-                    wake.notify_one();
+                    wake.raise();
                     if n == buf.len() && n < CHUNK {
                         buf.resize((2 * n).min(CHUNK), 0);
                     }
@@ -538,12 +564,12 @@ pub async fn carry<R, W>(
         }
         // Dropping `tx` tells the actor: local EOF, send the channel EOF once flushed.
         drop(tx);
-        wake.notify_one();
+        wake.raise();
     };
     let downstream = async {
         while let Some(buf) = from_remote.recv().await {
             on_remote_data();
-            wake.notify_one();
+            wake.raise();
             if wr.write_all(&buf).await.is_err() {
                 break;
             }
@@ -552,7 +578,7 @@ pub async fn carry<R, W>(
         let _ = wr.shutdown().await;
         // Closing the receiver tells the actor nobody reads this direction any more.
         from_remote.close();
-        wake.notify_one();
+        wake.raise();
     };
     tokio::join!(upstream, downstream);
 }

@@ -20,6 +20,7 @@ use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::forward;
 use crate::pool;
+use crate::ready::Nudge;
 use crate::stats::ForwardStats;
 
 /// Chunks in flight per direction; the same backpressure as a forwarded local connection.
@@ -86,7 +87,7 @@ pub async fn connect_via(
     let (to_remote, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (from_remote_tx, from_remote) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let stats = Arc::new(ForwardStats::default());
-    let reply_rx = conn.open_channel(spec.host.clone(), spec.port, to_remote_rx, from_remote_tx, stats.clone(), deadline);
+    let (reply_rx, nudge) = conn.open_channel(spec.host.clone(), spec.port, to_remote_rx, from_remote_tx, stats.clone(), deadline);
     let opened = match timeout_at(deadline, reply_rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(Error::Other { dest: hop.dest(), cause: "connection closed".into() }),
@@ -123,19 +124,26 @@ pub async fn connect_via(
         cause: Mutex::new(None),
         stats,
     });
-    tokio::spawn(pump(local, to_remote, from_remote, relay.clone()));
+    tokio::spawn(pump(local, to_remote, from_remote, nudge, relay.clone()));
     debug!("{} reached through ProxyJump {}", spec.dest(), hop.dest());
     Ok((theirs, relay))
 }
 
 /// Moves bytes between the socket pair and the hop's channel until both sides end, then gives the
 /// hop's user slot back.
-async fn pump(stream: tokio::net::UnixStream, to_remote: mpsc::Sender<Vec<u8>>, from_remote: mpsc::Receiver<Vec<u8>>, relay: Arc<Relay>) {
+async fn pump(
+    stream: tokio::net::UnixStream,
+    to_remote: mpsc::Sender<Vec<u8>>,
+    from_remote: mpsc::Receiver<Vec<u8>>,
+    nudge: Nudge,
+    relay: Arc<Relay>,
+) {
     let (rd, wr) = stream.into_split();
     let seen = || relay.last_rx.store(relay.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     // The hop's channel ended (the host behind it closed, or the hop's connection died): marked before
     // the session over this socket sees EOF, so it reports why when it reconnects.
     let ended = || relay.mark_closed(format!("the channel through ProxyJump {} closed", relay.jump.dest()));
-    forward::carry(rd, wr, to_remote, from_remote, &relay.jump.shared.wake, seen, ended).await;
+    forward::carry(rd, wr, to_remote, from_remote, &nudge, seen, ended).await;
+    drop(nudge);
     pool::release_relay(&relay.jump, relay.id);
 }

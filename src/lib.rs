@@ -10,10 +10,11 @@
 //! - `algorithms`: OpenSSH's Ciphers, MACs, KexAlgorithms and HostKeyAlgorithms applied to libssh2.
 //! - `known_hosts`: markers (@revoked, @cert-authority), locked appends and file modes.
 //! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
-//! - `raw_channel`: a session channel through libssh2's C API (exit-status arrival, reads past EOF).
+//! - `raw_channel`: channels through libssh2's C API (exit-status arrival, reads past EOF, queue checks under one lock).
 //! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
 //! - `jump`: sessions through a ProxyJump hop (a channel on the hop's pooled connection).
 //! - `connection`: the actor owning one SSH session: channel opens, pumping, keep-alive, reconnects.
+//! - `ready`: which channels the actor must step, as their local sides announce it.
 //! - `forward`: local listeners and the per-connection byte pump.
 //! - `exec`: remote commands over the same connection.
 //! - `requests`: background requests to a forward's remote port (liveness probes, signals).
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod raw_channel;
+pub mod ready;
 pub mod requests;
 pub mod runtime;
 pub mod session;

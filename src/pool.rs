@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::exec::ExecOutput;
 use crate::forward::{bind_local, Forward, ForwardInfo};
 use crate::keepalive::{Channel, MAX_KEEP_ALIVE_INTERVAL};
+use crate::ready::Nudge;
 use crate::stats::ForwardStats;
 
 /// How long an unused shared connection stays open.
@@ -272,7 +273,8 @@ pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
         let (from_remote_tx, from_remote) = mpsc::channel(1);
         // Both queues closed from the start: the channel sends EOF and closes on its first step.
         drop((to_remote, from_remote));
-        let reply_rx = open_to_target(fwd, to_remote_rx, from_remote_tx, Instant::now() + timeout);
+        // Nothing to announce later: the queues are closed, and a new channel's first step sees that.
+        let (reply_rx, _) = open_to_target(fwd, to_remote_rx, from_remote_tx, Instant::now() + timeout);
         match tokio::time::timeout(timeout + Duration::from_millis(500), reply_rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }),
@@ -343,6 +345,7 @@ pub struct PendingRequest {
     conn: Arc<Connection>,
     reply: oneshot::Receiver<Result<()>>,
     from_remote: mpsc::Receiver<Vec<u8>>,
+    nudge: Nudge,
     deadline: Instant,
     target: String,
     timeout: Duration,
@@ -363,9 +366,9 @@ pub fn start_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<
     drop(to_remote); // EOF after the request
     let (from_remote_tx, from_remote) = mpsc::channel(4);
     let deadline = Instant::now() + timeout;
-    let reply_rx = open_to_target(fwd, to_remote_rx, from_remote_tx, deadline);
+    let (reply_rx, nudge) = open_to_target(fwd, to_remote_rx, from_remote_tx, deadline);
     let target = format!("{}:{}", fwd.info.remote_host, fwd.info.remote_port);
-    Ok(PendingRequest { conn, reply: reply_rx, from_remote, deadline, target, timeout })
+    Ok(PendingRequest { conn, reply: reply_rx, from_remote, nudge, deadline, target, timeout })
 }
 
 /// Queues a channel to the forward's target on its connection; resolves with the open's outcome.
@@ -374,12 +377,12 @@ fn open_to_target(
     to_remote: mpsc::Receiver<Vec<u8>>,
     from_remote: mpsc::Sender<Vec<u8>>,
     deadline: Instant,
-) -> oneshot::Receiver<Result<()>> {
-    let reply_rx =
+) -> (oneshot::Receiver<Result<()>>, Nudge) {
+    let opened =
         fwd.conn.open_channel(fwd.info.remote_host.clone(), fwd.info.remote_port, to_remote, from_remote, fwd.info.stats.clone(), deadline);
     // No extra wake-up: the queued command wakes the actor, and the data and EOF already queued go
     // out on the new channel's first step.
-    reply_rx
+    opened
 }
 
 /// The outcome of a request started with `start_request` (or the reason it could not start).
@@ -392,12 +395,12 @@ pub async fn finish_request(started: Result<PendingRequest>) -> Result<()> {
 
 impl PendingRequest {
     pub async fn finish(self) -> Result<()> {
-        let PendingRequest { conn, reply, mut from_remote, deadline, target, timeout } = self;
+        let PendingRequest { conn, reply, mut from_remote, nudge, deadline, target, timeout } = self;
         let work = async {
             reply.await.map_err(|_| Error::Other { dest: conn.dest(), cause: "connection closed".into() })??;
             // Drain until the remote end closes; the launcher closes after handling the request.
             while from_remote.recv().await.is_some() {
-                conn.wake().notify_one();
+                nudge.raise();
             }
             Ok(())
         };

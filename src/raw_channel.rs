@@ -1,10 +1,11 @@
-//! A libssh2 session channel driven through libssh2's C API, for the two things ssh2-rs does not
-//! expose and a remote command needs: whether the exit-status request arrived (ssh2 reports a
-//! missing status as 0, the same as success) and a read that does not stop at EOF.
+//! A libssh2 channel driven through libssh2's C API, for what ssh2-rs does not expose: whether a
+//! command's exit-status request arrived (ssh2 reports a missing status as 0, the same as success), a
+//! read that does not stop at EOF, and a look at many channels' queues under one lock (`Locked`), which
+//! is what the connection actor does for every forward after libssh2 received packets.
 //!
 //! Every call takes ssh2's session lock, as ssh2's own calls do, so the channel and the session's
-//! other users never run libssh2 concurrently. The channel is freed on drop; its owner must drop it
-//! before the session (the connection actor drops its channels before the session they ride on).
+//! other users never run libssh2 concurrently. The channel is freed on drop; it holds the session, so
+//! libssh2 frees the channel before the session it belongs to.
 
 use std::os::raw::{c_char, c_int, c_uint, c_void};
 use std::ptr;
@@ -28,14 +29,32 @@ pub enum Rc<T> {
     Failed(ssh2::Error),
 }
 
-pub struct SessionChannel {
+impl Rc<usize> {
+    /// For code that expects ssh2's results; "would block" becomes libssh2's EAGAIN error.
+    pub fn into_result(self) -> std::result::Result<usize, ssh2::Error> {
+        match self {
+            Rc::Done(n) => Ok(n),
+            Rc::Blocked => Err(ssh2::Error::new(ssh2::ErrorCode::Session(EAGAIN), "would block")),
+            Rc::Failed(e) => Err(e),
+        }
+    }
+}
+
+pub struct RawChannel {
     ch: *mut raw::LIBSSH2_CHANNEL,
     sess: Session,
 }
 
-// SAFETY: the pointer is used only under ssh2's session lock (taken in every method) and only by
-// the actor task that owns the session.
-unsafe impl Send for SessionChannel {}
+// SAFETY: the pointer is used only under ssh2's session lock (taken in every method, or proven held
+// by a `Locked`) and only by the actor task that owns the session.
+unsafe impl Send for RawChannel {}
+
+/// ssh2's session lock (its guard type is not exported), held across many channel calls at once.
+pub struct Locked<G>(#[allow(dead_code)] G);
+
+pub fn lock(sess: &Session) -> Locked<impl Sized + '_> {
+    Locked(sess.raw())
+}
 
 fn error(sess: &Session, code: c_int) -> ssh2::Error {
     ssh2::Error::last_session_error(sess).unwrap_or_else(|| ssh2::Error::new(ssh2::ErrorCode::Session(code), "channel call failed"))
@@ -62,18 +81,70 @@ pub fn open_session(sess: &Session) -> *mut raw::LIBSSH2_CHANNEL {
     }
 }
 
-impl SessionChannel {
+impl RawChannel {
     /// One step of opening a "session" channel; Blocked until the server answers.
-    pub fn open(sess: &Session) -> Rc<SessionChannel> {
-        let ch = open_session(sess);
+    pub fn open_session(sess: &Session) -> Rc<RawChannel> {
+        Self::opened(sess, open_session(sess))
+    }
+
+    /// One step of opening a "direct-tcpip" channel to host:port; Blocked until the server answers.
+    /// libssh2 keeps the open's progress in the session, so the same open is repeated until it ends.
+    pub fn open_direct_tcpip(sess: &Session, host: &str, port: u16) -> Rc<RawChannel> {
+        let Ok(host) = std::ffi::CString::new(host) else {
+            return Rc::Failed(ssh2::Error::new(ssh2::ErrorCode::Session(-34), "host name contains a NUL byte"));
+        };
+        let origin = c"127.0.0.1";
+        let ch = {
+            let mut guard = sess.raw();
+            let raw_sess = &mut *guard as *mut raw::LIBSSH2_SESSION;
+            // SAFETY: the session is live and locked for the call; libssh2 copies both strings.
+            unsafe { raw::libssh2_channel_direct_tcpip_ex(raw_sess, host.as_ptr(), c_int::from(port), origin.as_ptr(), 22) }
+        };
+        Self::opened(sess, ch)
+    }
+
+    fn opened(sess: &Session, ch: *mut raw::LIBSSH2_CHANNEL) -> Rc<RawChannel> {
         if !ch.is_null() {
-            return Rc::Done(SessionChannel { ch, sess: sess.clone() });
+            return Rc::Done(RawChannel { ch, sess: sess.clone() });
         }
         let e = error(sess, EAGAIN);
         if e.code() == ssh2::ErrorCode::Session(EAGAIN) {
             Rc::Blocked
         } else {
             Rc::Failed(e)
+        }
+    }
+
+    /// Writes to the channel's stdin (stream 0); a short count means the peer's window is full.
+    pub fn write(&mut self, buf: &[u8]) -> Rc<usize> {
+        let _lock = self.sess.raw();
+        // SAFETY: live channel under the session lock; `buf` is valid for its length.
+        let rc = unsafe { raw::libssh2_channel_write_ex(self.ch, 0, buf.as_ptr() as *const c_char, buf.len()) };
+        drop(_lock);
+        self.rc(rc as isize)
+    }
+
+    /// The receive window libssh2 has left for the peer, and the window it started with.
+    pub fn window(&self) -> (u64, u64) {
+        let _lock = self.sess.raw();
+        let mut initial: std::os::raw::c_ulong = 0;
+        // SAFETY: live channel under the session lock; the queued-bytes pointer may be null.
+        let remaining = unsafe { raw::libssh2_channel_window_read_ex(self.ch, ptr::null_mut(), &mut initial) };
+        (remaining as u64, initial as u64)
+    }
+
+    /// Whether libssh2 holds bytes or the peer's EOF for this channel that no read took yet.
+    pub fn has_inbound(&self) -> bool {
+        self.has_inbound_under(&lock(&self.sess))
+    }
+
+    /// The same, for a caller that holds the session lock across many channels.
+    pub fn has_inbound_under<G>(&self, _held: &Locked<G>) -> bool {
+        let mut avail: std::os::raw::c_ulong = 0;
+        // SAFETY: live channel; the session lock is held (`_held`); the initial-window pointer may be null.
+        unsafe {
+            raw::libssh2_channel_window_read_ex(self.ch, &mut avail, ptr::null_mut());
+            avail > 0 || raw::libssh2_channel_eof(self.ch) != 0
         }
     }
 
@@ -171,7 +242,7 @@ impl SessionChannel {
     }
 }
 
-impl Drop for SessionChannel {
+impl Drop for RawChannel {
     fn drop(&mut self) {
         let _lock = self.sess.raw();
         // SAFETY: the channel was returned by libssh2 for this session, which `self.sess` keeps alive,

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.e2e
 CYCLES = 20
 DELETE_BUDGET = 0.5
 KERNELSPECS_P99_BUDGET = 0.1
+# What tunnels may add to the event loop's p99 over tunneling off's in the same run.
+KERNELSPECS_P99_MARGIN = 0.05
 REMOTE_NICENESS = 10
 
 
@@ -100,35 +102,55 @@ def _remote_host_priority(host: hosts.RemoteHost, niceness: int) -> Iterator[Non
             os.setpriority(os.PRIO_PROCESS, pid, before)
 
 
-def test_twenty_concurrent_starts(gateway: Gateway, sequential: Cycles, e2e_hosts: E2EHosts) -> None:
+@dataclass
+class Burst:
+    wall: float
+    samples: list[float]
+    slowest_start: float
+
+
+def _concurrent_starts(gateway: Gateway, spec: str, host: hosts.RemoteHost) -> Burst:
+    """CYCLES kernels of `spec` started at once, each running a cell, while GET /api/kernelspecs is
+    sampled; every kernel is deleted again before this returns."""
     clients = [gateway.client(timeout=120) for _ in range(CYCLES)]
     samples: list[float] = []
     stop = threading.Event()
     sampler = threading.Thread(target=_sample_kernelspecs, args=(gateway.url, stop, samples))
     try:
-        with _remote_host_priority(e2e_hosts.a, REMOTE_NICENESS):
+        with _remote_host_priority(host, REMOTE_NICENESS):
             sampler.start()
             time.sleep(0.3)  # a few samples of the idle gateway first
             started = time.monotonic()
             with ThreadPoolExecutor(CYCLES) as pool:
-                kernels: list[Kernel] = list(pool.map(lambda c: c.start_kernel("egt", timeout=120), clients))
+                kernels: list[Kernel] = list(pool.map(lambda c: c.start_kernel(spec, timeout=120), clients))
             wall = time.monotonic() - started
             stop.set()
             sampler.join(15)
         with ThreadPoolExecutor(CYCLES) as pool:
             cells = list(pool.map(lambda ik: ik[1].execute(f"print({ik[0]})", timeout=60), enumerate(kernels)))
-        assert [c.stdout for c in cells] == [f"{i}\n" for i in range(CYCLES)]
-        p99 = hosts.percentile(samples, 99)
-        sequential_total = sum(sequential.start_seconds)
-        report("concurrent", wall=wall, sequential_total=sequential_total, kernelspecs_p99=p99,
-               kernelspecs_p50=hosts.percentile(samples, 50), kernelspecs_max=max(samples),
-               samples=len(samples), slowest_start=max(k.start_seconds for k in kernels))
-        assert p99 < KERNELSPECS_P99_BUDGET
-        assert wall < sequential_total
+        assert [c.stdout for c in cells] == [f"{i}\n" for i in range(CYCLES)], spec
+        return Burst(wall, samples, max(k.start_seconds for k in kernels))
     finally:
         stop.set()
         if sampler.is_alive():
             sampler.join(15)
         with ThreadPoolExecutor(CYCLES) as pool:
             list(pool.map(GatewayClient.close, clients))
+
+
+def test_twenty_concurrent_starts(gateway: Gateway, sequential: Cycles, e2e_hosts: E2EHosts) -> None:
+    # Tunneling off first, under whatever else this machine is running at the time: its event-loop
+    # latency is the floor. An idle machine is held to the absolute budget; a loaded one to the floor
+    # it measured plus the same margin, since both figures then include the same CPU contention.
+    floor = _concurrent_starts(gateway, "egt-notunnel", e2e_hosts.a)
+    wait_for(lambda: not kernel_side_procs(e2e_hosts.a), 20, what="nothing left on the remote host")
+    burst = _concurrent_starts(gateway, "egt", e2e_hosts.a)
+    p99, floor_p99 = hosts.percentile(burst.samples, 99), hosts.percentile(floor.samples, 99)
+    sequential_total = sum(sequential.start_seconds)
+    report("concurrent", wall=burst.wall, sequential_total=sequential_total, kernelspecs_p99=p99,
+           kernelspecs_p50=hosts.percentile(burst.samples, 50), kernelspecs_max=max(burst.samples),
+           samples=len(burst.samples), slowest_start=burst.slowest_start, tunneling_off_wall=floor.wall,
+           tunneling_off_kernelspecs_p99=floor_p99, tunneling_off_kernelspecs_max=max(floor.samples))
+    assert p99 < max(KERNELSPECS_P99_BUDGET, floor_p99 + KERNELSPECS_P99_MARGIN), (p99, floor_p99)
+    assert burst.wall < sequential_total
     wait_for(lambda: not kernel_side_procs(e2e_hosts.a), 20, what="nothing left on the remote host")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import statistics
 import sys
@@ -107,13 +108,14 @@ class Clients:
 
 
 async def measure_rtt(server: hosts.SshServer, echo_port: int, rtt_ms: float, a_repeats: int,
-                      reopen_kernels: int) -> dict:  # fmt: skip
+                      reopen_kernels: int, max_startups: int) -> dict:  # fmt: skip
     six = [(ch, "127.0.0.1", echo_port) for ch in CHANNELS]
     with DelayProxy(("127.0.0.1", server.port), rtt_ms / 2, env=hosts._tagged_env(hosts._mark())) as proxy:
         known_hosts = server.dir / f"known_hosts.proxy{proxy.port}"
         known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {server.host_public_key}\n")
         target = egtunnel.SshTarget("127.0.0.1", port=proxy.port, user=server.user, ssh_config="none",
-                                    identity_file=str(server.identity_file), known_hosts=str(known_hosts))  # fmt: skip
+                                    identity_file=str(server.identity_file), known_hosts=str(known_hosts),
+                                    max_startups=max_startups)  # fmt: skip
         # Keeps the shared connection up (and warm) for the whole measurement.
         keeper = await target.open_forwards_async(six[:1], verify=False, kernel_id="keeper")
         out: dict = {"rtt_ms": rtt_ms}
@@ -196,6 +198,8 @@ def main() -> int:
     p.add_argument("--kernels", type=int, default=100, help="kernels whose channels reopen in (c); 0 skips (c)")
     p.add_argument("--repeats", type=int, default=5, help="samples of (a); the median is reported")
     p.add_argument("--quick", action="store_true", help="RTT 0 and 10 ms, 5 kernels in (c), 1 sample: only proves it runs")
+    p.add_argument("--max-startups", type=int, default=3,
+                   help="egtunnel's handshakes in flight to the host (EG_SSH_MAX_STARTUPS; default 3, sshd allows 10)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
     if a.quick:
@@ -212,11 +216,14 @@ def main() -> int:
         echo.start()
         for rtt in [float(x) for x in a.rtt.split(",") if x]:
             log(f"RTT {rtt:g} ms ...")
-            rows.append(asyncio.run(measure_rtt(server, echo.port, rtt, a.repeats, a.kernels)))
+            rows.append(asyncio.run(measure_rtt(server, echo.port, rtt, a.repeats, a.kernels, a.max_startups)))
             log(json.dumps(rows[-1]))
     print(report(rows))
+    meta = {"max_lanes": os.environ.get("EG_SSH_MAX_LANES", "default"), "max_startups": a.max_startups,
+            "egtunnel": getattr(egtunnel, "__version__", "?"), "loadavg": os.getloadavg()}  # fmt: skip
+    print(f"EG_SSH_MAX_LANES={meta['max_lanes']}  max_startups={a.max_startups}  load average {meta['loadavg'][0]:.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows}, indent=1))
+        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     failed = [r["rtt_ms"] for r in rows if not r.get("reopen_ok", True) or not r.get("first_open_ok", True)]
     if failed:
         print(f"ERRORS: channels not all carrying data within {REOPEN_LIMIT:g} s at RTT {failed} ms")

@@ -41,6 +41,8 @@ const DEPTH: usize = 2;
 const BACKLOG_PER_LANE: usize = 4;
 /// How long an extra lane with no channel and no open stays up, so that the next burst finds it.
 pub const LANE_IDLE: Duration = Duration::from_secs(30);
+/// Round trips of a handshake, for a first guess at an open's cost.
+const HANDSHAKE_ROUND_TRIPS: u32 = 5;
 /// After an extra lane failed to come up, no other is started for this long.
 const START_COOLDOWN: Duration = Duration::from_secs(5);
 /// Connections per destination when EG_SSH_MAX_LANES is unset.
@@ -339,7 +341,10 @@ impl Lanes {
         let cooling = inner.no_start_until.is_some_and(|t| Instant::now() < t);
         // Worth a handshake only if the lanes there are would still be busy with the backlog when the
         // new one comes up (on a near link they clear it first, and a handshake only costs CPU).
-        let outlasts = inner.open_time.is_some_and(|t| t * backlog as u32 / lanes as u32 > inner.handshake);
+        // Before the first open has come back, an open is taken to cost a round trip, a fifth of a
+        // handshake (TCP, key exchange, service request, authentication, the first channel).
+        let open_time = inner.open_time.unwrap_or(inner.handshake / HANDSHAKE_ROUND_TRIPS);
+        let outlasts = open_time * backlog as u32 / lanes as u32 > inner.handshake;
         if backlog > BACKLOG_PER_LANE * lanes && lanes < self.max && !cooling && outlasts {
             inner.starting += 1;
             let keep_alive = inner.keep_alive;

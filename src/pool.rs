@@ -277,7 +277,7 @@ const VERIFY_WAIT: Duration = Duration::from_secs(10);
 pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
     let outcome = if fwd.info.channel == Channel::EgComm {
         let _in_flight = fwd.begin_request();
-        send_request(fwd, br#"{"signum": 0}"#.to_vec(), timeout).await
+        first_request(fwd, br#"{"signum": 0}"#.to_vec(), timeout).await
     } else {
         let conn = &fwd.conn;
         let (to_remote, to_remote_rx) = mpsc::channel(1);
@@ -358,6 +358,35 @@ pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Resul
 /// closing the forward meanwhile lets this request finish first.
 pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
     start_request(fwd, data, timeout)?.finish().await
+}
+
+/// `send_request` for a forward not handed out yet: no other request to its port can be under way, so
+/// there is no order to keep and any lane will do (see `lanes`).
+async fn first_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
+    let conn = &fwd.conn;
+    let (to_remote, to_remote_rx) = mpsc::channel(1);
+    to_remote.try_send(data).expect("an empty queue of one takes one message");
+    drop(to_remote); // EOF after the request
+    let (from_remote_tx, mut from_remote) = mpsc::channel(4);
+    let deadline = Instant::now() + timeout;
+    let i = &fwd.info;
+    let opening =
+        crate::lanes::open_channel(conn, i.remote_host.clone(), i.remote_port, to_remote_rx, from_remote_tx, i.stats.clone(), deadline);
+    let work = async {
+        let lane = opening.wait().await?;
+        // Drain until the remote end closes; the launcher closes after handling the request.
+        while from_remote.recv().await.is_some() {
+            lane.conn().wake().notify_one();
+        }
+        Ok(())
+    };
+    tokio::time::timeout_at(deadline, work).await.unwrap_or_else(|_| {
+        Err(Error::Timeout {
+            dest: conn.dest(),
+            what: format!("request to {}:{}", i.remote_host, i.remote_port),
+            secs: timeout.as_secs_f64(),
+        })
+    })
 }
 
 /// A request whose channel open is queued on the connection; `finish` waits for its outcome.

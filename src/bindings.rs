@@ -739,6 +739,7 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         d.set_item("host", &c.host)?;
         d.set_item("port", c.port)?;
         d.set_item("mode", c.mode)?;
+        d.set_item("lane", c.lane)?;
         d.set_item("alive", c.alive)?;
         d.set_item("state", c.state)?;
         d.set_item("reconnects", c.reconnects)?;

@@ -294,6 +294,7 @@ impl Actor {
         let dest = self.shared.spec.dest();
         let mut ready = Some(ready);
         let mut attempt: u32 = 0;
+        let mut just_lost = false;
         loop {
             let connected = match self.connect().await {
                 None => break, // shut down while connecting
@@ -325,6 +326,7 @@ impl Actor {
                         Exit::Dead(cause) => {
                             warn!("SSH connection {dest} lost: {cause}; reconnecting");
                             self.shared.set_error(&cause);
+                            just_lost = true;
                         }
                     }
                 }
@@ -352,8 +354,14 @@ impl Actor {
                 }
                 continue;
             }
-            let wait = session::backoff(attempt, self.shared.id ^ u64::from(attempt) ^ nanos());
-            attempt = attempt.saturating_add(1);
+            // A connection that was up has just died: its local clients are already reconnecting, so the
+            // first try goes out at once (jittered); only a failed try backs off.
+            let wait = if std::mem::take(&mut just_lost) {
+                session::retry_after_loss(self.shared.id ^ nanos())
+            } else {
+                attempt = attempt.saturating_add(1);
+                session::backoff(attempt - 1, self.shared.id ^ u64::from(attempt) ^ nanos())
+            };
             if !self.idle_until(Some(Instant::now() + wait)).await {
                 break;
             }

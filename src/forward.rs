@@ -19,6 +19,7 @@ use crate::connection::Connection;
 use crate::driver::{is_fatal, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::keepalive::Channel;
+use crate::lanes::LaneUse;
 use crate::raw_channel::{Locked, RawChannel};
 use crate::ready::{Flag, Nudge};
 use crate::stats::{ActiveGuard, ChannelGuard, ForwardStats};
@@ -456,11 +457,13 @@ async fn accept_loop(
     }
 }
 
-/// Asks the actor for a channel to the forward's target; on success returns this connection's queues.
-async fn open_channel(conn: &Connection, info: &ForwardInfo) -> Result<(mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>, Nudge)> {
+/// Asks for a channel to the forward's target on one of its destination's lanes (see `lanes`); on
+/// success returns the lane (whose nudge the local side raises) and this connection's queues.
+async fn open_channel(conn: &Arc<Connection>, info: &ForwardInfo) -> Result<(LaneUse, mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>)> {
     let (to_remote_tx, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (from_remote_tx, from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-    let (reply_rx, nudge) = conn.open_channel(
+    let opening = crate::lanes::open_channel(
+        conn,
         info.remote_host.clone(),
         info.remote_port,
         to_remote_rx,
@@ -468,8 +471,8 @@ async fn open_channel(conn: &Connection, info: &ForwardInfo) -> Result<(mpsc::Se
         info.stats.clone(),
         Instant::now() + OPEN_WAIT,
     );
-    reply_rx.await.unwrap_or_else(|_| Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }))?;
-    Ok((to_remote_tx, from_remote_rx, nudge))
+    let lane = opening.wait().await?;
+    Ok((lane, to_remote_tx, from_remote_rx))
 }
 
 async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {
@@ -496,7 +499,7 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
             other => break other,
         }
     };
-    let (to_remote_tx, from_remote_rx, nudge) = match opened {
+    let (lane, to_remote_tx, from_remote_rx) = match opened {
         Ok(queues) => queues,
         Err(e) => {
             // Closing only this local connection; the forward keeps serving.
@@ -519,7 +522,8 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
     }
 
     let (rd, wr) = stream.into_split();
-    let carried = carry(rd, wr, to_remote_tx, from_remote_rx, &nudge, || {}, || {});
+    // The channel lives on the lane it opened on: that lane's actor pumps it.
+    let carried = carry(rd, wr, to_remote_tx, from_remote_rx, lane.nudge(), || {}, || {});
     tokio::select! {
         _ = carried => {}
         _ = stop.changed() => {}

@@ -19,6 +19,7 @@
 //! - `exec`: remote commands over the same connection.
 //! - `requests`: background requests to a forward's remote port (liveness probes, signals).
 //! - `pool`: one connection per host (shared) or per port, lingering and status.
+//! - `lanes`: extra connections to a shared host that take channel opens while they queue up.
 //! - `stats`: counters read without disturbing the actor.
 //! - `metrics`: process-wide totals per destination for Prometheus, and the scrape-time snapshot.
 //! - `runtime`: the process-wide tokio runtime.
@@ -40,6 +41,7 @@ pub mod idle_reader;
 pub mod jump;
 pub mod keepalive;
 pub mod known_hosts;
+pub mod lanes;
 pub mod metrics;
 pub mod net;
 pub mod pool;

@@ -75,12 +75,21 @@ async fn acquire(spec: &ConnectSpec, mode: TunnelMode, interval: u64, count_max:
     if let Some(conn) = take_shared(&mut POOL.lock().unwrap(), spec) {
         return Ok(conn);
     }
+    let max_lanes = match crate::lanes::max_lanes() {
+        Ok(n) => n,
+        Err(e) => {
+            POOL.lock().unwrap().creating.remove(spec);
+            return Err(e);
+        }
+    };
+    let t0 = Instant::now();
     let conn = Connection::start(spec.clone(), mode, interval, count_max).await;
     let mut pool = POOL.lock().unwrap();
     pool.creating.remove(spec);
     let conn = conn?;
     pool.shared.insert(spec.clone(), conn.shared.id);
     pool.entries.insert(conn.shared.id, Entry::new(conn.clone()));
+    crate::lanes::register(&conn, max_lanes, (interval, count_max), t0.elapsed());
     Ok(conn)
 }
 
@@ -121,6 +130,7 @@ fn release(conn: &Arc<Connection>, forward: Option<u64>) {
         if pool.shared.get(&conn.shared.spec) == Some(&id) {
             pool.shared.remove(&conn.shared.spec);
         }
+        crate::lanes::unregister(id);
         let conn = conn.clone();
         crate::runtime::spawn(async move { conn.shutdown().await });
         return;
@@ -139,6 +149,7 @@ fn release(conn: &Arc<Connection>, forward: Option<u64>) {
                 if pool.shared.get(&conn.shared.spec) == Some(&id) {
                     pool.shared.remove(&conn.shared.spec);
                 }
+                crate::lanes::unregister(id);
             }
             idle
         };
@@ -155,6 +166,7 @@ fn apply_keep_alive(entry: &Entry) {
     let interval = wanted.iter().map(|w| w.0).min().unwrap_or(MAX_KEEP_ALIVE_INTERVAL as u64);
     let count_max = wanted.iter().map(|w| w.1).min().unwrap_or(3);
     entry.conn.set_keep_alive(interval, count_max);
+    crate::lanes::set_keep_alive(entry.conn.shared.id, interval, count_max);
 }
 
 /// Takes a user slot on the shared connection for `spec` (diagnostics); give it back with `release_shared`.
@@ -266,18 +278,27 @@ const VERIFY_WAIT: Duration = Duration::from_secs(10);
 pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
     let outcome = if fwd.info.channel == Channel::EgComm {
         let _in_flight = fwd.begin_request();
-        send_request(fwd, br#"{"signum": 0}"#.to_vec(), timeout).await
+        first_request(fwd, br#"{"signum": 0}"#.to_vec(), timeout).await
     } else {
         let conn = &fwd.conn;
         let (to_remote, to_remote_rx) = mpsc::channel(1);
         let (from_remote_tx, from_remote) = mpsc::channel(1);
         // Both queues closed from the start: the channel sends EOF and closes on its first step.
         drop((to_remote, from_remote));
-        // Nothing to announce later: the queues are closed, and a new channel's first step sees that.
-        let (reply_rx, _) = open_to_target(fwd, to_remote_rx, from_remote_tx, Instant::now() + timeout);
-        match tokio::time::timeout(timeout + Duration::from_millis(500), reply_rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }),
+        // Any lane will do: this channel carries nothing, and the kernel's later connections may open
+        // on any lane too.
+        let i = &fwd.info;
+        let opening = crate::lanes::open_channel(
+            conn,
+            i.remote_host.clone(),
+            i.remote_port,
+            to_remote_rx,
+            from_remote_tx,
+            i.stats.clone(),
+            Instant::now() + timeout,
+        );
+        match tokio::time::timeout(timeout + Duration::from_millis(500), opening.wait()).await {
+            Ok(r) => r.map(drop),
             Err(_) => Err(Error::Timeout {
                 dest: conn.dest(),
                 what: format!("test channel to {}:{}", fwd.info.remote_host, fwd.info.remote_port),
@@ -338,6 +359,35 @@ pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Resul
 /// closing the forward meanwhile lets this request finish first.
 pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
     start_request(fwd, data, timeout)?.finish().await
+}
+
+/// `send_request` for a forward not handed out yet: no other request to its port can be under way, so
+/// there is no order to keep and any lane will do (see `lanes`).
+async fn first_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
+    let conn = &fwd.conn;
+    let (to_remote, to_remote_rx) = mpsc::channel(1);
+    to_remote.try_send(data).expect("an empty queue of one takes one message");
+    drop(to_remote); // EOF after the request
+    let (from_remote_tx, mut from_remote) = mpsc::channel(4);
+    let deadline = Instant::now() + timeout;
+    let i = &fwd.info;
+    let opening =
+        crate::lanes::open_channel(conn, i.remote_host.clone(), i.remote_port, to_remote_rx, from_remote_tx, i.stats.clone(), deadline);
+    let work = async {
+        let lane = opening.wait().await?;
+        // Drain until the remote end closes; the launcher closes after handling the request.
+        while from_remote.recv().await.is_some() {
+            lane.nudge().raise();
+        }
+        Ok(())
+    };
+    tokio::time::timeout_at(deadline, work).await.unwrap_or_else(|_| {
+        Err(Error::Timeout {
+            dest: conn.dest(),
+            what: format!("request to {}:{}", i.remote_host, i.remote_port),
+            secs: timeout.as_secs_f64(),
+        })
+    })
 }
 
 /// A request whose channel open is queued on the connection; `finish` waits for its outcome.
@@ -533,6 +583,8 @@ pub struct ConnectionStatus {
     pub host: String,
     pub port: u16,
     pub mode: &'static str,
+    /// 0 for the destination's pool connection, 1.. for its extra lanes (see `lanes`).
+    pub lane: usize,
     pub alive: bool,
     /// "connected", "reconnecting" or "stopped" (reconnecting gave up: host key, credentials).
     pub state: &'static str,
@@ -554,38 +606,44 @@ pub struct ConnectionStatus {
 
 pub fn status() -> Vec<ConnectionStatus> {
     let pool = POOL.lock().unwrap();
-    let mut out: Vec<_> = pool
-        .entries
-        .values()
-        .map(|e| {
-            let s = &e.conn.shared;
-            let mut forwards: Vec<_> = e.forwards.values().cloned().collect();
-            forwards.sort_by_key(|f| f.id);
-            ConnectionStatus {
-                user: s.spec.user.clone(),
-                host: s.spec.host.clone(),
-                port: s.spec.port,
-                mode: s.mode.as_str(),
-                alive: e.conn.is_alive(),
-                state: match (e.conn.is_alive(), s.stopped.load(Ordering::Relaxed)) {
-                    (true, _) => "connected",
-                    (false, false) => "reconnecting",
-                    (false, true) => "stopped",
-                },
-                reconnects: s.reconnects.load(Ordering::Relaxed),
-                keep_alive_interval: s.interval.load(Ordering::Relaxed),
-                keepalives_sent: s.keepalives_sent.load(Ordering::Relaxed),
-                keepalives_unanswered: s.keepalives_unanswered.load(Ordering::Relaxed),
-                last_error: s.last_error.lock().unwrap().clone(),
-                session_budget: s.session_budget.load(Ordering::Relaxed),
-                session_refusals: s.session_refusals.load(Ordering::Relaxed),
-                unsettled_sleeps: s.unsettled_sleeps.load(Ordering::Relaxed),
-                via: s.spec.jump.as_ref().map(|j| j.dest()),
-                relays: e.relays.len(),
-                forwards,
-            }
-        })
-        .collect();
-    out.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+    let mut out = Vec::new();
+    for e in pool.entries.values() {
+        let mut forwards: Vec<_> = e.forwards.values().cloned().collect();
+        forwards.sort_by_key(|f| f.id);
+        out.push(connection_status(&e.conn, 0, e.relays.len(), forwards));
+        // Extra lanes carry channels of the forwards listed on lane 0.
+        for (lane, conn) in crate::lanes::extra_lanes(e.conn.shared.id) {
+            out.push(connection_status(&conn, lane, 0, Vec::new()));
+        }
+    }
+    out.sort_by(|a, b| (&a.host, a.port, a.lane).cmp(&(&b.host, b.port, b.lane)));
     out
+}
+
+fn connection_status(conn: &Connection, lane: usize, relays: usize, forwards: Vec<Arc<ForwardInfo>>) -> ConnectionStatus {
+    let s = &conn.shared;
+    ConnectionStatus {
+        user: s.spec.user.clone(),
+        host: s.spec.host.clone(),
+        port: s.spec.port,
+        mode: s.mode.as_str(),
+        lane,
+        alive: conn.is_alive(),
+        state: match (conn.is_alive(), s.stopped.load(Ordering::Relaxed)) {
+            (true, _) => "connected",
+            (false, false) => "reconnecting",
+            (false, true) => "stopped",
+        },
+        reconnects: s.reconnects.load(Ordering::Relaxed),
+        keep_alive_interval: s.interval.load(Ordering::Relaxed),
+        keepalives_sent: s.keepalives_sent.load(Ordering::Relaxed),
+        keepalives_unanswered: s.keepalives_unanswered.load(Ordering::Relaxed),
+        last_error: s.last_error.lock().unwrap().clone(),
+        session_budget: s.session_budget.load(Ordering::Relaxed),
+        session_refusals: s.session_refusals.load(Ordering::Relaxed),
+        unsettled_sleeps: s.unsettled_sleeps.load(Ordering::Relaxed),
+        via: s.spec.jump.as_ref().map(|j| j.dest()),
+        relays,
+        forwards,
+    }
 }

@@ -594,6 +594,13 @@ pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
     Duration::from_millis(base - span + offset)
 }
 
+/// How long to wait before the first reconnect attempt after a live connection died: 0 to 200 ms,
+/// enough to spread the handshakes of many connections that died together (every lane of a host,
+/// several gateways), far less than the backoff a failed attempt earns.
+pub fn retry_after_loss(jitter_seed: u64) -> Duration {
+    Duration::from_millis(splitmix(jitter_seed) % 201)
+}
+
 pub fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

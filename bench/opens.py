@@ -198,8 +198,8 @@ def main() -> int:
     p.add_argument("--kernels", type=int, default=100, help="kernels whose channels reopen in (c); 0 skips (c)")
     p.add_argument("--repeats", type=int, default=5, help="samples of (a); the median is reported")
     p.add_argument("--quick", action="store_true", help="RTT 0 and 10 ms, 5 kernels in (c), 1 sample: only proves it runs")
-    p.add_argument("--max-startups", type=int, default=3,
-                   help="egtunnel's handshakes in flight to the host (EG_SSH_MAX_STARTUPS; default 3, sshd allows 10)")
+    p.add_argument("--max-startups", type=int, default=8,
+                   help="egtunnel's handshakes in flight to the host (EG_SSH_MAX_STARTUPS; default 8, sshd allows 10)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
     if a.quick:

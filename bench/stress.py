@@ -52,6 +52,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 # Read once, at the first connection: set before egtunnel opens anything.
 os.environ["EGTUNNEL_CHECK_SETTLED"] = "1"
+# Everything on one SSH connection, which is what this run stresses: no lanes (see README.md).
+os.environ["EG_SSH_MAX_LANES"] = "1"
 
 import echo_server  # noqa: E402
 import hosts  # noqa: E402

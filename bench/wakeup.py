@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -22,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import hosts  # noqa: E402
+
+# Every channel on one SSH connection, which is what this measures: no lanes (see README.md).
+os.environ["EG_SSH_MAX_LANES"] = "1"
 
 import egtunnel  # noqa: E402
 

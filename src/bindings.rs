@@ -415,11 +415,11 @@ fn count_max(explicit: Option<i64>, spec: &ConnectSpec) -> PyResult<u32> {
     host, remote_host, remote_port, *, channel = "SHELL", cull_idle_timeout = Seconds(0), keepalive_margin = 60,
     keepalive_count_max = None, port = None, user = None, identity_file = None, password = None, known_hosts = None,
     host_key_policy = None, local_port = 0, connect_timeout = None, mode = "per-port", kernel_id = None,
-    verify = false, max_sessions = 8, max_startups = 3, refused_wait = 30.0, ssh_config = None
+    verify = false, max_sessions = 8, max_startups = 8, refused_wait = 30.0, ssh_config = None
 ), text_signature = "(host, remote_host, remote_port, *, channel='SHELL', cull_idle_timeout=0, \
 keepalive_margin=60, keepalive_count_max=None, port=None, user=None, identity_file=None, password=None, known_hosts=None, \
 host_key_policy=None, local_port=0, connect_timeout=None, mode='per-port', kernel_id=None, verify=False, \
-max_sessions=8, max_startups=3, refused_wait=30.0, ssh_config=None)")]
+max_sessions=8, max_startups=8, refused_wait=30.0, ssh_config=None)")]
 #[allow(clippy::too_many_arguments)]
 fn open_tunnel(
     py: Python<'_>,
@@ -504,7 +504,7 @@ impl ExecResult {
 #[pyfunction]
 #[pyo3(signature = (
     host, command, *, port = None, user = None, identity_file = None, password = None, known_hosts = None,
-    host_key_policy = None, connect_timeout = None, timeout = 30.0, max_sessions = 8, max_startups = 3, ssh_config = None
+    host_key_policy = None, connect_timeout = None, timeout = 30.0, max_sessions = 8, max_startups = 8, ssh_config = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn remote_exec(
@@ -602,7 +602,7 @@ impl SshTarget {
     #[new]
     #[pyo3(signature = (
         host, *, port = None, user = None, identity_file = None, password = None, known_hosts = None,
-        host_key_policy = None, connect_timeout = None, max_sessions = 8, max_startups = 3, ssh_config = None
+        host_key_policy = None, connect_timeout = None, max_sessions = 8, max_startups = 8, ssh_config = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(

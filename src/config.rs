@@ -122,7 +122,7 @@ pub struct ConnectSpec {
 
 /// Defaults of the two server budgets, with room below OpenSSH's stock limits.
 pub const DEFAULT_MAX_SESSIONS: usize = 8;
-pub const DEFAULT_MAX_STARTUPS: usize = 3;
+pub const DEFAULT_MAX_STARTUPS: usize = 8;
 pub const DEFAULT_CONNECT_TIMEOUT: f64 = 10.0;
 /// Anything above this is a typo rather than a server limit.
 const MAX_BUDGET: i64 = 10_000;
@@ -591,7 +591,7 @@ mod tests {
     #[test]
     fn limits_default_below_openssh_and_are_validated() {
         let s = spec("strict").unwrap();
-        assert_eq!((s.max_sessions, s.max_startups), (8, 3));
+        assert_eq!((s.max_sessions, s.max_startups), (8, 8));
         let s = s.with_limits(1, 5).unwrap();
         assert_eq!((s.max_sessions, s.max_startups), (1, 5));
         let err = spec("strict").unwrap().with_limits(0, 3).unwrap_err().to_string();

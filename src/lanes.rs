@@ -47,7 +47,7 @@ const HANDSHAKE_ROUND_TRIPS: u32 = 5;
 /// After an extra lane failed to come up, no other is started for this long.
 const START_COOLDOWN: Duration = Duration::from_secs(5);
 /// Connections per destination when EG_SSH_MAX_LANES is unset.
-pub const DEFAULT_MAX_LANES: usize = 8;
+pub const DEFAULT_MAX_LANES: usize = 32;
 /// The most a setting may ask for: every lane is a session process on the server.
 const LIMIT_MAX_LANES: usize = 64;
 

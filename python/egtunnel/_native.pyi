@@ -100,7 +100,7 @@ def open_tunnel(
     kernel_id: Optional[str] = None,
     verify: bool = False,
     max_sessions: int = 8,
-    max_startups: int = 3,
+    max_startups: int = 8,
     refused_wait: float = 30.0,
     ssh_config: Optional[str] = None,
 ) -> Tunnel: ...
@@ -118,7 +118,7 @@ def remote_exec(
     connect_timeout: Optional[float] = None,
     timeout: float = 30.0,
     max_sessions: int = 8,
-    max_startups: int = 3,
+    max_startups: int = 8,
     ssh_config: Optional[str] = None,
 ) -> ExecResult: ...
 
@@ -138,7 +138,7 @@ class SshTarget:
         host_key_policy: Optional[str] = None,
         connect_timeout: Optional[float] = None,
         max_sessions: int = 8,
-        max_startups: int = 3,
+        max_startups: int = 8,
         ssh_config: Optional[str] = None,
     ) -> "SshTarget": ...
     @property

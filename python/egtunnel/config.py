@@ -39,7 +39,7 @@ DEFAULT_KEEPALIVE_MARGIN = 60
 DEFAULT_KEEPALIVE_COUNT_MAX = 3
 # Below OpenSSH's stock MaxSessions (10) and the MaxStartups start (10), with room for other clients.
 DEFAULT_MAX_SESSIONS = 8
-DEFAULT_MAX_STARTUPS = 3
+DEFAULT_MAX_STARTUPS = 8
 MAX_SERVER_BUDGET = 10_000
 ALLOWED_HOST_KEY_POLICIES = ("strict", "accept-new", "off")
 ALLOWED_TUNNEL_MODES = ("shared", "per-port")

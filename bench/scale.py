@@ -21,6 +21,7 @@ import argparse
 import json
 import signal
 import subprocess
+from pathlib import Path
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -92,9 +93,16 @@ def one_run(lab: Lab, spec: str, n: int, idle: float, profile: str | None = None
             cpu0, t0 = cpu_seconds(gw.pid), time.monotonic()
             if profile:
                 # Samples the gateway's idle window, threads and call chains included, for `perf report`.
+                # And the Python side with py-spy, when it is installed next to this interpreter.
                 out = f"{profile}/{spec}.perf.data"
+                spy = Path(sys.executable).with_name("py-spy")
+                sampler = subprocess.Popen([str(spy), "record", "-p", str(gw.pid), "-d", str(int(idle)), "-f", "raw",
+                                            "-o", f"{profile}/{spec}.py-spy.txt"], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL) if spy.exists() else None  # fmt: skip
                 subprocess.run(["perf", "record", "-q", "-g", "-F", "997", "-p", str(gw.pid), "-o", out, "--",
                                 "sleep", str(idle)], check=False)  # fmt: skip
+                if sampler:
+                    sampler.wait(30)
             else:
                 time.sleep(idle)
             run.idle_cpu_pct = 100 * (cpu_seconds(gw.pid) - cpu0) / (time.monotonic() - t0)

@@ -5,17 +5,22 @@
 //! plain methods on its event loop. Here such a call only reads an atomic and starts a task on the
 //! runtime: no thread, no Python future, and nothing that wakes the event loop when the answer comes.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use log::{debug, warn};
+use once_cell::sync::Lazy;
 
-use crate::config::ConnectSpec;
+use crate::config::{ConnectSpec, TunnelMode};
+use crate::connection::{Connection, Shared};
 use crate::error::{Error, Result};
 use crate::forward::Forward;
+use crate::keepalive::Channel;
 use crate::pool;
 use crate::runtime;
+use crate::stats::ChannelGuard;
 
 /// What the remote end said last: it took a request, it refused (nothing listens: the launcher is
 /// gone), or it could not be asked (connection down, timeout).
@@ -66,7 +71,8 @@ impl Liveness {
 }
 
 /// Returns the last known liveness behind `fwd` and, unless one is already out, starts a probe that
-/// delivers `data` and records the answer for the next call. A terminated forward is `Dead`.
+/// delivers `data` and records the answer for the next call. A terminated forward is `Dead`. Probes
+/// of a shared connection's communication ports go through that host's batch (see `Batch`) first.
 pub fn probe(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
     let live = &fwd.info.liveness;
     let state = live.get();
@@ -77,8 +83,19 @@ pub fn probe(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
         live.probing.store(false, Ordering::Release);
         return State::Dead;
     };
-    let pending = pool::start_request(fwd, data, timeout);
-    let fwd = fwd.clone();
+    if fwd.info.channel == Channel::EgComm && fwd.conn.shared.mode == TunnelMode::Shared {
+        if let Some(batch) = Batch::of(&fwd.conn) {
+            batch.want(fwd.clone(), in_flight, data, timeout);
+            return state;
+        }
+    }
+    probe_on_channel(fwd.clone(), in_flight, data, timeout);
+    state
+}
+
+/// The probe proper: `data` delivered on a channel of its own, the answer recorded.
+fn probe_on_channel(fwd: Arc<Forward>, in_flight: ChannelGuard, data: Vec<u8>, timeout: Duration) {
+    let pending = pool::start_request(&fwd, data, timeout);
     runtime::spawn(async move {
         let outcome = pool::finish_request(pending).await;
         drop(in_flight);
@@ -92,7 +109,124 @@ pub fn probe(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
         live.set(new);
         live.probing.store(false, Ordering::Release);
     });
-    state
+}
+
+/// How long a host's batch collects probes before its command runs. Enterprise Gateway polls each
+/// kernel every 3 s, so an answer is at most about a second older than a probe of its own would be.
+const BATCH_WINDOW: Duration = Duration::from_secs(1);
+/// Time the batch command may take.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The liveness probes of one host's communication ports, answered by one remote command.
+///
+/// A probe of its own costs a channel open and close on the host's connection, and libssh2's work for
+/// an open grows with the channels the connection carries: at a hundred kernels, a probe every 3 s per
+/// kernel was most of an idle gateway's CPU. So the probes that arrive within `BATCH_WINDOW` are
+/// answered together: one command lists which of their ports something listens on (from the host's
+/// `/proc/net/tcp` and `tcp6`), and those kernels are alive. A port nothing listens on is not taken
+/// as proof of death: that kernel gets the probe of its own, whose refusal is what marks it dead, as
+/// before. A host where the command fails (no `/proc`, no `awk`) is probed one channel at a time from
+/// then on.
+struct Batch {
+    conn: Weak<Shared>,
+    spec: ConnectSpec,
+    waiting: Mutex<Vec<Waiting>>,
+    unsupported: AtomicBool,
+}
+
+struct Waiting {
+    fwd: Arc<Forward>,
+    in_flight: ChannelGuard,
+    data: Vec<u8>,
+    timeout: Duration,
+}
+
+static BATCHES: Lazy<Mutex<HashMap<u64, Arc<Batch>>>> = Lazy::new(Mutex::default);
+
+impl Batch {
+    /// The batch of `conn`'s host, unless its command failed there before.
+    fn of(conn: &Connection) -> Option<Arc<Batch>> {
+        let mut batches = BATCHES.lock().unwrap();
+        // Batches of connections that are gone go with them.
+        batches.retain(|_, b| b.conn.strong_count() > 0);
+        let batch = batches
+            .entry(conn.shared.id)
+            .or_insert_with(|| {
+                Arc::new(Batch {
+                    conn: Arc::downgrade(&conn.shared),
+                    spec: conn.shared.spec.clone(),
+                    waiting: Mutex::default(),
+                    unsupported: AtomicBool::new(false),
+                })
+            })
+            .clone();
+        (!batch.unsupported.load(Ordering::Relaxed)).then_some(batch)
+    }
+
+    /// Adds a probe; the first of a window starts the batch's command after `BATCH_WINDOW`.
+    fn want(self: Arc<Self>, fwd: Arc<Forward>, in_flight: ChannelGuard, data: Vec<u8>, timeout: Duration) {
+        let first = {
+            let mut waiting = self.waiting.lock().unwrap();
+            waiting.push(Waiting { fwd, in_flight, data, timeout });
+            waiting.len() == 1
+        };
+        if first {
+            runtime::spawn(async move {
+                tokio::time::sleep(BATCH_WINDOW).await;
+                self.run().await;
+            });
+        }
+    }
+
+    async fn run(&self) {
+        let batch = std::mem::take(&mut *self.waiting.lock().unwrap());
+        let mut ports: Vec<u16> = batch.iter().map(|w| w.fwd.info.remote_port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let outcome = pool::exec(&self.spec, &listening_command(&ports), BATCH_TIMEOUT).await;
+        let listening = match &outcome {
+            Ok(out) if out.exit_status == Some(0) => parse_listening(&out.stdout),
+            Ok(out) => {
+                self.unsupported.store(true, Ordering::Relaxed);
+                debug!("{}: liveness batch not available (exit {:?}); probing each kernel on its own", self.spec.dest(), out.exit_status);
+                Vec::new()
+            }
+            Err(e) => {
+                debug!("{}: liveness batch failed ({e}); probing each kernel on its own", self.spec.dest());
+                Vec::new()
+            }
+        };
+        if listening.is_empty() && outcome.is_ok() && batch.iter().any(|w| w.fwd.info.liveness.get() == State::Alive) {
+            // Kernels known alive, yet none of their ports listens there: the forwards reach another
+            // machine than the SSH server, whose /proc says nothing about them.
+            self.unsupported.store(true, Ordering::Relaxed);
+            debug!("{}: the communication ports are not the SSH server's own; probing each kernel on its own", self.spec.dest());
+        }
+        for w in batch {
+            if listening.contains(&w.fwd.info.remote_port) {
+                let live = &w.fwd.info.liveness;
+                live.set(State::Alive);
+                live.probing.store(false, Ordering::Release);
+            } else {
+                probe_on_channel(w.fwd, w.in_flight, w.data, w.timeout);
+            }
+        }
+    }
+}
+
+/// The host's listening TCP ports among `ports`, one hexadecimal port per line, as Linux lists them in
+/// `/proc/net/tcp` and `tcp6` (state 0A is LISTEN). Exits 3 where there is no such file.
+fn listening_command(ports: &[u16]) -> String {
+    let wanted: Vec<String> = ports.iter().map(|p| format!("{p:04X}")).collect();
+    format!(
+        "[ -r /proc/net/tcp ] || exit 3; cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk 'BEGIN {{ n = split(\"{}\", w, \" \"); \
+         for (i = 1; i <= n; i++) want[w[i]] = 1 }} $4 == \"0A\" {{ split($2, a, \":\"); if (a[2] in want) {{ print a[2]; delete want[a[2]] }} }}'",
+        wanted.join(" ")
+    )
+}
+
+fn parse_listening(stdout: &[u8]) -> Vec<u16> {
+    String::from_utf8_lossy(stdout).lines().filter_map(|l| u16::from_str_radix(l.trim(), 16).ok()).collect()
 }
 
 /// A command to run on the host when the remote port cannot take a request (Enterprise Gateway's
@@ -137,4 +271,21 @@ pub fn send(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration, what: String, 
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batch_command_asks_for_exactly_the_ports_in_hex() {
+        let cmd = listening_command(&[50000, 22]);
+        assert!(cmd.contains("\"C350 0016\""), "{cmd}");
+        assert!(cmd.starts_with("[ -r /proc/net/tcp ] || exit 3;"));
+    }
+
+    #[test]
+    fn listening_ports_are_read_back_from_hex_lines() {
+        assert_eq!(parse_listening(b"C350\n0016\n\nzz\n"), vec![50000, 22]);
+    }
 }

@@ -201,6 +201,33 @@ def test_probe_answers_at_once_and_the_next_call_sees_the_answer(sshd: hosts.Ssh
             hosts.wait_until(lambda: tunnel.probe(b'{"signum": 0}') == "alive", 5, what="listener seen again")
 
 
+def test_probes_of_many_kernels_on_one_host_share_one_remote_command(sshd: hosts.SshServer) -> None:
+    # Twelve kernels' communication ports on one host: their probes within a second are answered by
+    # one command listing the host's listening ports, not by twelve channels; a port nothing listens on
+    # still gets a channel of its own, whose refusal marks it dead.
+    servers = [hosts.EchoServer(port=hosts.free_port()) for _ in range(12)]
+    tunnels = []
+    try:
+        for server in servers:
+            server.start()
+            tunnels.append(egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1",
+                                                remote_port=server.port, channel="EG_COMM", mode="shared"))  # fmt: skip
+        mark = os.path.getsize(sshd.log_file)
+        assert {t.probe(b'{"signum": 0}') for t in tunnels} == {"alive"}
+        sshd.wait_for_log("Starting session: command", 10, since=mark)
+        time.sleep(0.5)  # any channel of their own would have opened by now
+        assert sshd.log_count("Starting session: command", mark) == 1
+        assert sshd.log_count("server_request_direct_tcpip", mark) == 0
+        servers[0].stop()
+        hosts.wait_until(lambda: tunnels[0].probe(b'{"signum": 0}') == "dead", 10, what="refusal recorded")
+        assert all(t.probe(b'{"signum": 0}') == "alive" for t in tunnels[1:])
+    finally:
+        for t in tunnels:
+            t.terminate()
+        for server in servers:
+            server.stop()
+
+
 def test_send_background_delivers_and_runs_the_fallback_when_the_port_cannot_take_it(
         sshd: hosts.SshServer, tmp_path) -> None:  # fmt: skip
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers nor closes

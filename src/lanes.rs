@@ -42,6 +42,8 @@ const DEPTH: usize = 2;
 const BACKLOG_PER_LANE: usize = 4;
 /// How long an extra lane with no channel and no open stays up, so that the next burst finds it.
 pub const LANE_IDLE: Duration = Duration::from_secs(30);
+/// Time per open below which the link is near: opens then wait for the CPU, which lanes do not add.
+const NEAR_LINK: Duration = Duration::from_millis(8);
 /// Round trips of a handshake, for a first guess at an open's cost.
 const HANDSHAKE_ROUND_TRIPS: u32 = 5;
 /// After an extra lane failed to come up, no other is started for this long.
@@ -353,7 +355,9 @@ impl Lanes {
         // Before the first open has come back, an open is taken to cost a round trip, a fifth of a
         // handshake (TCP, key exchange, service request, authentication, the first channel).
         let open_time = inner.open_time.unwrap_or(inner.handshake / HANDSHAKE_ROUND_TRIPS);
-        let outlasts = open_time * backlog as u32 / lanes as u32 > inner.handshake;
+        // An open quicker than `NEAR_LINK` waits for the CPU, not the link: another connection's
+        // handshake would only take CPU from the opens it was meant to speed up.
+        let outlasts = open_time >= NEAR_LINK && open_time * backlog as u32 / lanes as u32 > inner.handshake;
         if backlog > BACKLOG_PER_LANE * lanes && lanes < self.max && !cooling && outlasts {
             inner.starting += 1;
             let keep_alive = inner.keep_alive;

@@ -594,11 +594,12 @@ pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
     Duration::from_millis(base - span + offset)
 }
 
-/// How long to wait before the first reconnect attempt after a live connection died: 0 to 200 ms,
+/// How long to wait before the first reconnect attempt after a live connection died: 0 to 100 ms,
 /// enough to spread the handshakes of many connections that died together (every lane of a host,
-/// several gateways), far less than the backoff a failed attempt earns.
+/// several gateways; the startup gate keeps them within MaxStartups anyway), far less than the
+/// backoff a failed attempt earns.
 pub fn retry_after_loss(jitter_seed: u64) -> Duration {
-    Duration::from_millis(splitmix(jitter_seed) % 201)
+    Duration::from_millis(splitmix(jitter_seed) % 101)
 }
 
 pub fn splitmix(mut x: u64) -> u64 {

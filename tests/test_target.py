@@ -202,7 +202,7 @@ def test_probe_answers_at_once_and_the_next_call_sees_the_answer(sshd: hosts.Ssh
 
 
 def test_probes_of_many_kernels_on_one_host_share_one_remote_command(sshd: hosts.SshServer) -> None:
-    # Twelve kernels' communication ports on one host: their probes within a second are answered by
+    # Twelve kernels' communication ports on one host: their probes within one window are answered by
     # one command listing the host's listening ports, not by twelve channels; a port nothing listens on
     # still gets a channel of its own, whose refusal marks it dead.
     servers = [hosts.EchoServer(port=hosts.free_port()) for _ in range(12)]

@@ -639,12 +639,13 @@ impl Actor {
     /// Starts or continues channel opens; true if a channel was added (it is stepped on the next pass).
     fn open_queued(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<bool, String> {
         let mut added = false;
-        // libssh2 runs one channel open at a time per session. The idle reader is what lets each pass
-        // empty the socket into libssh2 (see `pump`) whatever channels exist, and it answers server
-        // keep-alives on a connection with no channel; it opens once no forward waits for its open, so
-        // that a fresh connection's first forwards (all of a host's after a network blip) do not wait
-        // one more round trip. Until it is ready, forwards' zero-length reads empty the socket.
-        if chans.reader.is_none() && !self.queue.iter().any(|r| !r.is_session()) {
+        // libssh2 runs one channel open at a time per session. The idle reader opens first on every
+        // connection: it is what lets each pass empty the socket into libssh2 (see `pump`), whatever
+        // channels exist, and it answers server keep-alives on a connection with no channel. (Opening
+        // it after a fresh connection's queued forwards saves a round trip, but leaves the passes of
+        // that phase to forwards' zero-length reads, and the settle check then found channels with
+        // packets queued: the round trip is the price.)
+        if chans.reader.is_none() {
             chans.reader = Some(IdleReader::new());
         }
         loop {

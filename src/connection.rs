@@ -653,8 +653,9 @@ impl Actor {
                 if let Some(reader) = chans.reader.as_mut().filter(|r| r.holds_session()) {
                     match reader.step(&io.sess, is_fatal_code) {
                         ReaderStep::Pending if reader.is_opening() => break,
-                        ReaderStep::Pending | ReaderStep::Ready => {}
+                        ReaderStep::Pending | ReaderStep::Ready => io.past_startup(),
                         ReaderStep::Refused(cause) => {
+                            io.past_startup();
                             debug!("SSH connection {}: no idle reader ({cause}); server keep-alives are answered only while a channel is open", self.shared.spec.dest());
                         }
                         ReaderStep::Fatal(cause) => return Err(format!("opening a channel: {cause}")),
@@ -674,6 +675,7 @@ impl Actor {
                 Attempt::Blocked => break,
                 Attempt::Failed(e) if is_fatal(&e) => return Err(format!("opening a channel: {}", e.message())),
                 Attempt::Failed(e) => {
+                    io.past_startup();
                     let req = chans.opening.take().expect("set above");
                     if req.is_session() {
                         self.session_refused(chans, req, &e);
@@ -683,6 +685,7 @@ impl Actor {
                     }
                 }
                 Attempt::Done(ch) => {
+                    io.past_startup();
                     let req = chans.opening.take().expect("set above");
                     if req.is_session() {
                         self.session_retry_at = None;

@@ -20,6 +20,7 @@ use std::time::Duration;
 use ssh2::{BlockDirections, Session};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::is_eagain;
 use crate::jump::Relay;
@@ -115,6 +116,8 @@ pub struct SshIo {
     pub relay: Option<Arc<Relay>>,
     /// The address a direct connection reached (none through a hop).
     pub peer: Option<std::net::IpAddr>,
+    /// The server's handshake slot, held past authentication (see `hold_startup`).
+    startup: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl SshIo {
@@ -143,7 +146,24 @@ impl SshIo {
         // the fd stays open for as long as it is registered with the reactor.
         let afd = unsafe { AsyncFd::register_with_interest(SocketRef(fd), Interest::READABLE | Interest::WRITABLE) }
             .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(SshIo { afd, sess, relay, peer })
+        Ok(SshIo { afd, sess, relay, peer, startup: Default::default() })
+    }
+
+    /// Keeps a handshake slot (session.rs) until the server has answered something after
+    /// authentication. sshd counts a connection against MaxStartups until its listener reads the
+    /// child's "authenticated" note, which the child sends before it serves any request but which the
+    /// listener may read well after the client saw its authentication succeed (on a busy machine,
+    /// tens of ms). Once a reply to a channel open is here, the note was sent first, and sshd's
+    /// listener takes notes before it accepts new connections: the slot is free by sshd's count too.
+    pub fn hold_startup(&self, permit: OwnedSemaphorePermit) {
+        *self.startup.lock().unwrap() = Some(permit);
+    }
+
+    /// The server answered after authentication: its handshake slot is free (see `hold_startup`).
+    pub fn past_startup(&self) {
+        if let Ok(mut slot) = self.startup.try_lock() {
+            slot.take();
+        }
     }
 
     pub fn fd(&self) -> RawFd {

@@ -65,10 +65,11 @@ pub async fn establish(spec: &ConnectSpec, keep_alive: (u64, u32)) -> Result<Ssh
                 spec.port
             ),
         })?;
-        let attempt = attempt(spec, deadline, keep_alive).await;
-        drop(permit);
-        match attempt {
+        match attempt(spec, deadline, keep_alive).await {
             Ok(io) => {
+                if let Ok(permit) = permit {
+                    io.hold_startup(permit);
+                }
                 if drops > 0 {
                     debug!("connected to {} after {drops} dropped handshake(s)", spec.dest());
                 }
@@ -76,6 +77,7 @@ pub async fn establish(spec: &ConnectSpec, keep_alive: (u64, u32)) -> Result<Ssh
             }
             Err(Failure::Final(e)) => return Err(e),
             Err(Failure::Dropped(cause)) => {
+                drop(permit);
                 drops += 1;
                 let wait = handshake_backoff(drops, nanos_seed(spec, drops));
                 if Instant::now() + wait >= deadline {

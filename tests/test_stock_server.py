@@ -130,6 +130,22 @@ def test_stock_server_drops_no_handshake_of_many_concurrent_connections(sshd: ho
             t.terminate()
 
 
+def test_a_handshake_slot_frees_only_when_the_server_has_counted_the_connection_authenticated(sshd_factory,
+        echo_server: hosts.EchoServer) -> None:  # fmt: skip
+    # MaxStartups 4:100:4: the server drops every connection beyond four unauthenticated ones, and
+    # egtunnel allows itself four. sshd's listener learns of an authentication from the session's
+    # process some time after the client saw it succeed; a slot freed at that point lets the next
+    # handshake in while sshd still counts four, and it is dropped.
+    server = sshd_factory(extra_config=["MaxStartups 4:100:4"], log_level="DEBUG1")
+    tunnels = open_per_port_at_once(server, 24, echo_server.port, max_startups=4)
+    try:
+        assert server.log_count("past MaxStartups") == 0
+        assert server.log_count("Accepted publickey") == 24
+    finally:
+        for t in tunnels:
+            t.terminate()
+
+
 def test_handshakes_dropped_until_the_deadline_fail_naming_max_startups(sshd_factory) -> None:
     # A "server" that accepts TCP and closes at once, as sshd does past MaxStartups.
     import socket

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::ConnectSpec;
+use crate::connection::DirectTcpip;
 use crate::error::{Error, Result};
 use crate::keepalive::MAX_KEEP_ALIVE_INTERVAL;
 use crate::pool;
@@ -126,7 +127,8 @@ async fn test_channel(spec: &ConnectSpec, timeout: Duration) -> Result<String> {
     let (from_remote_tx, mut from_remote) = mpsc::channel::<Vec<u8>>(4);
     let deadline = Instant::now() + timeout;
     let stats = std::sync::Arc::new(ForwardStats::default());
-    let (reply_rx, nudge) = conn.open_channel(spec.host.clone(), spec.port, to_remote_rx, from_remote_tx, stats, deadline);
+    let open = DirectTcpip { host: spec.host.clone(), port: spec.port, to_remote: to_remote_rx, from_remote: from_remote_tx, stats };
+    let (reply_rx, nudge) = conn.open_channel(open, deadline);
     let target = format!("{}:{}", spec.host, spec.port);
     let outcome = tokio::time::timeout_at(deadline, async {
         reply_rx.await.map_err(|_| Error::Other { dest: conn.dest(), cause: "connection closed".into() })??;

@@ -217,20 +217,13 @@ impl Connection {
         }
     }
 
-    /// Queues a direct-tcpip channel to host:port whose bytes flow through the given queues; the
-    /// receiver answers with the open's outcome (or is dropped if the connection ends first). The local
-    /// side raises the `Nudge` after every move on those queues, and drops it when done.
-    pub fn open_channel(
-        &self,
-        host: String,
-        port: u16,
-        to_remote: mpsc::Receiver<Vec<u8>>,
-        from_remote: mpsc::Sender<Vec<u8>>,
-        stats: Arc<ForwardStats>,
-        deadline: Instant,
-    ) -> (oneshot::Receiver<Result<()>>, Nudge) {
+    /// Queues a direct-tcpip channel; the receiver answers with the open's outcome (or is dropped if
+    /// the connection ends first). The local side raises the `Nudge` after every move on the
+    /// channel's queues, and drops it when done.
+    pub fn open_channel(&self, open: DirectTcpip, deadline: Instant) -> (oneshot::Receiver<Result<()>>, Nudge) {
         let (reply, reply_rx) = oneshot::channel();
         let (nudge, flag) = self.shared.ready.pair();
+        let DirectTcpip { host, port, to_remote, from_remote, stats } = open;
         self.open(OpenRequest::new(Target::Forward { host, port, to_remote, from_remote, stats, reply, flag }, deadline));
         (reply_rx, nudge)
     }
@@ -718,6 +711,16 @@ impl Actor {
 const MAX_PASSES: usize = 64;
 
 static CHECK_SETTLED: Lazy<bool> = Lazy::new(|| std::env::var_os("EGTUNNEL_CHECK_SETTLED").is_some_and(|v| v == "1"));
+
+/// A direct-tcpip channel to ask for: its target and the queues its bytes flow through (to the
+/// remote end, and back from it).
+pub struct DirectTcpip {
+    pub host: String,
+    pub port: u16,
+    pub to_remote: mpsc::Receiver<Vec<u8>>,
+    pub from_remote: mpsc::Sender<Vec<u8>>,
+    pub stats: Arc<ForwardStats>,
+}
 
 /// A channel the server has just opened, of either kind.
 enum Opened {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, DirectTcpip};
 use crate::driver::{is_fatal, Attempt, SshIo};
 use crate::error::{Error, Result};
 use crate::keepalive::Channel;
@@ -343,6 +343,13 @@ pub struct ForwardInfo {
     pub liveness: crate::requests::Liveness,
 }
 
+impl ForwardInfo {
+    /// A channel to this forward's target whose bytes flow through the given queues.
+    pub fn direct_tcpip(&self, to_remote: mpsc::Receiver<Vec<u8>>, from_remote: mpsc::Sender<Vec<u8>>) -> DirectTcpip {
+        DirectTcpip { host: self.remote_host.clone(), port: self.remote_port, to_remote, from_remote, stats: self.stats.clone() }
+    }
+}
+
 /// A listening forward. Closing it is two steps: `close_listener` (synchronous: the port is free when
 /// it returns, and nothing waits for the runtime or the network) and `finish` (drains in the background).
 pub struct Forward {
@@ -462,15 +469,7 @@ async fn accept_loop(
 async fn open_channel(conn: &Arc<Connection>, info: &ForwardInfo) -> Result<(LaneUse, mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>)> {
     let (to_remote_tx, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (from_remote_tx, from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-    let opening = crate::lanes::open_channel(
-        conn,
-        info.remote_host.clone(),
-        info.remote_port,
-        to_remote_rx,
-        from_remote_tx,
-        info.stats.clone(),
-        Instant::now() + OPEN_WAIT,
-    );
+    let opening = crate::lanes::open_channel(conn, info.direct_tcpip(to_remote_rx, from_remote_tx), Instant::now() + OPEN_WAIT);
     let lane = opening.wait().await?;
     Ok((lane, to_remote_tx, from_remote_rx))
 }

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::ConnectSpec;
-use crate::connection::Connection;
+use crate::connection::{Connection, DirectTcpip};
 use crate::error::{Error, Result};
 use crate::forward;
 use crate::pool;
@@ -87,7 +87,8 @@ pub async fn connect_via(
     let (to_remote, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (from_remote_tx, from_remote) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let stats = Arc::new(ForwardStats::default());
-    let (reply_rx, nudge) = conn.open_channel(spec.host.clone(), spec.port, to_remote_rx, from_remote_tx, stats.clone(), deadline);
+    let open = DirectTcpip { host: spec.host.clone(), port: spec.port, to_remote: to_remote_rx, from_remote: from_remote_tx, stats: stats.clone() };
+    let (reply_rx, nudge) = conn.open_channel(open, deadline);
     let opened = match timeout_at(deadline, reply_rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(Error::Other { dest: hop.dest(), cause: "connection closed".into() }),

@@ -24,14 +24,13 @@ use std::time::Duration;
 
 use log::debug;
 use once_cell::sync::Lazy;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{ConnectSpec, TunnelMode};
-use crate::connection::Connection;
+use crate::connection::{Connection, DirectTcpip};
 use crate::error::{Error, Result};
 use crate::ready::Nudge;
-use crate::stats::ForwardStats;
 
 /// Opens one lane may have handed to its actor at once. Two keep libssh2's open slot busy (the next
 /// open is queued in the actor when one completes) while the rest stay here for whichever lane frees
@@ -65,11 +64,7 @@ pub fn max_lanes() -> Result<usize> {
 
 /// A direct-tcpip open waiting for a lane.
 struct Waiting {
-    host: String,
-    port: u16,
-    to_remote: mpsc::Receiver<Vec<u8>>,
-    from_remote: mpsc::Sender<Vec<u8>>,
-    stats: Arc<ForwardStats>,
+    open: DirectTcpip,
     deadline: Instant,
     reply: oneshot::Sender<Dispatched>,
 }
@@ -226,29 +221,21 @@ enum OpeningKind {
     Direct(oneshot::Receiver<Result<()>>, Nudge),
 }
 
-/// Queues a channel to host:port for a forward riding on `conn` (its pool connection), now, on the
-/// caller's thread. In per-port mode it goes to `conn` itself.
-pub fn open_channel(
-    conn: &Arc<Connection>,
-    host: String,
-    port: u16,
-    to_remote: mpsc::Receiver<Vec<u8>>,
-    from_remote: mpsc::Sender<Vec<u8>>,
-    stats: Arc<ForwardStats>,
-    deadline: Instant,
-) -> Opening {
-    let what = format!("channel to {host}:{port}");
+/// Queues a channel for a forward riding on `conn` (its pool connection), now, on the caller's
+/// thread. In per-port mode it goes to `conn` itself.
+pub fn open_channel(conn: &Arc<Connection>, open: DirectTcpip, deadline: Instant) -> Opening {
+    let what = format!("channel to {}:{}", open.host, open.port);
     let dest = conn.dest();
     let inner = match set_of(conn.shared.id) {
         Some(set) => {
             let (reply, rx) = oneshot::channel();
-            let waiting = Waiting { host, port, to_remote, from_remote, stats, deadline, reply };
+            let waiting = Waiting { open, deadline, reply };
             set.inner.lock().unwrap().waiting.push_back(waiting);
             set.dispatch();
             OpeningKind::Queued(rx)
         }
         None => {
-            let (rx, nudge) = conn.open_channel(host, port, to_remote, from_remote, stats, deadline);
+            let (rx, nudge) = conn.open_channel(open, deadline);
             OpeningKind::Direct(rx, nudge)
         }
     };
@@ -330,7 +317,7 @@ impl Lanes {
                 continue;
             }
             let lane = &mut inner.lanes[i];
-            let (answer, nudge) = lane.conn.open_channel(w.host, w.port, w.to_remote, w.from_remote, w.stats, w.deadline);
+            let (answer, nudge) = lane.conn.open_channel(w.open, w.deadline);
             lane.in_flight += 1;
             lane.in_use += 1;
             lane.generation += 1;

@@ -287,16 +287,7 @@ pub async fn verify_forward(fwd: &Forward, timeout: Duration) -> Result<()> {
         drop((to_remote, from_remote));
         // Any lane will do: this channel carries nothing, and the kernel's later connections may open
         // on any lane too.
-        let i = &fwd.info;
-        let opening = crate::lanes::open_channel(
-            conn,
-            i.remote_host.clone(),
-            i.remote_port,
-            to_remote_rx,
-            from_remote_tx,
-            i.stats.clone(),
-            Instant::now() + timeout,
-        );
+        let opening = crate::lanes::open_channel(conn, fwd.info.direct_tcpip(to_remote_rx, from_remote_tx), Instant::now() + timeout);
         match tokio::time::timeout(timeout + Duration::from_millis(500), opening.wait()).await {
             Ok(r) => r.map(drop),
             Err(_) => Err(Error::Timeout {
@@ -370,9 +361,7 @@ async fn first_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Resul
     drop(to_remote); // EOF after the request
     let (from_remote_tx, mut from_remote) = mpsc::channel(4);
     let deadline = Instant::now() + timeout;
-    let i = &fwd.info;
-    let opening =
-        crate::lanes::open_channel(conn, i.remote_host.clone(), i.remote_port, to_remote_rx, from_remote_tx, i.stats.clone(), deadline);
+    let opening = crate::lanes::open_channel(conn, fwd.info.direct_tcpip(to_remote_rx, from_remote_tx), deadline);
     let work = async {
         let lane = opening.wait().await?;
         // Drain until the remote end closes; the launcher closes after handling the request.
@@ -384,7 +373,7 @@ async fn first_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Resul
     tokio::time::timeout_at(deadline, work).await.unwrap_or_else(|_| {
         Err(Error::Timeout {
             dest: conn.dest(),
-            what: format!("request to {}:{}", i.remote_host, i.remote_port),
+            what: format!("request to {}:{}", fwd.info.remote_host, fwd.info.remote_port),
             secs: timeout.as_secs_f64(),
         })
     })
@@ -428,8 +417,7 @@ fn open_to_target(
     from_remote: mpsc::Sender<Vec<u8>>,
     deadline: Instant,
 ) -> (oneshot::Receiver<Result<()>>, Nudge) {
-    let opened =
-        fwd.conn.open_channel(fwd.info.remote_host.clone(), fwd.info.remote_port, to_remote, from_remote, fwd.info.stats.clone(), deadline);
+    let opened = fwd.conn.open_channel(fwd.info.direct_tcpip(to_remote, from_remote), deadline);
     // No extra wake-up: the queued command wakes the actor, and the data and EOF already queued go
     // out on the new channel's first step.
     opened

@@ -26,6 +26,10 @@ WHEEL_POLICY := manylinux2014
 WHEEL_GLIBC := 2.17
 # What the tests read to find the wheel; the wheel recipe leaves exactly one in WHEEL_DIR.
 WHEEL_ENV = EGTUNNEL_WHEEL="$$(echo $(CURDIR)/$(WHEEL_DIR)/egtunnel-*.whl)"
+# A git clone of the RustSec advisory database for `make audit`, which never fetches it: the check then
+# says what it was made against, and runs the same offline as online.
+ADVISORY_DB ?= $(HOME)/.cache/egtunnel/advisory-db
+ADVISORY_DB_URL := https://github.com/rustsec/advisory-db
 
 # rustup installs cargo here without touching PATH for non-login shells such as make's.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
@@ -132,7 +136,7 @@ fi
 endef
 export DEPS_SH
 
-.PHONY: help deps venv build eg-launcher wheel wheel-test cargo-test pytest test demo bench soak scale lint clean distclean
+.PHONY: help deps venv build eg-launcher wheel wheel-test cargo-test pytest test demo bench soak scale lint audit clean distclean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-11s %s\n", $$1, $$2}'
@@ -216,6 +220,20 @@ lint: $(BUILD_STAMP) ## cargo clippy, and mypy.stubtest of the stubs when mypy i
 	@if $(VENV_PY) -c 'import mypy' 2>/dev/null; then \
 		echo "python -m mypy.stubtest egtunnel._native"; $(VENV_PY) -m mypy.stubtest egtunnel._native; \
 	else echo "mypy not installed in $(VENV): stubtest skipped"; fi
+
+# Advisory: without a database it says how to get one and succeeds, so a machine without one (CI) does
+# not fail for it; with one, any advisory not accepted in .cargo/audit.toml fails the target.
+audit: ## Check Cargo.lock against the RustSec advisories in ADVISORY_DB (a local clone, never fetched)
+	@if [ ! -d "$(ADVISORY_DB)" ]; then \
+		echo "audit: no advisory database at $(ADVISORY_DB): nothing checked"; \
+		echo "audit: provide one with 'git clone $(ADVISORY_DB_URL) $(ADVISORY_DB)'"; \
+		echo "audit: (or run 'make audit ADVISORY_DB=DIR' with DIR a clone of it)"; \
+	else \
+		command -v cargo-audit >/dev/null 2>&1 || cargo install cargo-audit --locked; \
+		echo "audit: advisory database $(ADVISORY_DB) at $$(git -C "$(ADVISORY_DB)" log -1 --format='%h of %cs')"; \
+		echo "cargo audit --db $(ADVISORY_DB) --no-fetch --stale"; \
+		cargo audit --db "$(ADVISORY_DB)" --no-fetch --stale; \
+	fi
 
 clean: ## Remove build outputs and caches (keeps .venv's installed packages)
 	rm -rf target $(WHEEL_DIR) .pytest_cache $(BUILD_STAMP)

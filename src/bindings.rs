@@ -1,9 +1,6 @@
 //! The thin PyO3 layer: converts arguments, releases the GIL around network waits, and maps the
 //! core's `Error` to egtunnel's Python exceptions in exactly one place.
 
-// pyo3 0.22's #[pyfunction] expansion trips this lint on every PyResult return type.
-#![allow(clippy::useless_conversion)]
-
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +9,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyConnectionRefusedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::PyErrArguments;
-use pyo3::sync::GILOnceCell;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyTuple, PyType};
 
 use crate::config::{check_port, ConnectSpec, HostKeyPolicy, Options, TunnelMode};
@@ -28,10 +25,10 @@ use crate::runtime;
 
 /// Looks up an exception class of egtunnel.errors once; they are defined in Python so callers can
 /// subclass and pickle them.
-fn exc_type<'py>(py: Python<'py>, cell: &'static GILOnceCell<Py<PyType>>, name: &str) -> PyResult<&'py Bound<'py, PyType>> {
+fn exc_type<'py>(py: Python<'py>, cell: &'static PyOnceLock<Py<PyType>>, name: &str) -> PyResult<&'py Bound<'py, PyType>> {
     let t = cell.get_or_try_init(py, || -> PyResult<Py<PyType>> {
-        let module = py.import_bound("egtunnel.errors")?;
-        Ok(module.getattr(name)?.downcast_into::<PyType>()?.unbind())
+        let module = py.import("egtunnel.errors")?;
+        Ok(module.getattr(name)?.cast_into::<PyType>()?.unbind())
     })?;
     Ok(t.bind(py))
 }
@@ -49,7 +46,7 @@ struct GatedArgs<A> {
 }
 
 impl<A: PyErrArguments> PyErrArguments for GatedArgs<A> {
-    fn arguments(self, py: Python<'_>) -> PyObject {
+    fn arguments(self, py: Python<'_>) -> Py<PyAny> {
         self.args.arguments(py)
     }
 }
@@ -59,17 +56,17 @@ fn gated<A>(args: A, entry: &mut Option<Entry>) -> GatedArgs<A> {
 }
 
 fn to_py_gated(err: Error, context: &str, entry: Option<Entry>) -> PyErr {
-    static TUNNEL: GILOnceCell<Py<PyType>> = GILOnceCell::new();
-    static CONNECT: GILOnceCell<Py<PyType>> = GILOnceCell::new();
-    static AUTH: GILOnceCell<Py<PyType>> = GILOnceCell::new();
-    static HOST_KEY: GILOnceCell<Py<PyType>> = GILOnceCell::new();
-    static DOWN: GILOnceCell<Py<PyType>> = GILOnceCell::new();
-    static TIMEOUT: GILOnceCell<Py<PyType>> = GILOnceCell::new();
-    static PROHIBITED: GILOnceCell<Py<PyType>> = GILOnceCell::new();
-    static CONFIG: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static TUNNEL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static CONNECT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static AUTH: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static HOST_KEY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static DOWN: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static TIMEOUT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static PROHIBITED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static CONFIG: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     let msg = if context.is_empty() { err.to_string() } else { format!("{context}: {err}") };
     let mut entry = entry;
-    Python::with_gil(|py| {
+    Python::attach(|py| {
         let (cell, name) = match err.primary() {
             Error::Invalid(_) => return PyValueError::new_err(gated((msg,), &mut entry)),
             // errno set so code written for sockets (EG checks `e.errno == ECONNREFUSED`) works as is.
@@ -86,7 +83,7 @@ fn to_py_gated(err: Error, context: &str, entry: Option<Entry>) -> PyErr {
             Error::Other { .. } | Error::Channels { .. } => (&TUNNEL, "TunnelError"),
         };
         match exc_type(py, cell, name) {
-            Ok(t) => PyErr::from_type_bound(t.clone(), gated((msg,), &mut entry)),
+            Ok(t) => PyErr::from_type(t.clone(), gated((msg,), &mut entry)),
             Err(e) => e,
         }
     })
@@ -99,7 +96,7 @@ where
     F: Future + Send,
     F::Output: Send,
 {
-    let (out, entry) = py.allow_threads(|| (runtime::block_on(fut), exit_gate::before_returning_to_python()));
+    let (out, entry) = py.detach(|| (runtime::block_on(fut), exit_gate::before_returning_to_python()));
     drop(entry);
     out
 }
@@ -111,9 +108,13 @@ struct Gated<T> {
     _entry: Entry,
 }
 
-impl<T: IntoPy<PyObject>> IntoPy<PyObject> for Gated<T> {
-    fn into_py(self, py: Python<'_>) -> PyObject {
-        self.value.into_py(py)
+impl<'py, T: IntoPyObject<'py>> IntoPyObject<'py> for Gated<T> {
+    type Target = T::Target;
+    type Output = T::Output;
+    type Error = T::Error;
+
+    fn into_pyobject(self, py: Python<'py>) -> Result<Self::Output, Self::Error> {
+        self.value.into_pyobject(py)
     }
 }
 
@@ -123,7 +124,7 @@ impl<T: IntoPy<PyObject>> IntoPy<PyObject> for Gated<T> {
 fn awaitable<'py, F, T>(py: Python<'py>, context: String, fut: F) -> PyResult<Bound<'py, PyAny>>
 where
     F: Future<Output = crate::error::Result<T>> + Send + 'static,
-    T: IntoPy<PyObject> + Send + 'static,
+    T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
     pyo3_async_runtimes::tokio::future_into_py(py, async move {
         let r = fut.await;
@@ -154,7 +155,7 @@ fn metrics_hook(py: Python<'_>) {
     if std::env::var_os(native_metrics::PORT_VAR).is_none() {
         return;
     }
-    let started = py.import_bound("egtunnel.metrics").and_then(|m| m.call_method0("start_from_environment"));
+    let started = py.import("egtunnel.metrics").and_then(|m| m.call_method0("start_from_environment"));
     if let Err(e) = started {
         log::error!("{} is set but the metrics endpoint cannot start: {e}", native_metrics::PORT_VAR);
     }
@@ -164,9 +165,11 @@ fn metrics_hook(py: Python<'_>) {
 /// values beyond i64 saturate instead of failing.
 struct Seconds(i64);
 
-impl<'py> FromPyObject<'py> for Seconds {
-    fn extract_bound(v: &Bound<'py, PyAny>) -> PyResult<Self> {
-        saturating_i64(v, "cull_idle_timeout").map(Seconds)
+impl<'py> FromPyObject<'_, 'py> for Seconds {
+    type Error = PyErr;
+
+    fn extract(v: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
+        saturating_i64(&v, "cull_idle_timeout").map(Seconds)
     }
 }
 
@@ -252,7 +255,7 @@ impl Tunnel {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.fwd.info.stats;
-        let d = PyDict::new_bound(py);
+        let d = PyDict::new(py);
         d.set_item("bytes_in", s.bytes_in.load(Relaxed))?;
         d.set_item("bytes_out", s.bytes_out.load(Relaxed))?;
         d.set_item("connections", s.connections.load(Relaxed))?;
@@ -288,7 +291,8 @@ impl Tunnel {
         awaitable(py, ctx, async move {
             let r = pool::send_request(&fwd, data, timeout).await;
             drop(in_flight);
-            r
+            // Resolves to None, as `send_request` returns: a bare `()` would become an empty tuple.
+            r.map(|()| None::<()>)
         })
     }
 
@@ -485,11 +489,11 @@ impl ExecResult {
     }
     #[getter]
     fn stdout<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new_bound(py, &self.out.stdout)
+        PyBytes::new(py, &self.out.stdout)
     }
     #[getter]
     fn stderr<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new_bound(py, &self.out.stderr)
+        PyBytes::new(py, &self.out.stderr)
     }
     /// stdout lines, or stderr lines when stdout is empty (Enterprise Gateway's `rsh` contract).
     fn lines(&self) -> Vec<String> {
@@ -732,9 +736,9 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=No
 #[pyfunction]
 fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
     use std::sync::atomic::Ordering::Relaxed;
-    let list = PyList::empty_bound(py);
+    let list = PyList::empty(py);
     for c in pool::status() {
-        let d = PyDict::new_bound(py);
+        let d = PyDict::new(py);
         d.set_item("user", &c.user)?;
         d.set_item("host", &c.host)?;
         d.set_item("port", c.port)?;
@@ -752,9 +756,9 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         d.set_item("unsettled_sleeps", c.unsettled_sleeps)?;
         d.set_item("via", &c.via)?;
         d.set_item("relays", c.relays)?;
-        let forwards = PyList::empty_bound(py);
+        let forwards = PyList::empty(py);
         for f in &c.forwards {
-            let fd = PyDict::new_bound(py);
+            let fd = PyDict::new(py);
             fd.set_item("kernel_id", &f.kernel_id)?;
             fd.set_item("channel", f.channel.as_str())?;
             fd.set_item("local_port", f.local_port)?;
@@ -776,18 +780,18 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
 /// Per-destination totals and live gauges, for `egtunnel.metrics` to turn into Prometheus families.
 #[pyfunction]
 fn metrics<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-    let list = PyList::empty_bound(py);
+    let list = PyList::empty(py);
     for m in native_metrics::snapshot() {
-        let d = PyDict::new_bound(py);
+        let d = PyDict::new(py);
         d.set_item("user", &m.key.user)?;
         d.set_item("host", &m.key.host)?;
         d.set_item("port", m.key.port)?;
-        let states = PyDict::new_bound(py);
+        let states = PyDict::new(py);
         states.set_item("connected", m.connected)?;
         states.set_item("reconnecting", m.reconnecting)?;
         states.set_item("stopped", m.stopped)?;
         d.set_item("connections", states)?;
-        d.set_item("forwards", m.forwards.into_iter().collect::<Vec<_>>().into_py_dict_bound(py))?;
+        d.set_item("forwards", m.forwards.into_iter().collect::<Vec<_>>().into_py_dict(py)?)?;
         d.set_item("open_channels", m.open_channels)?;
         d.set_item("keepalives_unanswered", m.keepalives_unanswered)?;
         d.set_item("connections_opened", m.connections_opened)?;
@@ -798,7 +802,7 @@ fn metrics<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         d.set_item("keepalives_sent", m.keepalives_sent)?;
         d.set_item("commands_ok", m.commands_ok)?;
         d.set_item("commands_failed", m.commands_failed)?;
-        let h = PyDict::new_bound(py);
+        let h = PyDict::new(py);
         h.set_item("buckets", m.command_latency.buckets)?;
         h.set_item("count", m.command_latency.count)?;
         h.set_item("sum", m.command_latency.sum)?;
@@ -844,7 +848,7 @@ fn explain(
 fn check_host(
     py: Python<'_>,
     host: &str,
-    report: PyObject,
+    report: Py<PyAny>,
     port: Option<i64>,
     user: Option<&str>,
     identity_file: Option<&str>,
@@ -860,7 +864,7 @@ fn check_host(
     let ok = wait(py, crate::check::run(&spec, command, &mut |step: crate::check::Step| {
         // This thread gave up the GIL to wait; it takes it back only while the exit gate is open.
         let Some(_entry) = exit_gate::enter() else { return };
-        Python::with_gil(|py| {
+        Python::attach(|py| {
             if let Err(e) = report.call1(py, (step.hop, step.name, step.ok, step.detail, step.secs)) {
                 failed_report.get_or_insert(e);
             }
@@ -903,7 +907,7 @@ impl log::Log for GatedLogger {
 /// into Python already in flight finish first (see `exit_gate`).
 #[pyfunction]
 fn _at_exit(py: Python<'_>) {
-    let left = py.allow_threads(|| exit_gate::close(Duration::from_secs(2)));
+    let left = py.detach(|| exit_gate::close(Duration::from_secs(2)));
     if left > 0 {
         eprintln!("egtunnel: {left} call(s) into Python still in flight at exit");
     }
@@ -917,7 +921,9 @@ fn refresh_log_levels() {
     }
 }
 
-#[pymodule]
+// PyO3 0.28 made modules declare free-threading support by default; egtunnel keeps declaring that it
+// needs the GIL, as its exit gate and GIL-holding calls were reasoned about with one.
+#[pymodule(gil_used = true)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Awaitables run on egtunnel's one runtime rather than a second one of the bridge's.
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::handle());
@@ -933,12 +939,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     // Closes the exit gate before the interpreter finalizes (atexit runs its handlers last registered
     // first, so the gateway's own handlers, which may still close tunnels and log, run before this one).
-    m.py().import_bound("atexit")?.call_method1("register", (wrap_pyfunction!(_at_exit, m)?,))?;
+    m.py().import("atexit")?.call_method1("register", (wrap_pyfunction!(_at_exit, m)?,))?;
     m.add("MAX_KEEP_ALIVE_INTERVAL", MAX_KEEP_ALIVE_INTERVAL)?;
     let py = m.py();
-    m.add("CHANNELS", PyTuple::new_bound(py, Channel::ALL.iter().map(|c| c.as_str())))?;
-    m.add("TUNNEL_MODES", PyTuple::new_bound(py, TunnelMode::NAMES))?;
-    m.add("HOST_KEY_POLICIES", PyTuple::new_bound(py, HostKeyPolicy::NAMES))?;
+    m.add("CHANNELS", PyTuple::new(py, Channel::ALL.iter().map(|c| c.as_str()))?)?;
+    m.add("TUNNEL_MODES", PyTuple::new(py, TunnelMode::NAMES)?)?;
+    m.add("HOST_KEY_POLICIES", PyTuple::new(py, HostKeyPolicy::NAMES)?)?;
     m.add_function(wrap_pyfunction!(keep_alive_interval, m)?)?;
     m.add_function(wrap_pyfunction!(open_tunnel, m)?)?;
     m.add_function(wrap_pyfunction!(remote_exec, m)?)?;

@@ -5,6 +5,7 @@ root, no iproute2, no CAP_SYS_ADMIN); as root on Linux they always run.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterator
 
 import pytest
@@ -42,11 +43,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         report.sections.append((f"sshd log {server.host}:{server.port} (last {LOG_TAIL_LINES} lines)", tail))
 
 
-@pytest.fixture(autouse=True)
-def _no_stale_shell_lock() -> None:
-    """A shell start-up lock left by a session an earlier test killed would stall this test's remote
-    commands (see hosts.clear_stale_shell_lock)."""
+@pytest.fixture(autouse=True, scope="session")
+def _no_stale_shell_lock() -> Iterator[None]:
+    """A shell start-up lock left by a killed session would stall every later remote command (see
+    hosts.clear_stale_shell_lock). Sessions are killed in the middle of tests too (a launch that times
+    out is killed with its process group), so the lock is looked at throughout the run, not just
+    between tests."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(2.0):
+            hosts.clear_stale_shell_lock()
+
     hosts.clear_stale_shell_lock()
+    watcher = threading.Thread(target=watch, name="stale-shell-lock", daemon=True)
+    watcher.start()
+    yield
+    stop.set()
+    watcher.join()
 
 
 @pytest.fixture(autouse=True)

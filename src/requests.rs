@@ -6,9 +6,9 @@
 //! runtime: no thread, no Python future, and nothing that wakes the event loop when the answer comes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use once_cell::sync::Lazy;
@@ -54,6 +54,11 @@ impl State {
 pub struct Liveness {
     state: AtomicU8,
     probing: AtomicBool,
+    /// Until when (ms on `clock()`) probes skip the host's batch: a request was just delivered (a
+    /// signal, a shutdown), the kernel may be on its way out, and Enterprise Gateway is polling every
+    /// half second to see it gone. A batch would answer a kill only after up to `BATCH_WINDOW`, for
+    /// every kernel a gateway shuts down, one after another.
+    direct_until: AtomicU64,
 }
 
 impl Liveness {
@@ -68,7 +73,25 @@ impl Liveness {
     fn set(&self, s: State) {
         self.state.store(s as u8, Ordering::Release);
     }
+
+    fn probe_directly_for(&self, span: Duration) {
+        self.direct_until.store(clock() + span.as_millis() as u64, Ordering::Release);
+    }
+
+    fn probes_directly(&self) -> bool {
+        clock() < self.direct_until.load(Ordering::Acquire)
+    }
 }
+
+/// Milliseconds since the first call: a clock an atomic can hold.
+fn clock() -> u64 {
+    static START: Lazy<Instant> = Lazy::new(Instant::now);
+    START.elapsed().as_millis() as u64
+}
+
+/// How long after a delivered request a kernel's probes go on their own channel (see `Liveness`):
+/// Enterprise Gateway waits this long at most for a killed kernel to go.
+const DIRECT_AFTER_REQUEST: Duration = Duration::from_secs(10);
 
 /// Returns the last known liveness behind `fwd` and, unless one is already out, starts a probe that
 /// delivers `data` and records the answer for the next call. A terminated forward is `Dead`. Probes
@@ -83,7 +106,7 @@ pub fn probe(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
         live.probing.store(false, Ordering::Release);
         return State::Dead;
     };
-    if fwd.info.channel == Channel::EgComm && fwd.conn.shared.mode == TunnelMode::Shared {
+    if fwd.info.channel == Channel::EgComm && fwd.conn.shared.mode == TunnelMode::Shared && !live.probes_directly() {
         if let Some(batch) = Batch::of(&fwd.conn) {
             batch.want(fwd.clone(), in_flight, data, timeout);
             return state;
@@ -255,7 +278,10 @@ pub fn send(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration, what: String, 
         let outcome = pool::finish_request(pending).await;
         drop(in_flight);
         match outcome {
-            Ok(()) => debug!("{what}: delivered"),
+            Ok(()) => {
+                fwd.info.liveness.probe_directly_for(DIRECT_AFTER_REQUEST);
+                debug!("{what}: delivered");
+            }
             Err(e @ Error::Refused { .. }) => {
                 fwd.info.liveness.set(State::Dead);
                 debug!("{what}: nothing listens any more ({e})");

@@ -4,6 +4,7 @@ as asyncio awaitables driven by egtunnel's runtime (no Python thread per call)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -226,6 +227,42 @@ def test_probes_of_many_kernels_on_one_host_share_one_remote_command(sshd: hosts
             t.terminate()
         for server in servers:
             server.stop()
+
+
+def test_a_kernel_sent_a_signal_is_probed_on_its_own_channel_so_its_exit_shows_at_the_next_poll(
+        sshd: hosts.SshServer) -> None:  # fmt: skip
+    # After a delivered request (EG kills a kernel, then polls every 0.5 s until it is gone) the
+    # kernel's probes skip the host's batch, which would answer only after its 3 s window: a gateway
+    # shutting down N kernels one after another would wait that long for each.
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+
+    def serve() -> None:  # a launcher's communication port: reads a request to EOF, closes
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    requests.append(b"".join(iter(lambda: conn.recv(4096), b"")))
+
+    threading.Thread(target=serve, daemon=True).start()
+    tunnel = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1",
+                                  remote_port=listener.getsockname()[1], channel="EG_COMM", mode="shared")  # fmt: skip
+    try:
+        mark = os.path.getsize(sshd.log_file)
+        assert tunnel.probe(b'{"signum": 0}') == "alive"
+        sshd.wait_for_log("Starting session: command", 10, since=mark)  # the batch answered
+        tunnel.send_background(b'{"signum": 9}', "SIGKILL for a test kernel", 5.0, None, None)
+        hosts.wait_until(lambda: b'{"signum": 9}' in requests, 5, what="the request delivered")
+        time.sleep(0.2)  # the delivery is recorded once the channel closes
+        listener.shutdown(socket.SHUT_RDWR)  # the kernel is gone (this also ends the blocked accept)
+        listener.close()
+        started = time.monotonic()
+        while tunnel.probe(b'{"signum": 0}') != "dead":
+            assert time.monotonic() - started < 2.0, "the exit showed only through the batch"
+            time.sleep(0.5)
+    finally:
+        tunnel.terminate()
+        listener.close()
 
 
 def test_send_background_delivers_and_runs_the_fallback_when_the_port_cannot_take_it(

@@ -1,0 +1,60 @@
+"""The launcher's process: its own process group, signals to it, its exited children, and its exit.
+
+The kernel runs in the launcher's process, which leads its own process group: the reported ``pid``
+and ``pgid`` are equal, so EG's ``kill -SIG -<pgid>`` reaches the kernel and whatever it started and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .logs import log
+
+# Once the kernel has stopped, interpreter exit must not hang on threads started by user code.
+EXIT_DEADLINE = 5.0
+
+
+def reap_exited_children() -> None:
+    # ipykernel's shutdown terminates the kernel's children and then waits until none is left, but
+    # it does not collect them; an uncollected child stays a zombie and the wait runs to its end
+    # (about 30 s). Once the kernel is shutting down, nobody else needs their exit status.
+    while True:
+        try:
+            pid, _ = os.waitpid(-os.getpgrp(), os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def send_signal(signum: int) -> None:
+    """Signal the kernel the way EG's remote_signal does: its process group when it leads one."""
+    pid = os.getpid()
+    if os.getpgrp() == pid:
+        os.killpg(pid, signum)
+    else:
+        os.kill(pid, signum)
+
+
+def lead_process_group() -> None:
+    """Become the leader of a new process group unless already one (e.g. started with setsid).
+
+    Started by a shell without job control or by another program, the launcher would share that
+    caller's group, and EG's `kill -SIG -<pgid>` would hit the caller too.
+    """
+    if os.getpgrp() == os.getpid():
+        return
+    try:
+        os.setpgid(0, 0)
+    except OSError as exc:
+        log.warning("could not start a process group (%s); signals will target the process only", exc)
+
+
+def exit_deadline(code: int) -> None:
+    # Interpreter exit waits for non-daemon threads; one left running by kernel code would keep this
+    # process (and its group) alive with nobody listening for the gateway.
+    timer = threading.Timer(EXIT_DEADLINE, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()

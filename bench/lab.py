@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import hosts  # noqa: E402
-from e2e import procs  # noqa: E402
+import harness  # noqa: E402
+from harness import procs  # noqa: E402
 from e2e.gateway import Gateway, GatewayConfig, KernelSpecDef  # noqa: E402
 from e2e.kernel_client import GatewayClient, Kernel  # noqa: E402
 
@@ -47,17 +47,17 @@ class Lab:
     """`n_hosts` namespace hosts with stock sshd on one port, and (after start_gateway) a gateway."""
 
     def __init__(self, n_hosts: int, cull_idle_timeout: int = 300, separate_cpus: bool = False) -> None:
-        for reason in (hosts.netns_unavailable_reason(), hosts.sshd_unavailable_reason()):
+        for reason in (harness.netns_unavailable_reason(), harness.sshd_unavailable_reason()):
             if reason:
                 raise SystemExit(f"cannot build the lab: {reason}")
         self.dir = Path(tempfile.mkdtemp(prefix="egtunnel-lab-"))
         self.cull_idle_timeout = cull_idle_timeout
-        self.hosts: list[hosts.RemoteHost] = []
+        self.hosts: list[harness.RemoteHost] = []
         self.gateway: Optional[Gateway] = None
         self.identity = _keygen(self.dir / "id_gateway")
         port = None
         for i in range(n_hosts):
-            host = hosts.RemoteHost().start()
+            host = harness.RemoteHost().start()
             self.hosts.append(host)
             host.ssh_server(workdir=self.dir / f"sshd-{i}", port=port, log_level="VERBOSE")
             port = host.sshd.port
@@ -93,7 +93,7 @@ class Lab:
         )
         for key, value in overrides.items():
             setattr(cfg, key, value)
-        cfg.env = {hosts.OWNER_ENV: f"{os.getpid()}:lab-gateway", **cfg.env}
+        cfg.env = {harness.OWNER_ENV: f"{os.getpid()}:lab-gateway", **cfg.env}
         self.gateway = Gateway(self.dir / name, cfg).start()
         if getattr(self, "separate_cpus", False):
             cpus = os.sched_getaffinity(0) - {max(os.sched_getaffinity(0))}
@@ -143,13 +143,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def kernel_side_procs(host: hosts.RemoteHost) -> list[procs.Proc]:
+def kernel_side_procs(host: harness.RemoteHost) -> list[procs.Proc]:
     """Launchers, kernels and shells in the host's namespace: everything but sshd and its listener."""
     listener = host.sshd.pid if host.sshd else None
     return [p for p in procs.netns_procs(host.name) if p.comm != "sshd" and p.pid != listener]
 
 
-def sshd_sessions(host: hosts.RemoteHost) -> list[procs.Proc]:
+def sshd_sessions(host: harness.RemoteHost) -> list[procs.Proc]:
     listener = host.sshd.pid if host.sshd else None
     return [p for p in procs.netns_procs(host.name) if p.comm == "sshd" and p.pid != listener]
 

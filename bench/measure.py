@@ -15,8 +15,8 @@ import subprocess
 import time
 from typing import Iterable, Optional, Sequence
 
-import echo_server
-import hosts
+import harness
+from harness import echo_server
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SLOW_ROUND_TRIP = 0.010
@@ -110,7 +110,7 @@ class RoundTripper:
 
     def __init__(self, name: str, host: str, port: int, size: int, timeout: float = 10.0) -> None:
         self.name = name
-        self.sock = hosts.connect(host, port, timeout)
+        self.sock = harness.connect(host, port, timeout)
         self.sock.settimeout(timeout)
         self.payload = os.urandom(size)
         self.buf = bytearray(size)
@@ -124,7 +124,7 @@ class RoundTripper:
         for _ in range(count):
             t0 = clock()
             s.sendall(payload)
-            hosts.recv_exact_into(s, view, f"{self.name}: echo")
+            harness.recv_exact_into(s, view, f"{self.name}: echo")
             out.append(clock() - t0)
             if buf != payload:
                 raise AssertionError(f"{self.name}: echo returned different bytes")
@@ -138,9 +138,9 @@ def latency_summary(samples: Sequence[float]) -> dict:
     slow = [s for s in samples if s > SLOW_ROUND_TRIP]
     return {
         "count": len(samples),
-        "p50_us": round(hosts.percentile(samples, 50) * 1e6, 1),
-        "p99_us": round(hosts.percentile(samples, 99) * 1e6, 1),
-        "p999_us": round(hosts.percentile(samples, 99.9) * 1e6, 1),
+        "p50_us": round(harness.percentile(samples, 50) * 1e6, 1),
+        "p99_us": round(harness.percentile(samples, 99) * 1e6, 1),
+        "p999_us": round(harness.percentile(samples, 99.9) * 1e6, 1),
         "max_us": round(max(samples) * 1e6, 1),
         "mean_us": round(statistics.fmean(samples) * 1e6, 1),
         "over_10ms": len(slow),
@@ -150,7 +150,7 @@ def latency_summary(samples: Sequence[float]) -> dict:
 
 
 # --- one-way streams ---------------------------------------------------------------------------
-# Unlike hosts.sink_send/source_receive, the client hashes outside the timed part: with sha256 at
+# Unlike harness.sink_send/source_receive, the client hashes outside the timed part: with sha256 at
 # ~1.7 GB/s per core, hashing inline would cap the direct path near the tunnels' speed and hide the
 # difference being measured. The services still hash on their side (sink) or send the pattern (source).
 
@@ -164,10 +164,10 @@ def pattern_digest(nbytes: int) -> str:
     return _digests[nbytes]
 
 
-def send_to_sink(host: str, port: int, nbytes: int, timeout: float) -> hosts.StreamResult:
+def send_to_sink(host: str, port: int, nbytes: int, timeout: float) -> harness.StreamResult:
     """Timed from the first byte sent until the sink has counted and hashed the last one."""
     expected = pattern_digest(nbytes)
-    with hosts.connect(host, port, timeout) as s:
+    with harness.connect(host, port, timeout) as s:
         s.settimeout(timeout)
         start = time.perf_counter()
         for piece in echo_server.pattern_chunks(nbytes):
@@ -181,10 +181,10 @@ def send_to_sink(host: str, port: int, nbytes: int, timeout: float) -> hosts.Str
             reply += piece
         seconds = time.perf_counter() - start
     count, digest = reply.decode().split()
-    return hosts.StreamResult(nbytes, expected, int(count), digest, seconds)
+    return harness.StreamResult(nbytes, expected, int(count), digest, seconds)
 
 
-def receive_from_source(host: str, port: int, nbytes: int, timeout: float, into: bytearray) -> hosts.StreamResult:
+def receive_from_source(host: str, port: int, nbytes: int, timeout: float, into: bytearray) -> harness.StreamResult:
     """Timed from the request until EOF; the bytes land in a preallocated buffer hashed afterwards.
 
     into should be somewhat larger than nbytes, so that a source sending too much shows up as a wrong
@@ -192,7 +192,7 @@ def receive_from_source(host: str, port: int, nbytes: int, timeout: float, into:
     """
     view = memoryview(into)
     got = 0
-    with hosts.connect(host, port, timeout) as s:
+    with harness.connect(host, port, timeout) as s:
         s.settimeout(timeout)
         start = time.perf_counter()
         s.sendall(f"{nbytes}\n".encode())
@@ -203,7 +203,7 @@ def receive_from_source(host: str, port: int, nbytes: int, timeout: float, into:
             got += k
         seconds = time.perf_counter() - start
     digest = hashlib.sha256(view[:got]).hexdigest()
-    return hosts.StreamResult(nbytes, pattern_digest(nbytes), got, digest, seconds)
+    return harness.StreamResult(nbytes, pattern_digest(nbytes), got, digest, seconds)
 
 
 # --- OpenSSH client processes -----------------------------------------------------------------
@@ -212,15 +212,15 @@ def receive_from_source(host: str, port: int, nbytes: int, timeout: float, into:
 def owner_env() -> dict:
     # The owner mark lets a later run of the harness reap these clients if this one is SIGKILLed.
     env = dict(os.environ)
-    env[hosts.OWNER_ENV] = f"{os.getpid()}:0"
+    env[harness.OWNER_ENV] = f"{os.getpid()}:0"
     return env
 
 
 def start_ssh_forward(
-    server: hosts.SshServer, remote_host: str, remote_port: int, options: Sequence[str] = ()
+    server: harness.SshServer, remote_host: str, remote_port: int, options: Sequence[str] = ()
 ) -> tuple[subprocess.Popen, int]:
     """Spawn `ssh -N -L 127.0.0.1:LP:RH:RP` without waiting; returns (process, LP)."""
-    lp = hosts.free_port()
+    lp = harness.free_port()
     argv = server.ssh_argv(
         options=["-N", "-L", f"127.0.0.1:{lp}:{remote_host}:{remote_port}", "-o", "ExitOnForwardFailure=yes", *options]
     )
@@ -234,7 +234,7 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float, poll: floa
     """Seconds until port listens (read from /proc, without connecting); raises if ssh exits first."""
     start = time.perf_counter()
     deadline = time.monotonic() + timeout
-    while not hosts.is_listening(port):
+    while not harness.is_listening(port):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             raise RuntimeError(f"ssh -L on port {port} exited with {proc.returncode}: {err}")
@@ -249,7 +249,7 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float, poll: floa
 _KEX_RE = re.compile(r"kex: client->server cipher: (\S+) MAC: (\S+)")
 
 
-def negotiated_cipher(server: hosts.SshServer, since: int) -> Optional[str]:
+def negotiated_cipher(server: harness.SshServer, since: int) -> Optional[str]:
     """Cipher of the first connection the server logged after offset since (needs LogLevel DEBUG1+)."""
     m = _KEX_RE.search(server.log_text(since))
     if not m:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import egtunnel  # noqa: E402
-import hosts  # noqa: E402
+import harness  # noqa: E402
 from delay_proxy import DelayProxy  # noqa: E402
 
 CHANNELS = ("SHELL", "IOPUB", "STDIN", "HB", "CONTROL", "EG_COMM")
@@ -107,10 +107,10 @@ class Clients:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def measure_rtt(server: hosts.SshServer, echo_port: int, rtt_ms: float, a_repeats: int,
+async def measure_rtt(server: harness.SshServer, echo_port: int, rtt_ms: float, a_repeats: int,
                       reopen_kernels: int, max_startups: int) -> dict:  # fmt: skip
     six = [(ch, "127.0.0.1", echo_port) for ch in CHANNELS]
-    with DelayProxy(("127.0.0.1", server.port), rtt_ms / 2, env=hosts._tagged_env(hosts._mark())) as proxy:
+    with DelayProxy(("127.0.0.1", server.port), rtt_ms / 2, env=harness.tagged_env(harness.new_mark())) as proxy:
         known_hosts = server.dir / f"known_hosts.proxy{proxy.port}"
         known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {server.host_public_key}\n")
         target = egtunnel.SshTarget("127.0.0.1", port=proxy.port, user=server.user, ssh_config="none",
@@ -204,14 +204,14 @@ def main() -> int:
     a = p.parse_args()
     if a.quick:
         a.rtt, a.kernels, a.repeats = "0,10", 5, 1
-    reason = hosts.sshd_unavailable_reason()
+    reason = harness.sshd_unavailable_reason()
     if reason:
         log(reason)
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     rows = []
-    with hosts.SshServer(log_level="INFO") as server, hosts.EchoServer() as echo:
+    with harness.SshServer(log_level="INFO") as server, harness.EchoServer() as echo:
         server.start()
         echo.start()
         for rtt in [float(x) for x in a.rtt.split(",") if x]:

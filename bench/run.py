@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-import hosts  # noqa: E402
+import harness  # noqa: E402
 import measure  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -100,8 +100,8 @@ class Lab:
         self.note = ""
         try:
             try:
-                remote = self.stack.enter_context(hosts.RemoteHost())
-            except hosts.NetnsUnavailable as e:
+                remote = self.stack.enter_context(harness.RemoteHost())
+            except harness.NetnsUnavailable as e:
                 self._start_on_loopback(str(e))
                 return
             self.target = remote.address
@@ -120,10 +120,10 @@ class Lab:
             "service share the loopback stack; numbers are not comparable with a netns run"
         )
         self.target = "127.0.0.1"
-        self.sshd = self.stack.enter_context(hosts.SshServer(log_level=SSHD_LOG_LEVEL, extra_config=BENCH_SSHD_LIMITS))
-        self.echo = self.stack.enter_context(hosts.EchoServer())
-        self.sink = self.stack.enter_context(hosts.EchoServer(mode="sink"))
-        self.source = self.stack.enter_context(hosts.EchoServer(mode="source"))
+        self.sshd = self.stack.enter_context(harness.SshServer(log_level=SSHD_LOG_LEVEL, extra_config=BENCH_SSHD_LIMITS))
+        self.echo = self.stack.enter_context(harness.EchoServer())
+        self.sink = self.stack.enter_context(harness.EchoServer(mode="sink"))
+        self.source = self.stack.enter_context(harness.EchoServer(mode="source"))
 
     def describe(self) -> dict:
         return {
@@ -143,7 +143,7 @@ class Lab:
 def wait_connections_closed(eg, lab: Lab, timeout: float = 15.0) -> None:
     """Wait out the linger of shared connections, which would otherwise see the server go away and
     log a reconnect attempt."""
-    hosts.wait_until(lambda: not [c for c in eg.status() if c["port"] == lab.sshd.port], timeout,
+    harness.wait_until(lambda: not [c for c in eg.status() if c["port"] == lab.sshd.port], timeout,
                      interval=0.1, what="egtunnel connections to close")  # fmt: skip
 
 
@@ -163,13 +163,13 @@ def ssh_forwards(lab: Lab, port: int, n: int, options: Sequence[str] = ()):
         yield procs
     finally:
         for proc, _ in procs:
-            hosts.stop_popen(proc)
+            harness.stop_popen(proc)
 
 
 def connect_through(stack: contextlib.ExitStack, port: int) -> None:
     """Open a client connection through a forward and prove it reaches the echo server, leaving it
     open: an idle forward in a gateway holds its kernel's ZMQ connections, not nothing."""
-    s = stack.enter_context(hosts.connect("127.0.0.1", port))
+    s = stack.enter_context(harness.connect("127.0.0.1", port))
     s.settimeout(10.0)
     s.sendall(b"x")
     if s.recv(1) != b"x":
@@ -226,7 +226,7 @@ def section_idle(eg, lab: Lab, st: Settings) -> dict:
             tunnels = [stack.enter_context(open_forward(eg, lab, lab.echo.port, mode=mode)) for _ in range(st.forwards)]
             for t in tunnels:
                 connect_through(stack, t.local_port)
-            threads = hosts.thread_count()
+            threads = harness.thread_count()
             row = idle_window(st, lab.sshd.session_pids(), None)
             # Shared forwards all report their one connection's counter.
             counted = tunnels[:1] if mode == "shared" else tunnels
@@ -314,7 +314,7 @@ def section_throughput(eg, lab: Lab, st: Settings) -> dict:
                 "ssh -N -L -c aes128-gcm": ("127.0.0.1", gcm_port, [gcm_proc.pid], []),
             }
         for direction, label in (("sink", "local -> remote"), ("source", "remote -> local")):
-            runs: dict[str, list[tuple[hosts.StreamResult, float, float]]] = {name: [] for name in paths[direction]}
+            runs: dict[str, list[tuple[harness.StreamResult, float, float]]] = {name: [] for name in paths[direction]}
             for _ in range(st.repeats):
                 # Round-robin, as for latency: a noisy moment hurts one run of each path, not one path.
                 for name, (host, port, pids, skip) in paths[direction].items():
@@ -374,7 +374,7 @@ def section_open(eg, lab: Lab, st: Settings) -> dict:
             measure.wait_listening(proc, lp, timeout=30.0)
             times["ssh -N -L"].append(time.perf_counter() - t0)
         finally:
-            hosts.stop_popen(proc)
+            harness.stop_popen(proc)
     rows = [{"name": name, **measure.summary_ms(v)} for name, v in times.items()]
     by = {r["name"]: r for r in rows}
     return {
@@ -549,7 +549,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.alarm(st.deadline_seconds)
 
     eg = import_egtunnel()
-    reason = hosts.sshd_unavailable_reason()
+    reason = harness.sshd_unavailable_reason()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ from lab import (
 )
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
-import hosts  # noqa: E402
+import harness  # noqa: E402
 
 AT_ONCE = 6
 
@@ -127,7 +127,7 @@ def one_run(lab: Lab, spec: str, n: int, idle: float, profile: str | None = None
 
 
 def ms(samples: list[float], p: float) -> str:
-    return f"{hosts.percentile(samples, p) * 1000:.0f}" if samples else "-"
+    return f"{harness.percentile(samples, p) * 1000:.0f}" if samples else "-"
 
 
 def render(off: Run, egt: Run) -> tuple[str, list[tuple[str, bool]]]:

@@ -55,8 +55,8 @@ os.environ["EGTUNNEL_CHECK_SETTLED"] = "1"
 # Everything on one SSH connection, which is what this run stresses: no lanes (see README.md).
 os.environ["EG_SSH_MAX_LANES"] = "1"
 
-import echo_server  # noqa: E402
-import hosts  # noqa: E402
+import harness  # noqa: E402
+from harness import echo_server  # noqa: E402
 
 import egtunnel  # noqa: E402
 
@@ -75,7 +75,7 @@ def log(msg: str) -> None:
 
 
 def percentile(samples: list[float], p: float) -> float:
-    return hosts.percentile(samples, p) if samples else float("nan")
+    return harness.percentile(samples, p) if samples else float("nan")
 
 
 @dataclass
@@ -247,7 +247,7 @@ async def command_worker(
             res.failures.append(f"{which} command {cmd.index} ({cmd.kind}): {problem}")
 
 
-def openssh_argv(server: hosts.SshServer, control: Path) -> list[str]:
+def openssh_argv(server: harness.SshServer, control: Path) -> list[str]:
     return [
         "ssh", "-F", "/dev/null", "-p", str(server.port), "-i", str(server.identity_file),
         "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
@@ -260,7 +260,7 @@ def openssh_argv(server: hosts.SshServer, control: Path) -> list[str]:
     ]  # fmt: skip
 
 
-async def run(args: argparse.Namespace, server: hosts.SshServer, echo_port_host: str, echo_port: int,
+async def run(args: argparse.Namespace, server: harness.SshServer, echo_port_host: str, echo_port: int,
               source_port: int) -> Results:  # fmt: skip
     rng = random.Random(args.seed)
     res = Results()
@@ -352,20 +352,20 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--loopback", action="store_true", help="no network namespace: sshd on 127.0.0.1")
     args = parser.parse_args()
-    if hosts.sshd_unavailable_reason() or not shutil.which("ssh"):
-        print(f"stress: cannot run: {hosts.sshd_unavailable_reason() or 'no ssh client'}", file=sys.stderr)
+    if harness.sshd_unavailable_reason() or not shutil.which("ssh"):
+        print(f"stress: cannot run: {harness.sshd_unavailable_reason() or 'no ssh client'}", file=sys.stderr)
         return 2
     log(f"seed {args.seed}, {args.ops} operations, {args.forwards} forwards, {args.busy} busy loops")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    remote: Optional[hosts.RemoteHost] = None
+    remote: Optional[harness.RemoteHost] = None
     try:
-        if args.loopback or hosts.netns_unavailable_reason():
-            server = hosts.SshServer(log_level="INFO").start()
-            echo = hosts.EchoServer().start()
-            source = hosts.EchoServer(mode="source").start()
+        if args.loopback or harness.netns_unavailable_reason():
+            server = harness.SshServer(log_level="INFO").start()
+            echo = harness.EchoServer().start()
+            source = harness.EchoServer(mode="source").start()
             svc_host = "127.0.0.1"
         else:
-            remote = hosts.RemoteHost().start()
+            remote = harness.RemoteHost().start()
             server = remote.ssh_server(log_level="INFO")
             echo = remote.echo_server()
             source = remote.echo_server(mode="source")
@@ -376,7 +376,7 @@ def main() -> int:
     finally:
         if remote is not None:
             remote.close()
-        pass  # the loopback servers are closed at exit (tests/hosts.py registers them)
+        pass  # the loopback servers are closed at exit (the harness registers them)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import hosts  # noqa: E402
+import harness  # noqa: E402
 
 # Every channel on one SSH connection, which is what this measures: no lanes (see README.md).
 os.environ["EG_SSH_MAX_LANES"] = "1"
@@ -39,11 +39,11 @@ def cpu_per_trip(port: int, trips: int) -> tuple[float, float]:
     payload = b"x" * 64
     for _ in range(50):  # warm up
         s.sendall(payload)
-        hosts._recv_exact(s, len(payload))
+        harness.recv_exact(s, len(payload))
     c0, w0 = time.process_time(), time.perf_counter()
     for _ in range(trips):
         s.sendall(payload)
-        hosts._recv_exact(s, len(payload))
+        harness.recv_exact(s, len(payload))
     c1, w1 = time.process_time(), time.perf_counter()
     s.close()
     return (c1 - c0) / trips, (w1 - w0) / trips
@@ -55,11 +55,11 @@ def main() -> int:
     ap.add_argument("--trips", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if hosts.sshd_unavailable_reason():
-        print(f"wakeup: cannot run: {hosts.sshd_unavailable_reason()}", file=sys.stderr)
+    if harness.sshd_unavailable_reason():
+        print(f"wakeup: cannot run: {harness.sshd_unavailable_reason()}", file=sys.stderr)
         return 2
-    server = hosts.SshServer(log_level="INFO").start()
-    echo = hosts.EchoServer().start()
+    server = harness.SshServer(log_level="INFO").start()
+    echo = harness.EchoServer().start()
     kw = server.connect_kwargs()
     target = egtunnel.SshTarget(kw.pop("host"), **kw)
     busy = target.open_forwards([("SHELL", "127.0.0.1", echo.port)], kernel_id="busy")[0]
@@ -75,7 +75,7 @@ def main() -> int:
                 while len(idle_socks) < idle:
                     s = socket.create_connection(("127.0.0.1", forwards[len(idle_socks)].local_port))
                     s.sendall(b"!")
-                    hosts._recv_exact(s, 1)  # the channel is open end to end
+                    harness.recv_exact(s, 1)  # the channel is open end to end
                     idle_socks.append(s)
                 while len(idle_socks) > idle:
                     idle_socks.pop().close()

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The test harness owns the SSH server and gateway plumbing; the demo reuses it rather than copy it.
 sys.path.insert(0, str(REPO / "tests"))
 
-import hosts  # noqa: E402
-from e2e import procs  # noqa: E402
+import harness  # noqa: E402
+from harness import procs  # noqa: E402
 from e2e.gateway import Gateway, GatewayConfig, GatewayStartError, KernelSpecDef  # noqa: E402
 
 KERNELSPEC = "egtunnel-demo"
@@ -33,7 +33,7 @@ CHANNEL_ORDER = ("SHELL", "IOPUB", "STDIN", "HB", "CONTROL", "EG_COMM")
 
 
 def _missing_prerequisite() -> str | None:
-    reason = hosts.sshd_unavailable_reason()
+    reason = harness.sshd_unavailable_reason()
     if reason:
         return (
             f"The demo needs OpenSSH's server program to run a throwaway sshd on a free loopback port: "
@@ -112,7 +112,7 @@ def main() -> int:
     cull = int(os.environ.get("DEMO_CULL", "600"))
     workdir = Path(tempfile.mkdtemp(prefix="egtunnel-demo-"))
     failed = False
-    sshd = hosts.SshServer(workdir=workdir / "sshd", log_level="VERBOSE")
+    sshd = harness.SshServer(workdir=workdir / "sshd", log_level="VERBOSE")
     gateway = None
     client = None
     try:

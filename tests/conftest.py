@@ -1,6 +1,6 @@
-"""pytest fixtures around tests/hosts.py: real OpenSSH servers, TCP services, and remote hosts in
-network namespaces. Tests that need a namespace skip, saying why, where one cannot be created (not
-root, no iproute2, no CAP_SYS_ADMIN); as root on Linux they always run.
+"""pytest fixtures around the test harness (tests/harness/): real OpenSSH servers, TCP services, and
+remote hosts in network namespaces. Tests that need a namespace skip, saying why, where one cannot be
+created (not root, no iproute2, no CAP_SYS_ADMIN); as root on Linux they always run.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-import hosts
+import harness
 
 # Tests using these fixtures get the netns marker, so `-m "not netns"` leaves them out.
 NETNS_FIXTURES = frozenset({"netns_host", "remote_host"})
@@ -31,12 +31,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     if report.when != "call" or not report.failed:
         return
     funcargs = getattr(item, "funcargs", {})
-    servers: list[hosts.SshServer] = []
-    if isinstance(funcargs.get("sshd"), hosts.SshServer):
+    servers: list[harness.SshServer] = []
+    if isinstance(funcargs.get("sshd"), harness.SshServer):
         servers.append(funcargs["sshd"])
     servers += getattr(funcargs.get("sshd_factory"), "servers", [])
     for name in NETNS_FIXTURES:
-        if isinstance(funcargs.get(name), hosts.RemoteHost):
+        if isinstance(funcargs.get(name), harness.RemoteHost):
             servers += funcargs[name].ssh_servers
     for server in dict.fromkeys(servers):
         tail = "\n".join(server.log_text().splitlines()[-LOG_TAIL_LINES:])
@@ -46,16 +46,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 @pytest.fixture(autouse=True, scope="session")
 def _no_stale_shell_lock() -> Iterator[None]:
     """A shell start-up lock left by a killed session would stall every later remote command (see
-    hosts.clear_stale_shell_lock). Sessions are killed in the middle of tests too (a launch that times
+    harness.clear_stale_shell_lock). Sessions are killed in the middle of tests too (a launch that times
     out is killed with its process group), so the lock is looked at throughout the run, not just
     between tests."""
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.wait(2.0):
-            hosts.clear_stale_shell_lock()
+            harness.clear_stale_shell_lock()
 
-    hosts.clear_stale_shell_lock()
+    harness.clear_stale_shell_lock()
     watcher = threading.Thread(target=watch, name="stale-shell-lock", daemon=True)
     watcher.start()
     yield
@@ -78,34 +78,34 @@ def _fresh_log_levels() -> Iterator[None]:
 
 
 def _require_sshd() -> None:
-    reason = hosts.sshd_unavailable_reason()
+    reason = harness.sshd_unavailable_reason()
     if reason:
         pytest.skip(reason)
 
 
 def _require_netns() -> None:
-    reason = hosts.netns_unavailable_reason()
+    reason = harness.netns_unavailable_reason()
     if reason:
         pytest.skip(f"remote-host test: {reason}")
 
 
 @pytest.fixture
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hosts.SshServer]:
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.SshServer]:
     """A running OpenSSH server on 127.0.0.1 and a free port; files (and log) kept under pytest's tmp."""
     _require_sshd()
-    with hosts.SshServer(workdir=tmp_path_factory.mktemp("sshd")) as server:
+    with harness.SshServer(workdir=tmp_path_factory.mktemp("sshd")) as server:
         yield server
 
 
 @pytest.fixture
-def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., hosts.SshServer]]:
+def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., harness.SshServer]]:
     """make(**SshServer kwargs) -> a started SshServer; all of them are stopped at teardown."""
     _require_sshd()
-    servers: list[hosts.SshServer] = []
+    servers: list[harness.SshServer] = []
 
-    def make(**kwargs: object) -> hosts.SshServer:
+    def make(**kwargs: object) -> harness.SshServer:
         kwargs.setdefault("workdir", tmp_path_factory.mktemp("sshd"))
-        server = hosts.SshServer(**kwargs)  # type: ignore[arg-type]
+        server = harness.SshServer(**kwargs)  # type: ignore[arg-type]
         servers.append(server)
         return server.start()
 
@@ -118,22 +118,22 @@ def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 
 @pytest.fixture
-def echo_server() -> Iterator[hosts.EchoServer]:
+def echo_server() -> Iterator[harness.EchoServer]:
     """An echo server process on 127.0.0.1 and a free port."""
-    with hosts.EchoServer() as server:
+    with harness.EchoServer() as server:
         yield server
 
 
 @pytest.fixture
-def netns_host() -> Iterator[hosts.RemoteHost]:
+def netns_host() -> Iterator[harness.RemoteHost]:
     """A bare RemoteHost (namespace + veth, nothing running in it)."""
     _require_netns()
-    with hosts.RemoteHost() as host:
+    with harness.RemoteHost() as host:
         yield host
 
 
 @pytest.fixture
-def remote_host(netns_host: hosts.RemoteHost, tmp_path_factory: pytest.TempPathFactory) -> hosts.RemoteHost:
+def remote_host(netns_host: harness.RemoteHost, tmp_path_factory: pytest.TempPathFactory) -> harness.RemoteHost:
     """A RemoteHost with .sshd (an SshServer on its address) and .echo (an echo server on its address)."""
     _require_sshd()
     netns_host.ssh_server(workdir=tmp_path_factory.mktemp("remote-sshd"))

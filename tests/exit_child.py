@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hosts  # noqa: E402  - imported first: its atexit closes the servers after egtunnel's gate
+import harness  # noqa: E402  - imported first: its atexit closes the servers after egtunnel's gate
 
 import egtunnel  # noqa: E402
 
@@ -46,8 +46,8 @@ def commands(target: egtunnel.SshTarget) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s %(message)s")
-    server = hosts.SshServer(log_level="INFO").start()
-    echo = hosts.EchoServer().start()
+    server = harness.SshServer(log_level="INFO").start()
+    echo = harness.EchoServer().start()
     kw = server.connect_kwargs()
     target = egtunnel.SshTarget(kw.pop("host"), **kw)
     tunnels = target.open_forwards([(c, "127.0.0.1", echo.port) for c in CHANNELS], kernel_id="exit")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import hosts
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
@@ -21,7 +21,7 @@ LATENCY_KEYS = {"count", "p50_us", "p99_us", "p999_us", "max_us", "over_10ms", "
 
 def _marked_by(pid: int) -> list[int]:
     """Processes still carrying an owner mark of pid (what the harness tags everything it starts with)."""
-    key = f"{hosts.OWNER_ENV}={pid}:".encode()
+    key = f"{harness.OWNER_ENV}={pid}:".encode()
     found = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
@@ -54,7 +54,7 @@ def _run(tmp_path: Path, *args: str) -> tuple[str, dict]:
 
 
 def test_quick_run_produces_every_section(tmp_path: Path) -> None:
-    reason = hosts.sshd_unavailable_reason()
+    reason = harness.sshd_unavailable_reason()
     if reason:
         pytest.skip(reason)
     stdout, res = _run(tmp_path)
@@ -89,7 +89,7 @@ def test_quick_run_produces_every_section(tmp_path: Path) -> None:
 
 
 def test_only_runs_one_section(tmp_path: Path) -> None:
-    reason = hosts.sshd_unavailable_reason()
+    reason = harness.sshd_unavailable_reason()
     if reason:
         pytest.skip(reason)
     stdout, res = _run(tmp_path, "--only", "open")

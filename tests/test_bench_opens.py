@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import hosts
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 OPENS = REPO / "bench" / "opens.py"
 
 
 def test_quick_opens_run(tmp_path: Path) -> None:
-    reason = hosts.sshd_unavailable_reason()
+    reason = harness.sshd_unavailable_reason()
     if reason:
         pytest.skip(reason)
     out = tmp_path / "opens.json"

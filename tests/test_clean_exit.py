@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import hosts
+import harness
 
 CHILD = Path(__file__).resolve().parent / "exit_child.py"
 RUNS = 6
@@ -21,8 +21,8 @@ RUNS = 6
 
 @pytest.mark.parametrize("how", ["exit", "sigterm"])
 def test_exit_with_traffic_commands_and_debug_logging_never_aborts(how: str) -> None:
-    if hosts.sshd_unavailable_reason():
-        pytest.skip(hosts.sshd_unavailable_reason())
+    if harness.sshd_unavailable_reason():
+        pytest.skip(harness.sshd_unavailable_reason())
     rng = random.Random()
     for run in range(RUNS):
         delay = rng.uniform(0.05, 0.6)

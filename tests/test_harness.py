@@ -14,12 +14,12 @@ from typing import Iterator
 
 import pytest
 
-import hosts
+import harness
 
 SSH_TIMEOUT = 20.0
 
 
-def _run_ssh_client(server: hosts.SshServer, *options: str) -> subprocess.Popen:
+def _run_ssh_client(server: harness.SshServer, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
         server.ssh_argv(options=["-N", *options]),
         stdin=subprocess.DEVNULL,
@@ -42,7 +42,7 @@ def ssh_clients() -> Iterator[list[subprocess.Popen]]:
 # --- SshServer on loopback
 
 
-def test_login_with_the_authorized_key(sshd: hosts.SshServer) -> None:
+def test_login_with_the_authorized_key(sshd: harness.SshServer) -> None:
     res = sshd.ssh("echo", "logged-in", timeout=SSH_TIMEOUT)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "logged-in"
@@ -51,20 +51,20 @@ def test_login_with_the_authorized_key(sshd: hosts.SshServer) -> None:
     assert f"Accepted publickey for {sshd.user}" in sshd.log_text()
 
 
-def test_wrong_key_is_refused(sshd: hosts.SshServer) -> None:
+def test_wrong_key_is_refused(sshd: harness.SshServer) -> None:
     res = sshd.ssh("true", identity_file=sshd.wrong_identity_file, timeout=SSH_TIMEOUT)
     assert res.returncode == 255
     assert "Permission denied (publickey)" in res.stderr
     assert "Accepted publickey" not in sshd.log_text()
 
 
-def test_unknown_host_key_is_refused(sshd: hosts.SshServer) -> None:
+def test_unknown_host_key_is_refused(sshd: harness.SshServer) -> None:
     res = sshd.ssh("true", known_hosts=sshd.empty_known_hosts(), timeout=SSH_TIMEOUT)
     assert res.returncode == 255
     assert "Host key verification failed" in res.stderr
 
 
-def test_restart_keeps_port_and_host_key(sshd: hosts.SshServer) -> None:
+def test_restart_keeps_port_and_host_key(sshd: harness.SshServer) -> None:
     port, key, pid = sshd.port, sshd.host_public_key, sshd.pid
     sshd.restart()
     assert (sshd.port, sshd.host_public_key) == (port, key)
@@ -73,7 +73,7 @@ def test_restart_keeps_port_and_host_key(sshd: hosts.SshServer) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def test_regenerated_host_key_is_a_changed_key(sshd: hosts.SshServer) -> None:
+def test_regenerated_host_key_is_a_changed_key(sshd: harness.SshServer) -> None:
     old = sshd.host_public_key
     new = sshd.regenerate_host_key()
     assert new != old and sshd.running
@@ -84,19 +84,19 @@ def test_regenerated_host_key_is_a_changed_key(sshd: hosts.SshServer) -> None:
     assert sshd.ssh("true", timeout=SSH_TIMEOUT).returncode == 0
 
 
-def test_keepalive_requests_appear_in_the_log(sshd: hosts.SshServer, ssh_clients: list) -> None:
+def test_keepalive_requests_appear_in_the_log(sshd: harness.SshServer, ssh_clients: list) -> None:
     since = sshd.log_offset()
     ssh_clients.append(_run_ssh_client(sshd, "-o", "ServerAliveInterval=1"))
-    sshd.wait_for_log(hosts.KEEPALIVE_LOG_LINE, timeout=10, since=since, count=2)
+    sshd.wait_for_log(harness.KEEPALIVE_LOG_LINE, timeout=10, since=since, count=2)
 
 
-def test_paused_session_is_a_dead_peer(sshd: hosts.SshServer, ssh_clients: list) -> None:
+def test_paused_session_is_a_dead_peer(sshd: harness.SshServer, ssh_clients: list) -> None:
     since = sshd.log_offset()
     client = _run_ssh_client(sshd, "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")
     ssh_clients.append(client)
     # Pausing during the handshake would test ConnectTimeout instead; a keep-alive answered means the
     # session is past authentication.
-    sshd.wait_for_log(hosts.KEEPALIVE_LOG_LINE, timeout=10, since=since)
+    sshd.wait_for_log(harness.KEEPALIVE_LOG_LINE, timeout=10, since=since)
     assert sshd.established_connections() == 1
     stopped = time.monotonic()
     assert sshd.pause_sessions()
@@ -106,46 +106,46 @@ def test_paused_session_is_a_dead_peer(sshd: hosts.SshServer, ssh_clients: list)
     assert "Timeout, server" in err
     # The server side still holds the connection until the session runs again and sees the EOF.
     sshd.resume_sessions()
-    hosts.wait_until(lambda: sshd.established_connections() == 0, 10, what="the session to end")
+    harness.wait_until(lambda: sshd.established_connections() == 0, 10, what="the session to end")
 
 
-def test_stop_kills_sessions_and_what_they_started(sshd: hosts.SshServer, ssh_clients: list) -> None:
+def test_stop_kills_sessions_and_what_they_started(sshd: harness.SshServer, ssh_clients: list) -> None:
     res = sshd.ssh("nohup sleep 300 >/dev/null 2>&1 & echo $!", timeout=SSH_TIMEOUT)
     orphan = int(res.stdout.strip())
     client = _run_ssh_client(sshd)
     ssh_clients.append(client)
-    hosts.wait_until(lambda: sshd.session_pids(), 10, what="the session process")
+    harness.wait_until(lambda: sshd.session_pids(), 10, what="the session process")
     sessions = sshd.session_pids()
     sshd.stop()
     assert not sshd.running
-    assert not any(hosts._alive(p) for p in [orphan, *sessions])
-    assert not hosts.is_listening(sshd.port)
+    assert not any(harness.procs.alive(p) for p in [orphan, *sessions])
+    assert not harness.is_listening(sshd.port)
     client.wait(timeout=10)
 
 
 # --- TCP services on loopback
 
 
-def test_echo_finishes_sending_after_half_close(echo_server: hosts.EchoServer) -> None:
+def test_echo_finishes_sending_after_half_close(echo_server: harness.EchoServer) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB, larger than any socket buffer on the path
-    assert hosts.echo_once(*echo_server.address, payload=payload) == payload
+    assert harness.echo_once(*echo_server.address, payload=payload) == payload
 
 
-def test_echo_64_mib_each_way(echo_server: hosts.EchoServer) -> None:
-    result = hosts.sha256_echo(*echo_server.address, 64 << 20)
+def test_echo_64_mib_each_way(echo_server: harness.EchoServer) -> None:
+    result = harness.sha256_echo(*echo_server.address, 64 << 20)
     assert result.ok, result
 
 
 @pytest.mark.parametrize("mode", ["sink", "source"])
 def test_one_way_services(mode: str) -> None:
-    with hosts.EchoServer(mode=mode) as server:
-        fn = hosts.sink_send if mode == "sink" else hosts.source_receive
+    with harness.EchoServer(mode=mode) as server:
+        fn = harness.sink_send if mode == "sink" else harness.source_receive
         result = fn(*server.address, 16 << 20)
     assert result.ok, result
 
 
 def test_echo_server_exits_when_its_parent_is_gone() -> None:
-    server = hosts.EchoServer().start()
+    server = harness.EchoServer().start()
     try:
         proc = server._proc
         assert proc is not None and proc.stdin is not None
@@ -155,47 +155,47 @@ def test_echo_server_exits_when_its_parent_is_gone() -> None:
         server.close()
 
 
-def test_openssh_forward_to_loopback(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
-    with hosts.openssh_forward(sshd, 0, "127.0.0.1", echo_server.port) as fwd:
+def test_openssh_forward_to_loopback(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
+    with harness.openssh_forward(sshd, 0, "127.0.0.1", echo_server.port) as fwd:
         assert sshd.established_connections() == 1
-        assert hosts.echo_once("127.0.0.1", fwd.local_port) == b"hello egtunnel\n"
-        samples = hosts.round_trips("127.0.0.1", fwd.local_port, count=200)
-    assert len(samples) == 200 and hosts.percentile(samples, 50) < 0.05
-    assert not hosts.is_listening(fwd.local_port)
+        assert harness.echo_once("127.0.0.1", fwd.local_port) == b"hello egtunnel\n"
+        samples = harness.round_trips("127.0.0.1", fwd.local_port, count=200)
+    assert len(samples) == 200 and harness.percentile(samples, 50) < 0.05
+    assert not harness.is_listening(fwd.local_port)
 
 
 def test_process_counters_see_our_own_resources() -> None:
-    fds, threads = hosts.fd_count(), hosts.thread_count()
+    fds, threads = harness.fd_count(), harness.thread_count()
     release = threading.Event()
     t = threading.Thread(target=release.wait)
     t.start()
     with socket.socket() as s:
-        assert hosts.fd_count() == fds + 1 and hosts.thread_count() == threads + 1
+        assert harness.fd_count() == fds + 1 and harness.thread_count() == threads + 1
         s.close()
         release.set()
         t.join()
     # The OS thread finishes exiting just after join() returns; give it a moment to leave /proc.
-    hosts.wait_until(lambda: hosts.thread_count() == threads, 2, what="the joined thread to leave /proc")
-    assert (hosts.fd_count(), hosts.thread_count()) == (fds, threads)
+    harness.wait_until(lambda: harness.thread_count() == threads, 2, what="the joined thread to leave /proc")
+    assert (harness.fd_count(), harness.thread_count()) == (fds, threads)
 
 
 def test_percentile_is_nearest_rank() -> None:
     samples = [float(i) for i in range(1, 101)]
-    assert hosts.percentile(samples, 50) == 50.0
-    assert hosts.percentile(samples, 99) == 99.0
-    assert hosts.percentile(samples, 100) == 100.0
-    assert hosts.percentile([3.0], 0) == 3.0
+    assert harness.percentile(samples, 50) == 50.0
+    assert harness.percentile(samples, 99) == 99.0
+    assert harness.percentile(samples, 100) == 100.0
+    assert harness.percentile([3.0], 0) == 3.0
 
 
 # --- RemoteHost (network namespace)
 
 
 @pytest.mark.netns
-def test_remote_host_is_reachable_only_on_its_address(remote_host: hosts.RemoteHost) -> None:
+def test_remote_host_is_reachable_only_on_its_address(remote_host: harness.RemoteHost) -> None:
     echo, sshd = remote_host.echo, remote_host.sshd
     assert echo is not None and sshd is not None
     assert echo.host == sshd.host == remote_host.address
-    assert hosts.echo_once(*echo.address) == b"hello egtunnel\n"
+    assert harness.echo_once(*echo.address) == b"hello egtunnel\n"
     for port in (echo.port, sshd.port):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -204,7 +204,7 @@ def test_remote_host_is_reachable_only_on_its_address(remote_host: hosts.RemoteH
 
 
 @pytest.mark.netns
-def test_remote_host_reaches_back_to_the_gateway_address(remote_host: hosts.RemoteHost) -> None:
+def test_remote_host_reaches_back_to_the_gateway_address(remote_host: harness.RemoteHost) -> None:
     with socket.create_server((remote_host.gateway_address, 0)) as listener:
         port = listener.getsockname()[1]
         script = f"import socket; socket.create_connection(('{remote_host.gateway_address}', {port}), 5).sendall(b'hi')"
@@ -218,7 +218,7 @@ def test_remote_host_reaches_back_to_the_gateway_address(remote_host: hosts.Remo
 
 
 @pytest.mark.netns
-def test_remote_sshd_login_restart_and_changed_key(remote_host: hosts.RemoteHost) -> None:
+def test_remote_sshd_login_restart_and_changed_key(remote_host: harness.RemoteHost) -> None:
     sshd = remote_host.sshd
     assert sshd is not None
     res = sshd.ssh("hostname -I", timeout=SSH_TIMEOUT)
@@ -233,21 +233,21 @@ def test_remote_sshd_login_restart_and_changed_key(remote_host: hosts.RemoteHost
 
 
 @pytest.mark.netns
-def test_openssh_forward_to_remote_echo(remote_host: hosts.RemoteHost) -> None:
+def test_openssh_forward_to_remote_echo(remote_host: harness.RemoteHost) -> None:
     sshd, echo = remote_host.sshd, remote_host.echo
     assert sshd is not None and echo is not None
-    with hosts.openssh_forward(sshd, 0, remote_host.address, echo.port) as fwd:
-        assert hosts.echo_once("127.0.0.1", fwd.local_port) == b"hello egtunnel\n"
-        result = hosts.sha256_echo("127.0.0.1", fwd.local_port, 64 << 20)
+    with harness.openssh_forward(sshd, 0, remote_host.address, echo.port) as fwd:
+        assert harness.echo_once("127.0.0.1", fwd.local_port) == b"hello egtunnel\n"
+        result = harness.sha256_echo("127.0.0.1", fwd.local_port, 64 << 20)
         assert result.ok, result
         assert sshd.established_connections() == 1
 
 
 @pytest.mark.netns
-def test_link_down_drops_packets_silently(remote_host: hosts.RemoteHost) -> None:
+def test_link_down_drops_packets_silently(remote_host: harness.RemoteHost) -> None:
     echo = remote_host.echo
     assert echo is not None
-    with hosts.connect(*echo.address) as conn:
+    with harness.connect(*echo.address) as conn:
         conn.sendall(b"a")
         assert conn.recv(1) == b"a"
         remote_host.link_down()
@@ -263,10 +263,10 @@ def test_link_down_drops_packets_silently(remote_host: hosts.RemoteHost) -> None
 
 @pytest.mark.netns
 def test_remote_host_close_leaves_nothing_behind() -> None:
-    reason = hosts.netns_unavailable_reason()
+    reason = harness.netns_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    host = hosts.RemoteHost().start()
+    host = harness.RemoteHost().start()
     try:
         sshd = host.ssh_server()
         host.echo_server()
@@ -276,14 +276,14 @@ def test_remote_host_close_leaves_nothing_behind() -> None:
         assert sleeper.pid in pids and orphan in pids
     finally:
         host.close()
-    assert not any(hosts._alive(p) for p in pids)
-    assert host.name not in hosts._netns_names()
-    assert host.host_ifname not in hosts._link_names()
+    assert not any(harness.procs.alive(p) for p in pids)
+    assert host.name not in harness.netns.netns_names()
+    assert host.host_ifname not in harness.netns.link_names()
 
 
 @pytest.mark.netns
 def test_leftovers_of_a_dead_run_are_removed() -> None:
-    reason = hosts.netns_unavailable_reason()
+    reason = harness.netns_unavailable_reason()
     if reason:
         pytest.skip(reason)
     dead = subprocess.Popen(["true"])
@@ -293,13 +293,13 @@ def test_leftovers_of_a_dead_run_are_removed() -> None:
     subprocess.run(["ip", "link", "add", stale_if, "type", "veth", "peer", "name", f"egt{dead.pid}p1",
                     "netns", stale_ns], check=True)  # fmt: skip
     sleeper = subprocess.Popen(["ip", "netns", "exec", stale_ns, "sleep", "300"],
-                               env={**os.environ, hosts.OWNER_ENV: f"{dead.pid}:1"})  # fmt: skip
+                               env={**os.environ, harness.OWNER_ENV: f"{dead.pid}:1"})  # fmt: skip
     try:
-        hosts.wait_until(lambda: hosts._alive(sleeper.pid) and sleeper.pid in _netns_pids(stale_ns), 5)
-        with hosts.RemoteHost():
+        harness.wait_until(lambda: harness.procs.alive(sleeper.pid) and sleeper.pid in _netns_pids(stale_ns), 5)
+        with harness.RemoteHost():
             pass
-        assert stale_ns not in hosts._netns_names()
-        assert stale_if not in hosts._link_names()
+        assert stale_ns not in harness.netns.netns_names()
+        assert stale_if not in harness.netns.link_names()
         assert sleeper.wait(timeout=5) == -signal.SIGKILL
     finally:
         if sleeper.poll() is None:

@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 import egtunnel
-import hosts
+import harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from delay_proxy import DelayProxy  # noqa: E402
@@ -21,9 +21,9 @@ CHANNELS = ("SHELL", "IOPUB", "STDIN", "HB", "CONTROL", "EG_COMM")
 
 
 @pytest.fixture
-def slow_target(sshd: hosts.SshServer) -> Iterator[tuple[egtunnel.SshTarget, int]]:
+def slow_target(sshd: harness.SshServer) -> Iterator[tuple[egtunnel.SshTarget, int]]:
     """A target 40 ms (round trip) away from the gateway, and its port."""
-    with DelayProxy((sshd.host, sshd.port), 20, env=hosts._tagged_env(hosts._mark())) as proxy:
+    with DelayProxy((sshd.host, sshd.port), 20, env=harness.tagged_env(harness.new_mark())) as proxy:
         known_hosts = sshd.dir / f"known_hosts.proxy{proxy.port}"
         known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
         target = egtunnel.SshTarget("127.0.0.1", port=proxy.port, user=sshd.user, ssh_config="none",
@@ -43,7 +43,7 @@ async def eight_kernels(target: egtunnel.SshTarget, echo_port: int) -> list[list
 
 
 def test_lanes_take_queued_opens_and_are_reported(slow_target: tuple[egtunnel.SshTarget, int],
-                                                  echo_server: hosts.EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                  echo_server: harness.EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     # A cap below what the burst would use: lanes start, and no more than the cap.
     monkeypatch.setenv("EG_SSH_MAX_LANES", "4")
     target, port = slow_target
@@ -59,7 +59,7 @@ def test_lanes_take_queued_opens_and_are_reported(slow_target: tuple[egtunnel.Ss
         assert all(not c["forwards"] for c in conns if c["lane"] > 0)
         for tunnels in kernels:
             for t in tunnels:
-                assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+                assert harness.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
         m = [d for d in egtunnel._native.metrics() if d["port"] == port][0]
         assert m["connections"]["connected"] == len(conns)
     finally:
@@ -68,7 +68,7 @@ def test_lanes_take_queued_opens_and_are_reported(slow_target: tuple[egtunnel.Ss
                 t.terminate()
 
 
-def test_one_lane_keeps_one_connection(slow_target: tuple[egtunnel.SshTarget, int], echo_server: hosts.EchoServer,
+def test_one_lane_keeps_one_connection(slow_target: tuple[egtunnel.SshTarget, int], echo_server: harness.EchoServer,
                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("EG_SSH_MAX_LANES", "1")
     target, port = slow_target

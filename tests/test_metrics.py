@@ -7,6 +7,7 @@ the collector registered into a registry of the caller's.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import egtunnel
-import hosts
+import harness
 from egtunnel import metrics
 
 CHILD = Path(__file__).with_name("metrics_child.py")
@@ -44,7 +45,7 @@ class Child:
     def __init__(self, env: dict[str, str]):
         self.proc = subprocess.Popen(
             [sys.executable, str(CHILD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=hosts._tagged_env(hosts._mark(), {**hosts.os.environ, **env}))  # fmt: skip
+            text=True, env=harness.tagged_env(harness.new_mark(), {**os.environ, **env}))  # fmt: skip
 
     def call(self, op: str, **kwargs: Any) -> dict:
         assert self.proc.stdin and self.proc.stdout
@@ -67,7 +68,7 @@ class Child:
                 self.proc.stdin.close()
                 self.proc.wait(10)
             except (OSError, subprocess.TimeoutExpired):
-                hosts.stop_popen(self.proc)
+                harness.stop_popen(self.proc)
 
 
 @pytest.fixture
@@ -94,21 +95,21 @@ def endpoint(port: int) -> Callable[[], Samples]:
 
 def scrape_until(scrape: Callable[[], Samples], ok: Callable[[Samples], bool], timeout: float, what: str) -> Samples:
     """The first scrape for which ok() holds."""
-    return hosts.wait_until(lambda: (lambda s: s if ok(s) else None)(scrape()), timeout, interval=0.1, what=what)
+    return harness.wait_until(lambda: (lambda s: s if ok(s) else None)(scrape()), timeout, interval=0.1, what=what)
 
 
 def test_endpoint_counts_bytes_connections_commands_and_survives_reconnect(
-        sshd: hosts.SshServer, echo_server: hosts.EchoServer, child: Callable[..., Child]) -> None:  # fmt: skip
-    port = hosts.free_port()
+        sshd: harness.SshServer, echo_server: harness.EchoServer, child: Callable[..., Child]) -> None:  # fmt: skip
+    port = harness.free_port()
     c = child(EG_TUNNEL_METRICS_PORT=str(port))
     kw = sshd.connect_kwargs()
     dest = {"user": kw["user"], "host": kw["host"], "port": kw["port"]}
-    assert not hosts.port_accepts("127.0.0.1", port), "no endpoint before the first open"
+    assert not harness.port_accepts("127.0.0.1", port), "no endpoint before the first open"
 
     # Per-port: the tunnel's connection closes with it, so the test need not wait out a shared one's linger.
     opened = c.call("tunnel", **kw, remote_host="127.0.0.1", remote_port=echo_server.port, mode="per-port")
     payload = b"x" * 10_000 + b"\n"
-    assert hosts.echo_once("127.0.0.1", opened["local_port"], payload) == payload
+    assert harness.echo_once("127.0.0.1", opened["local_port"], payload) == payload
     assert c.call("exec", **kw, command="echo hi")["lines"] == ["hi"]
     scrape = endpoint(port)
     # The echo's last bytes may still be on their way into the counters when the client has them.
@@ -136,7 +137,7 @@ def test_endpoint_counts_bytes_connections_commands_and_survives_reconnect(
                           and value(s, "egtunnel_ssh_connections", **dest, state="connected") == 1,
                           15, "reconnect counted")  # fmt: skip
     assert value(healed, "egtunnel_ssh_reconnects_total", **dest) == 1
-    assert hosts.echo_once("127.0.0.1", opened["local_port"], payload) == payload
+    assert harness.echo_once("127.0.0.1", opened["local_port"], payload) == payload
 
     c.call("close")  # the connection leaves status(); its counts must stay
     gone = scrape_until(scrape, lambda s: value(s, "egtunnel_ssh_connections", **dest, state="connected") == 0,
@@ -153,10 +154,10 @@ def test_endpoint_counts_bytes_connections_commands_and_survives_reconnect(
     assert value(gone, "egtunnel_forwarded_bytes_total", **dest, direction="to_remote") == 2 * len(payload)
 
 
-def test_failed_opens_are_counted_by_cause(sshd_factory: Callable[..., hosts.SshServer],
+def test_failed_opens_are_counted_by_cause(sshd_factory: Callable[..., harness.SshServer],
                                            child: Callable[..., Child]) -> None:  # fmt: skip
     strict = sshd_factory(extra_config=["AllowTcpForwarding no"])
-    port = hosts.free_port()
+    port = harness.free_port()
     c = child(EG_TUNNEL_METRICS_PORT=str(port))
     kw = strict.connect_kwargs()
     dest = {"user": kw["user"], "host": kw["host"], "port": kw["port"]}
@@ -180,9 +181,9 @@ def test_failed_opens_are_counted_by_cause(sshd_factory: Callable[..., hosts.Ssh
     ("70000", "EG_TUNNEL_METRICS_PORT must be an integer from 1 to 65535, got '70000'"),
     ("taken", "cannot listen on 127.0.0.1:"),
 ])  # fmt: skip
-def test_bad_setting_is_logged_and_tunnels_still_work(sshd: hosts.SshServer, child: Callable[..., Child],
+def test_bad_setting_is_logged_and_tunnels_still_work(sshd: harness.SshServer, child: Callable[..., Child],
                                                       setting: str, expected: str) -> None:  # fmt: skip
-    with hosts.connect("127.0.0.1", sshd.port) as taken:
+    with harness.connect("127.0.0.1", sshd.port) as taken:
         value = str(taken.getpeername()[1]) if setting == "taken" else setting
         c = child(EG_TUNNEL_METRICS_PORT=value)
         kw = sshd.connect_kwargs()
@@ -195,7 +196,7 @@ def test_bad_setting_is_logged_and_tunnels_still_work(sshd: hosts.SshServer, chi
         assert "EG_TUNNEL_METRICS_PORT" in errors[0] and "EG_TUNNEL_METRICS_ADDR" in errors[0]
 
 
-def test_collector_in_a_registry_of_ones_own(sshd: hosts.SshServer) -> None:
+def test_collector_in_a_registry_of_ones_own(sshd: harness.SshServer) -> None:
     registry = CollectorRegistry()
     collector = metrics.register(registry)
     kw = sshd.connect_kwargs()
@@ -221,7 +222,7 @@ def test_port_setting_is_parsed_strictly() -> None:
 
 
 def test_unanswered_keepalives_rise_with_a_silent_peer_and_clear_when_it_answers(
-        sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:  # fmt: skip
+        sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:  # fmt: skip
     registry = CollectorRegistry()
     metrics.register(registry)
     kw = sshd.connect_kwargs()

@@ -9,12 +9,12 @@ import time
 import pytest
 
 import egtunnel
-import hosts
+import harness
 
 CHANNELS = ["SHELL", "IOPUB", "STDIN", "HB", "CONTROL", "EG_COMM"]
 
 
-def kernel_forwards(server: hosts.SshServer, remote_host: str, remote_port: int, mode: str, kernel_id: str,
+def kernel_forwards(server: harness.SshServer, remote_host: str, remote_port: int, mode: str, kernel_id: str,
                     cull: int = 300, **kw: object) -> list[egtunnel.Tunnel]:  # fmt: skip
     """Six forwards as a kernel has them (all to one service here: what matters is the connection count)."""
     return [
@@ -24,7 +24,7 @@ def kernel_forwards(server: hosts.SshServer, remote_host: str, remote_port: int,
     ]
 
 
-def conn_status(server: hosts.SshServer) -> list[dict]:
+def conn_status(server: harness.SshServer) -> list[dict]:
     return [c for c in egtunnel.status() if c["port"] == server.port and c["host"] == server.host]
 
 
@@ -33,7 +33,7 @@ def terminate_all(tunnels: list[egtunnel.Tunnel]) -> None:
         t.terminate()
 
 
-def accepted_logins(server: hosts.SshServer, since: int = 0) -> int:
+def accepted_logins(server: harness.SshServer, since: int = 0) -> int:
     return server.log_count("Accepted publickey", since)
 
 
@@ -41,13 +41,13 @@ def accepted_logins(server: hosts.SshServer, since: int = 0) -> int:
 
 
 @pytest.mark.parametrize(("mode", "per_kernel"), [("shared", 0), ("per-port", 6)])
-def test_connections_per_host_for_three_kernels(sshd: hosts.SshServer, echo_server: hosts.EchoServer,
+def test_connections_per_host_for_three_kernels(sshd: harness.SshServer, echo_server: harness.EchoServer,
                                                 mode: str, per_kernel: int) -> None:  # fmt: skip
     kernels = [kernel_forwards(sshd, "127.0.0.1", echo_server.port, mode, f"k{i}") for i in range(3)]
     try:
         for tunnels in kernels:
             for t in tunnels:
-                assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+                assert harness.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
         expected = 1 if mode == "shared" else 3 * per_kernel
         assert sshd.established_connections() == expected
         assert len(conn_status(sshd)) == expected
@@ -57,7 +57,7 @@ def test_connections_per_host_for_three_kernels(sshd: hosts.SshServer, echo_serv
             terminate_all(tunnels)
 
 
-def test_shared_interval_is_the_smallest_and_follows_forwards(sshd: hosts.SshServer) -> None:
+def test_shared_interval_is_the_smallest_and_follows_forwards(sshd: harness.SshServer) -> None:
     control = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=9,
                                    channel="CONTROL", mode="shared", cull_idle_timeout=300)  # fmt: skip
     try:
@@ -76,7 +76,7 @@ def test_shared_interval_is_the_smallest_and_follows_forwards(sshd: hosts.SshSer
         control.terminate()
 
 
-def test_shared_connection_lingers_then_closes(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_shared_connection_lingers_then_closes(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     first = kernel_forwards(sshd, "127.0.0.1", echo_server.port, "shared", "k1")
     terminate_all(first)
     # A restart within the linger time reuses the connection: no new login.
@@ -84,7 +84,7 @@ def test_shared_connection_lingers_then_closes(sshd: hosts.SshServer, echo_serve
     assert accepted_logins(sshd) == 1 and sshd.established_connections() == 1
     terminate_all(second)
     start = time.monotonic()
-    hosts.wait_until(lambda: sshd.established_connections() == 0, 10, interval=0.1, what="idle connection to close")
+    harness.wait_until(lambda: sshd.established_connections() == 0, 10, interval=0.1, what="idle connection to close")
     assert 3.0 < time.monotonic() - start < 8.0
     assert conn_status(sshd) == []
 
@@ -92,7 +92,7 @@ def test_shared_connection_lingers_then_closes(sshd: hosts.SshServer, echo_serve
 # --- remote exec -------------------------------------------------------------------------------
 
 
-def test_remote_exec_follows_rsh_contract(sshd: hosts.SshServer) -> None:
+def test_remote_exec_follows_rsh_contract(sshd: harness.SshServer) -> None:
     kw = sshd.connect_kwargs()
     r = egtunnel.remote_exec(kw.pop("host"), "echo out1; echo out2; echo err >&2; exit 3", **kw)
     assert r.lines() == ["out1", "out2"] and r.stdout == b"out1\nout2\n" and r.stderr == b"err\n"
@@ -101,7 +101,7 @@ def test_remote_exec_follows_rsh_contract(sshd: hosts.SshServer) -> None:
     assert r.lines() == ["only-err"] and r.exit_status == 0
 
 
-def test_remote_exec_reuses_one_connection(sshd: hosts.SshServer) -> None:
+def test_remote_exec_reuses_one_connection(sshd: harness.SshServer) -> None:
     kw = sshd.connect_kwargs()
     host = kw.pop("host")
     mark = sshd.log_offset()
@@ -110,7 +110,7 @@ def test_remote_exec_reuses_one_connection(sshd: hosts.SshServer) -> None:
     assert accepted_logins(sshd, mark) == 1
 
 
-def test_remote_exec_closes_stdin_and_times_out(sshd: hosts.SshServer) -> None:
+def test_remote_exec_closes_stdin_and_times_out(sshd: harness.SshServer) -> None:
     kw = sshd.connect_kwargs()
     host = kw.pop("host")
     assert egtunnel.remote_exec(host, "cat; echo done", **kw).lines() == ["done"]
@@ -120,7 +120,7 @@ def test_remote_exec_closes_stdin_and_times_out(sshd: hosts.SshServer) -> None:
     assert time.monotonic() - start < 2.5
 
 
-def test_remote_exec_auth_failure_is_ssh_auth_error(sshd: hosts.SshServer) -> None:
+def test_remote_exec_auth_failure_is_ssh_auth_error(sshd: harness.SshServer) -> None:
     kw = sshd.connect_kwargs()
     kw["identity_file"] = str(sshd.wrong_identity_file)
     with pytest.raises(egtunnel.SshAuthError):
@@ -136,24 +136,24 @@ def echo_recovers(port: int, timeout: float) -> float:
 
     def ok() -> bool:
         try:
-            return hosts.echo_once("127.0.0.1", port, timeout=2) == b"hello egtunnel\n"
+            return harness.echo_once("127.0.0.1", port, timeout=2) == b"hello egtunnel\n"
         except OSError:
             return False
 
-    hosts.wait_until(ok, timeout, interval=0.2, what="echo through the same local port")
+    harness.wait_until(ok, timeout, interval=0.2, what="echo through the same local port")
     return time.monotonic() - start
 
 
 @pytest.mark.parametrize("mode", ["shared", "per-port"])
-def test_sshd_restart_heals_through_same_local_port(sshd: hosts.SshServer, echo_server: hosts.EchoServer,
+def test_sshd_restart_heals_through_same_local_port(sshd: harness.SshServer, echo_server: harness.EchoServer,
                                                     mode: str, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     caplog.set_level(logging.WARNING, logger="egtunnel")
     t = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=echo_server.port, mode=mode)
     try:
         port = t.local_port
-        assert hosts.echo_once("127.0.0.1", port) == b"hello egtunnel\n"
+        assert harness.echo_once("127.0.0.1", port) == b"hello egtunnel\n"
         sshd.restart()  # kills the session too
-        hosts.wait_until(lambda: not t.is_alive() or conn_status(sshd)[0]["reconnects"] > 0, 5, what="death noticed")
+        harness.wait_until(lambda: not t.is_alive() or conn_status(sshd)[0]["reconnects"] > 0, 5, what="death noticed")
         assert echo_recovers(port, 10) < 10
         assert t.local_port == port and t.is_alive()
         (c,) = conn_status(sshd)
@@ -166,13 +166,13 @@ def test_sshd_restart_heals_through_same_local_port(sshd: hosts.SshServer, echo_
         t.terminate()
 
 
-def test_local_connection_during_outage_waits_then_closes(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_local_connection_during_outage_waits_then_closes(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     t = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=echo_server.port)
     try:
         sshd.stop()
-        hosts.wait_until(lambda: not t.is_alive(), 5, what="death noticed")
+        harness.wait_until(lambda: not t.is_alive(), 5, what="death noticed")
         start = time.monotonic()
-        with hosts.connect("127.0.0.1", t.local_port) as s:
+        with harness.connect("127.0.0.1", t.local_port) as s:
             s.settimeout(20)
             s.sendall(b"x")
             try:
@@ -187,14 +187,14 @@ def test_local_connection_during_outage_waits_then_closes(sshd: hosts.SshServer,
         t.terminate()
 
 
-def test_dead_peer_detected_and_recovered(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_dead_peer_detected_and_recovered(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     t = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=echo_server.port,
                              cull_idle_timeout=1, keepalive_margin=1, keepalive_count_max=3)  # fmt: skip
     try:
-        assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+        assert harness.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
         stopped = sshd.pause_sessions()
         start = time.monotonic()
-        hosts.wait_until(lambda: conn_status(sshd)[0]["reconnects"] >= 1 or not t.is_alive(), 10, interval=0.05,
+        harness.wait_until(lambda: conn_status(sshd)[0]["reconnects"] >= 1 or not t.is_alive(), 10, interval=0.05,
                          what="dead peer declared")  # fmt: skip
         assert time.monotonic() - start <= 8.5
         assert "keep-alive" in (conn_status(sshd)[0]["last_error"] or "keep-alive")
@@ -210,30 +210,30 @@ def test_dead_peer_detected_and_recovered(sshd: hosts.SshServer, echo_server: ho
         t.terminate()
 
 
-def test_changed_host_key_stops_reconnecting(sshd: hosts.SshServer, echo_server: hosts.EchoServer,
+def test_changed_host_key_stops_reconnecting(sshd: harness.SshServer, echo_server: harness.EchoServer,
                                             caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     caplog.set_level(logging.DEBUG, logger="egtunnel")
     t = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=echo_server.port)
     try:
         sshd.regenerate_host_key()  # restarts sshd, killing the session
-        hosts.wait_until(lambda: "host key" in (conn_status(sshd)[0]["last_error"] or ""), 10, what="host key error")
+        harness.wait_until(lambda: "host key" in (conn_status(sshd)[0]["last_error"] or ""), 10, what="host key error")
         (c,) = conn_status(sshd)
         assert not c["alive"] and "differs" in c["last_error"]
         mark = sshd.log_offset()
         time.sleep(4)  # backoff would have retried twice by now
         assert sshd.log_count("Connection from", mark) == 0
         assert any("giving up" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-        with hosts.connect("127.0.0.1", t.local_port) as s:  # refused at once, not after the outage wait
+        with harness.connect("127.0.0.1", t.local_port) as s:  # refused at once, not after the outage wait
             s.settimeout(5)
             assert s.recv(1) == b""
     finally:
         t.terminate()
 
 
-def test_terminate_during_reconnect_stops_attempts(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_terminate_during_reconnect_stops_attempts(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     t = egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=echo_server.port, mode="shared")
     sshd.stop()
-    hosts.wait_until(lambda: not t.is_alive(), 5, what="death noticed")
+    harness.wait_until(lambda: not t.is_alive(), 5, what="death noticed")
     start = time.monotonic()
     t.terminate()
     assert time.monotonic() - start < 0.1
@@ -245,11 +245,11 @@ def test_terminate_during_reconnect_stops_attempts(sshd: hosts.SshServer, echo_s
 
 
 @pytest.mark.netns
-def test_link_down_20s_then_up_heals(remote_host: hosts.RemoteHost) -> None:
+def test_link_down_20s_then_up_heals(remote_host: harness.RemoteHost) -> None:
     t = egtunnel.open_tunnel(**remote_host.sshd.connect_kwargs(), remote_host=remote_host.address,
                              remote_port=remote_host.echo.port, mode="shared", cull_idle_timeout=300)  # fmt: skip
     try:
-        assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+        assert harness.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
         remote_host.link_down()
         time.sleep(20)
         remote_host.link_up()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import egtunnel
-import hosts
+import harness
 from egtunnel.config import parse_ssh_settings
 
 
@@ -25,7 +25,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _alias_block(name: str, server: hosts.SshServer, known_hosts: Path, **extra: str) -> str:
+def _alias_block(name: str, server: harness.SshServer, known_hosts: Path, **extra: str) -> str:
     lines = [
         f"Host {name}",
         f"  HostName {server.host}",
@@ -38,7 +38,7 @@ def _alias_block(name: str, server: hosts.SshServer, known_hosts: Path, **extra:
     return "\n".join(lines) + "\n"
 
 
-def test_alias_supplies_hostname_port_user_identity_and_known_hosts(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_alias_supplies_hostname_port_user_identity_and_known_hosts(sshd: harness.SshServer, tmp_path: Path) -> None:
     kh = sshd.write_known_hosts(tmp_path / "known_hosts")
     cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh))
     target = egtunnel.SshTarget("kernel-host", ssh_config=str(cfg))
@@ -50,9 +50,9 @@ def test_alias_supplies_hostname_port_user_identity_and_known_hosts(sshd: hosts.
     assert egtunnel.remote_exec("kernel-host", "echo again", ssh_config=str(cfg)).lines() == ["again"]
 
 
-def test_explicit_settings_win_over_the_file(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_explicit_settings_win_over_the_file(sshd: harness.SshServer, tmp_path: Path) -> None:
     kh = sshd.write_known_hosts(tmp_path / "known_hosts")
-    closed = hosts.free_port()
+    closed = harness.free_port()
     cfg = _write(tmp_path / "ssh_config", (
         f"Host kernel-host\n  HostName {sshd.host}\n  Port {closed}\n  User nobody\n"
         f"  IdentityFile {sshd.wrong_identity_file}\n  UserKnownHostsFile {kh}\n  ConnectTimeout 3\n"))  # fmt: skip
@@ -74,7 +74,7 @@ def test_explicit_settings_win_over_the_file(sshd: hosts.SshServer, tmp_path: Pa
     assert target.exec("echo from-eg-settings").lines() == ["from-eg-settings"]
 
 
-def test_accept_new_from_the_file_records_an_unknown_key(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_accept_new_from_the_file_records_an_unknown_key(sshd: harness.SshServer, tmp_path: Path) -> None:
     kh = _write(tmp_path / "known_hosts", "")
     strict = _write(tmp_path / "strict", _alias_block("kernel-host", sshd, kh))
     with pytest.raises(egtunnel.HostKeyError) as failure:
@@ -119,7 +119,7 @@ def test_unsupported_options_are_ignored_with_one_debug_line(tmp_path: Path, cap
         assert "not supported by egtunnel" in lines[0] and str(cfg) in lines[0]
 
 
-def _jump_config(tmp_path: Path, hop: hosts.SshServer, host: hosts.SshServer) -> tuple[Path, Path]:
+def _jump_config(tmp_path: Path, hop: harness.SshServer, host: harness.SshServer) -> tuple[Path, Path]:
     kh = _write(tmp_path / "known_hosts", hop.known_hosts_line() + host.known_hosts_line())
     cfg = _write(tmp_path / "ssh_config", (
         _alias_block("bastion", hop, kh) + f"Host behind\n  HostName {host.host}\n  Port {host.port}\n"
@@ -173,7 +173,7 @@ def _check(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def test_check_passes_every_step_and_prints_origins_route_and_keepalive(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_check_passes_every_step_and_prints_origins_route_and_keepalive(sshd: harness.SshServer, tmp_path: Path) -> None:
     kh = sshd.write_known_hosts(tmp_path / "known_hosts")
     cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh))
     gateway_config = _write(tmp_path / "gateway_config.py", "c.MappingKernelManager.cull_idle_timeout = 120\n")
@@ -192,7 +192,7 @@ def test_check_passes_every_step_and_prints_origins_route_and_keepalive(sshd: ho
     assert "pw-secret" not in out + r.stderr
 
 
-def test_check_unknown_host_key_fails_and_says_what_to_do(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_check_unknown_host_key_fails_and_says_what_to_do(sshd: harness.SshServer, tmp_path: Path) -> None:
     r = _check(sshd.host, "--port", str(sshd.port), "--identity-file", str(sshd.identity_file),
                "--known-hosts", str(sshd.empty_known_hosts()), env={"EG_SSH_CONFIG": "none"})  # fmt: skip
     assert r.returncode == 1, r.stdout
@@ -202,7 +202,7 @@ def test_check_unknown_host_key_fails_and_says_what_to_do(sshd: hosts.SshServer,
     assert "Result: FAILED at host key" in r.stdout
 
 
-def test_check_changed_host_key_names_the_offending_line(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_check_changed_host_key_names_the_offending_line(sshd: harness.SshServer, tmp_path: Path) -> None:
     kh = _write(tmp_path / "known_hosts", "# recorded earlier\n" + sshd.known_hosts_line())
     sshd.regenerate_host_key()
     r = _check(sshd.host, "--port", str(sshd.port), "--identity-file", str(sshd.identity_file),
@@ -212,7 +212,7 @@ def test_check_changed_host_key_names_the_offending_line(sshd: hosts.SshServer, 
 
 
 def test_check_unreachable_host_fails_at_tcp_connect(tmp_path: Path) -> None:
-    closed = hosts.free_port()
+    closed = harness.free_port()
     r = _check("127.0.0.1", "--port", str(closed), "--user", "u", env={"EG_SSH_CONFIG": "none"})
     assert r.returncode == 1, r.stdout
     assert "[FAIL] TCP connect" in r.stdout and f"u@127.0.0.1:{closed}" in r.stdout and "refused" in r.stdout.lower()
@@ -241,7 +241,7 @@ def test_the_hop_keeps_alive_as_often_as_the_sessions_through_it(sshd_factory, t
         tunnel.terminate()
 
 
-def test_known_hosts_keyed_by_address_still_match_a_host_named_by_name(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_known_hosts_keyed_by_address_still_match_a_host_named_by_name(sshd: harness.SshServer, tmp_path: Path) -> None:
     # Enterprise Gateway's own tunnels connect to addresses, so operators' known_hosts often name hosts
     # that way; a host egtunnel reaches by name (an alias, EG_REMOTE_HOSTS) must still match them.
     assert sshd.host == "127.0.0.1"
@@ -250,7 +250,7 @@ def test_known_hosts_keyed_by_address_still_match_a_host_named_by_name(sshd: hos
                                 known_hosts=str(by_address), ssh_config="none")  # fmt: skip
     assert target.exec("echo by-address").lines() == ["by-address"]
     # A different key recorded under the name itself is still a changed key.
-    other = hosts.SshServer(workdir=tmp_path / "other")
+    other = harness.SshServer(workdir=tmp_path / "other")
     try:
         wrong = other.known_hosts_line().replace(f"[{other.host}]:{other.port}", f"[localhost]:{sshd.port}")
     finally:
@@ -274,7 +274,7 @@ print(egtunnel.SshTarget("kernel-host", ssh_config=sys.argv[1]).exec("echo conne
 """
 
 
-def test_three_concurrent_first_connections_record_one_key(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_three_concurrent_first_connections_record_one_key(sshd: harness.SshServer, tmp_path: Path) -> None:
     # Three gateway processes meet a host for the first time at the same moment, with accept-new: one
     # records the key (under flock, in a new 0700 directory and 0600 file), the others verify against it.
     kh = tmp_path / "fresh" / "ssh" / "known_hosts"
@@ -293,7 +293,7 @@ def test_three_concurrent_first_connections_record_one_key(sshd: hosts.SshServer
     assert kh.parent.stat().st_mode & 0o777 == 0o700
 
 
-def test_a_revoked_key_is_refused_naming_the_line(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_a_revoked_key_is_refused_naming_the_line(sshd: harness.SshServer, tmp_path: Path) -> None:
     kh = _write(tmp_path / "known_hosts", "# revoked after the incident\n"
                 f"@revoked * {sshd.host_public_key}\n" + sshd.known_hosts_line())  # fmt: skip
     before = kh.read_text()
@@ -313,8 +313,8 @@ def test_a_revoked_key_is_refused_naming_the_line(sshd: hosts.SshServer, tmp_pat
     assert r.returncode == 1 and "[FAIL] host key" in r.stdout and f"{kh}:2" in r.stdout, r.stdout
 
 
-def test_a_host_trusted_through_a_cert_authority_is_refused_clearly(sshd: hosts.SshServer, tmp_path: Path) -> None:
-    other = hosts.SshServer(workdir=tmp_path / "ca")
+def test_a_host_trusted_through_a_cert_authority_is_refused_clearly(sshd: harness.SshServer, tmp_path: Path) -> None:
+    other = harness.SshServer(workdir=tmp_path / "ca")
     try:
         ca_key = other.host_public_key
     finally:
@@ -330,7 +330,7 @@ def test_a_host_trusted_through_a_cert_authority_is_refused_clearly(sshd: hosts.
     assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo own-key").lines() == ["own-key"]
 
 
-def test_hashed_known_hosts_keep_working(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_hashed_known_hosts_keep_working(sshd: harness.SshServer, tmp_path: Path) -> None:
     kh = sshd.write_known_hosts(tmp_path / "known_hosts")
     subprocess.run(["ssh-keygen", "-H", "-f", str(kh)], check=True, capture_output=True)
     assert kh.read_text().startswith("|1|")
@@ -338,10 +338,10 @@ def test_hashed_known_hosts_keep_working(sshd: hosts.SshServer, tmp_path: Path) 
     assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg)).exec("echo hashed").lines() == ["hashed"]
 
 
-def test_wildcard_known_hosts_lines_are_matched_as_openssh_matches_them(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_wildcard_known_hosts_lines_are_matched_as_openssh_matches_them(sshd: harness.SshServer, tmp_path: Path) -> None:
     # libssh2 reads host patterns literally; OpenSSH applies `*`, `?` and `!`. A key recorded for a
     # pattern the host matches must verify it, and a different key under such a pattern must be refused.
-    other = hosts.SshServer(workdir=tmp_path / "other")
+    other = harness.SshServer(workdir=tmp_path / "other")
     try:
         wrong_key = other.host_public_key
     finally:
@@ -366,7 +366,7 @@ def test_wildcard_known_hosts_lines_are_matched_as_openssh_matches_them(sshd: ho
     assert kb64 in vetoed.read_text()
 
 
-def ssh_accepts(server: hosts.SshServer, known_hosts: Path) -> bool:
+def ssh_accepts(server: harness.SshServer, known_hosts: Path) -> bool:
     """What OpenSSH itself says of the same known_hosts file (StrictHostKeyChecking yes)."""
     return server.ssh("true", known_hosts=known_hosts, timeout=30).returncode == 0
 
@@ -385,7 +385,7 @@ def test_strict_host_key_checking_no_records_unknown_and_refuses_changed(sshd_fa
         egtunnel.SshTarget("kernel-host", ssh_config=str(cfg2)).exec("true")
 
 
-def test_host_key_checks_off_only_from_egtunnels_setting_and_warned_once(sshd: hosts.SshServer, tmp_path: Path,
+def test_host_key_checks_off_only_from_egtunnels_setting_and_warned_once(sshd: harness.SshServer, tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     caplog.set_level(logging.WARNING, logger="egtunnel")
     egtunnel.refresh_log_levels()
@@ -413,7 +413,7 @@ def test_edits_to_an_included_file_are_noticed(tmp_path: Path) -> None:
     assert egtunnel.SshTarget("kernel-host", ssh_config=str(cfg), user="u").destination == "u@10.0.0.1:2305"
 
 
-def test_algorithms_are_applied_and_check_prints_what_was_negotiated(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_algorithms_are_applied_and_check_prints_what_was_negotiated(sshd: harness.SshServer, tmp_path: Path) -> None:
     kh = sshd.write_known_hosts(tmp_path / "known_hosts")
     cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh, Ciphers="aes256-ctr,aes128-ctr",
                                                        MACs="umac-64@openssh.com,hmac-sha2-512"))  # fmt: skip
@@ -458,7 +458,7 @@ def test_a_host_known_by_another_key_type_presents_that_key(sshd_factory, tmp_pa
     assert kh.read_text() == f"{server.known_hosts_name} {ecdsa_public}\n"
 
 
-def test_password_authentication_no_is_honoured_and_shown(sshd: hosts.SshServer, tmp_path: Path) -> None:
+def test_password_authentication_no_is_honoured_and_shown(sshd: harness.SshServer, tmp_path: Path) -> None:
     # EG_REMOTE_PWD is not sent where the file says PasswordAuthentication no (check shows it); keys still work.
     kh = sshd.write_known_hosts(tmp_path / "known_hosts")
     cfg = _write(tmp_path / "ssh_config", _alias_block("kernel-host", sshd, kh, PasswordAuthentication="no"))

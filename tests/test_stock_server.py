@@ -13,15 +13,15 @@ import time
 import pytest
 
 import egtunnel
-import hosts
+import harness
 
 
-def exec_kwargs(server: hosts.SshServer, **kw: object) -> dict:
+def exec_kwargs(server: harness.SshServer, **kw: object) -> dict:
     """connect_kwargs without the host, which remote_exec takes positionally."""
     return {k: v for k, v in {**server.connect_kwargs(), **kw}.items() if k != "host"}
 
 
-def conn_status(server: hosts.SshServer) -> list[dict]:
+def conn_status(server: harness.SshServer) -> list[dict]:
     return [c for c in egtunnel.status() if c["port"] == server.port and c["host"] == server.host]
 
 
@@ -39,7 +39,7 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return best
 
 
-def run_concurrently(server: hosts.SshServer, n: int, timeout: float = 30.0, **kw: object) -> list[tuple[float, float]]:
+def run_concurrently(server: harness.SshServer, n: int, timeout: float = 30.0, **kw: object) -> list[tuple[float, float]]:
     """n remote commands at once on the server's shared connection; returns their (start, end) times."""
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(egtunnel.remote_exec, server.host, timed_command(i), timeout=timeout,
@@ -54,7 +54,7 @@ def run_concurrently(server: hosts.SshServer, n: int, timeout: float = 30.0, **k
     return intervals
 
 
-def test_twenty_concurrent_commands_on_a_stock_server_stay_within_the_budget(sshd: hosts.SshServer) -> None:
+def test_twenty_concurrent_commands_on_a_stock_server_stay_within_the_budget(sshd: harness.SshServer) -> None:
     intervals = run_concurrently(sshd, 20)
     assert len(intervals) == 20
     # Queued in arrival order behind the default budget of 8 session channels (OpenSSH allows 10).
@@ -85,7 +85,7 @@ def test_sessions_refused_for_good_fail_at_the_deadline_naming_max_sessions(sshd
     assert f"{server.user}@{server.host}:{server.port}" in message
 
 
-def test_budget_setting_is_validated(sshd: hosts.SshServer) -> None:
+def test_budget_setting_is_validated(sshd: harness.SshServer) -> None:
     with pytest.raises(ValueError, match="max_sessions"):
         egtunnel.remote_exec(sshd.host, "true", max_sessions=0, **exec_kwargs(sshd))
     with pytest.raises(ValueError, match="max_startups"):
@@ -95,21 +95,21 @@ def test_budget_setting_is_validated(sshd: hosts.SshServer) -> None:
 # --- handshakes within MaxStartups ---------------------------------------------------------------
 
 
-def open_per_port_at_once(server: hosts.SshServer, n: int, port: int, **kw: object) -> list[egtunnel.Tunnel]:
+def open_per_port_at_once(server: harness.SshServer, n: int, port: int, **kw: object) -> list[egtunnel.Tunnel]:
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(egtunnel.open_tunnel, **server.connect_kwargs(), remote_host="127.0.0.1",
                                remote_port=port, mode="per-port", **kw) for _ in range(n)]  # fmt: skip
         return [f.result() for f in futures]
 
 
-def test_dropped_handshakes_are_retried_until_they_succeed(sshd_factory, echo_server: hosts.EchoServer) -> None:
+def test_dropped_handshakes_are_retried_until_they_succeed(sshd_factory, echo_server: harness.EchoServer) -> None:
     # MaxStartups 1:100:1: beyond one unauthenticated connection the server drops every new one, so
     # egtunnel's three concurrent handshakes collide with it.
     server = sshd_factory(extra_config=["MaxStartups 1:100:1"], log_level="DEBUG1")
     tunnels = open_per_port_at_once(server, 8, echo_server.port)
     try:
         for t in tunnels:
-            assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+            assert harness.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
         assert server.log_count("past MaxStartups") >= 1
         assert server.log_count("Accepted publickey") == 8
     finally:
@@ -117,8 +117,8 @@ def test_dropped_handshakes_are_retried_until_they_succeed(sshd_factory, echo_se
             t.terminate()
 
 
-def test_stock_server_drops_no_handshake_of_many_concurrent_connections(sshd: hosts.SshServer,
-                                                                        echo_server: hosts.EchoServer) -> None:  # fmt: skip
+def test_stock_server_drops_no_handshake_of_many_concurrent_connections(sshd: harness.SshServer,
+                                                                        echo_server: harness.EchoServer) -> None:  # fmt: skip
     # 24 per-port connections at once (four kernels' worth) against MaxStartups 10:30:100: without the
     # handshake budget sshd drops some of them.
     tunnels = open_per_port_at_once(sshd, 24, echo_server.port)
@@ -131,7 +131,7 @@ def test_stock_server_drops_no_handshake_of_many_concurrent_connections(sshd: ho
 
 
 def test_a_handshake_slot_frees_only_when_the_server_has_counted_the_connection_authenticated(sshd_factory,
-        echo_server: hosts.EchoServer) -> None:  # fmt: skip
+        echo_server: harness.EchoServer) -> None:  # fmt: skip
     # MaxStartups 4:100:4: the server drops every connection beyond four unauthenticated ones, and
     # egtunnel allows itself four. sshd's listener learns of an authentication from the session's
     # process some time after the client saw it succeed; a slot freed at that point lets the next
@@ -208,21 +208,21 @@ def test_server_keepalives_are_answered_on_connections_without_channels(sshd_fac
 
 
 @pytest.mark.parametrize("setting", ["AllowTcpForwarding no", "DisableForwarding yes", "PermitOpen 127.0.0.1:1"])
-def test_forwarding_forbidden_by_the_server_fails_the_open(sshd_factory, echo_server: hosts.EchoServer,
+def test_forwarding_forbidden_by_the_server_fails_the_open(sshd_factory, echo_server: harness.EchoServer,
                                                           setting: str) -> None:  # fmt: skip
     server = sshd_factory(extra_config=[setting])
-    local = hosts.free_port()
+    local = harness.free_port()
     with pytest.raises(egtunnel.ForwardingProhibited) as info:
         egtunnel.open_tunnel(**server.connect_kwargs(), remote_host="127.0.0.1", remote_port=echo_server.port,
                              local_port=local, verify=True, mode="shared")  # fmt: skip
     message = str(info.value)
     assert f"127.0.0.1:{echo_server.port}" in message and f"{server.user}@{server.host}:{server.port}" in message
     assert "AllowTcpForwarding" in message and "PermitOpen" in message
-    assert not hosts.is_listening(local)
-    hosts.wait_until(lambda: conn_status(server) == [], 10, what="connection closed")
+    assert not harness.is_listening(local)
+    harness.wait_until(lambda: conn_status(server) == [], 10, what="connection closed")
 
 
-def test_verify_accepts_a_port_that_does_not_listen_yet(sshd: hosts.SshServer) -> None:
-    port = hosts.free_port()
+def test_verify_accepts_a_port_that_does_not_listen_yet(sshd: harness.SshServer) -> None:
+    port = harness.free_port()
     with egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=port, verify=True) as t:
         assert t.is_alive()

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-import hosts
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = 300
 
 
 def test_shared_connection_answers_every_command_and_byte_under_load(tmp_path: Path) -> None:
-    if hosts.sshd_unavailable_reason():
-        pytest.skip(hosts.sshd_unavailable_reason())
+    if harness.sshd_unavailable_reason():
+        pytest.skip(harness.sshd_unavailable_reason())
     out = tmp_path / "stress.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "stress.py"), "--ops", str(OPS), "--json", str(out)],

@@ -13,18 +13,18 @@ import time
 import pytest
 
 import egtunnel
-import hosts
-from e2e import procs
+import harness
+from harness import procs
 
 CHANNELS = ["SHELL", "IOPUB", "STDIN", "HB", "CONTROL"]
 
 
-def target(server: hosts.SshServer, **kw: object) -> egtunnel.SshTarget:
+def target(server: harness.SshServer, **kw: object) -> egtunnel.SshTarget:
     args = {k: v for k, v in server.connect_kwargs().items() if k != "host"}
     return egtunnel.SshTarget(server.host, **{**args, **kw})
 
 
-def conn_status(server: hosts.SshServer) -> list[dict]:
+def conn_status(server: harness.SshServer) -> list[dict]:
     return [c for c in egtunnel.status() if c["port"] == server.port and c["host"] == server.host]
 
 
@@ -33,9 +33,9 @@ def python_threads() -> int:
 
 
 @pytest.mark.parametrize("mode", ["shared", "per-port"])
-def test_open_forwards_opens_all_in_order_within_the_port_range(sshd: hosts.SshServer, echo_server: hosts.EchoServer,
+def test_open_forwards_opens_all_in_order_within_the_port_range(sshd: harness.SshServer, echo_server: harness.EchoServer,
                                                                 mode: str) -> None:  # fmt: skip
-    lo = hosts.free_port()
+    lo = harness.free_port()
     hi = min(lo + 200, 65535)
     t = target(sshd)
     tunnels = t.open_forwards([(ch, "127.0.0.1", echo_server.port) for ch in CHANNELS], port_range=(lo, hi),
@@ -46,15 +46,15 @@ def test_open_forwards_opens_all_in_order_within_the_port_range(sshd: hosts.SshS
         assert len({x.local_port for x in tunnels}) == len(CHANNELS)
         assert [x.keep_alive_interval for x in tunnels] == [360] * 4 + [egtunnel.MAX_KEEP_ALIVE_INTERVAL]
         for x in tunnels:
-            assert hosts.echo_once("127.0.0.1", x.local_port) == b"hello egtunnel\n"
+            assert harness.echo_once("127.0.0.1", x.local_port) == b"hello egtunnel\n"
         assert len(conn_status(sshd)) == (1 if mode == "shared" else len(CHANNELS))
     finally:
         for x in tunnels:
             x.terminate()
 
 
-def test_ports_taken_within_the_range_are_skipped(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
-    lo = hosts.free_port()
+def test_ports_taken_within_the_range_are_skipped(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
+    lo = harness.free_port()
     busy = []
     for p in range(lo, lo + 3):  # two of the four candidates are taken by someone else
         s = socket.socket()
@@ -78,9 +78,9 @@ def test_ports_taken_within_the_range_are_skipped(sshd: hosts.SshServer, echo_se
             s.close()
 
 
-def test_failure_closes_everything_and_names_each_failed_channel(sshd_factory, echo_server: hosts.EchoServer) -> None:
+def test_failure_closes_everything_and_names_each_failed_channel(sshd_factory, echo_server: harness.EchoServer) -> None:
     # PermitOpen lets SHELL's target through and forbids the others: the set fails as one.
-    other = hosts.free_port()
+    other = harness.free_port()
     server = sshd_factory(extra_config=[f"PermitOpen 127.0.0.1:{echo_server.port}"])
     ports_before = procs.listening_ports(pid=os.getpid())
     with pytest.raises(egtunnel.ForwardingProhibited) as info:
@@ -90,10 +90,10 @@ def test_failure_closes_everything_and_names_each_failed_channel(sshd_factory, e
     assert "IOPUB" in message and "HB" in message and f"127.0.0.1:{other}" in message
     assert message.startswith("forwards HB, IOPUB failed") or message.startswith("forwards IOPUB, HB failed"), message
     assert procs.listening_ports(pid=os.getpid()) <= ports_before
-    hosts.wait_until(lambda: conn_status(server) == [], 10, what="no connection left")
+    harness.wait_until(lambda: conn_status(server) == [], 10, what="no connection left")
 
 
-def test_bad_plans_are_refused_before_any_network(sshd: hosts.SshServer) -> None:
+def test_bad_plans_are_refused_before_any_network(sshd: harness.SshServer) -> None:
     t = target(sshd)
     with pytest.raises(ValueError, match="appears twice"):
         t.open_forwards([("SHELL", "127.0.0.1", 1), ("SHELL", "127.0.0.1", 2)])
@@ -106,7 +106,7 @@ def test_bad_plans_are_refused_before_any_network(sshd: hosts.SshServer) -> None
     assert sshd.log_count("Connection from") == 0
 
 
-def test_awaitables_run_without_python_threads(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_awaitables_run_without_python_threads(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     t = target(sshd)
 
     async def main() -> tuple[list, int]:
@@ -123,7 +123,7 @@ def test_awaitables_run_without_python_threads(sshd: hosts.SshServer, echo_serve
     assert extra_threads == 0
 
 
-def test_cancelled_open_leaves_nothing_listening(sshd_factory, echo_server: hosts.EchoServer) -> None:
+def test_cancelled_open_leaves_nothing_listening(sshd_factory, echo_server: harness.EchoServer) -> None:
     server = sshd_factory()
     t = target(server)
     ports_before = procs.listening_ports(pid=os.getpid())
@@ -137,12 +137,12 @@ def test_cancelled_open_leaves_nothing_listening(sshd_factory, echo_server: host
             await task
 
     asyncio.run(main())
-    hosts.wait_until(lambda: conn_status(server) == [] and server.established_connections() == 0, 10,
+    harness.wait_until(lambda: conn_status(server) == [] and server.established_connections() == 0, 10,
                      what="every connection of the cancelled open closed")  # fmt: skip
     assert procs.listening_ports(pid=os.getpid()) <= ports_before
 
 
-def test_request_awaitable_and_terminate_lets_it_finish(sshd: hosts.SshServer) -> None:
+def test_request_awaitable_and_terminate_lets_it_finish(sshd: harness.SshServer) -> None:
     received: list[bytes] = []
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -183,30 +183,30 @@ async def _request(tunnel: egtunnel.Tunnel) -> None:
     await tunnel.request(b"{}", 1.0)
 
 
-def test_request_to_a_closed_port_raises_connection_refused(sshd: hosts.SshServer) -> None:
-    port = hosts.free_port()
+def test_request_to_a_closed_port_raises_connection_refused(sshd: harness.SshServer) -> None:
+    port = harness.free_port()
     with egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=port) as tunnel:
         with pytest.raises(ConnectionRefusedError):
             asyncio.run(_request(tunnel))
 
 
-def test_probe_answers_at_once_and_the_next_call_sees_the_answer(sshd: hosts.SshServer) -> None:
-    port = hosts.free_port()
+def test_probe_answers_at_once_and_the_next_call_sees_the_answer(sshd: harness.SshServer) -> None:
+    port = harness.free_port()
     with egtunnel.open_tunnel(**sshd.connect_kwargs(), remote_host="127.0.0.1", remote_port=port,
                               channel="EG_COMM") as tunnel:  # fmt: skip
         started = time.monotonic()
         assert tunnel.probe(b'{"signum": 0}') == "alive"  # nothing known yet; a probe is now out
         assert time.monotonic() - started < 0.01
-        hosts.wait_until(lambda: tunnel.probe(b'{"signum": 0}') == "dead", 5, what="refusal recorded")
-        with hosts.EchoServer(port=port):
-            hosts.wait_until(lambda: tunnel.probe(b'{"signum": 0}') == "alive", 5, what="listener seen again")
+        harness.wait_until(lambda: tunnel.probe(b'{"signum": 0}') == "dead", 5, what="refusal recorded")
+        with harness.EchoServer(port=port):
+            harness.wait_until(lambda: tunnel.probe(b'{"signum": 0}') == "alive", 5, what="listener seen again")
 
 
-def test_probes_of_many_kernels_on_one_host_share_one_remote_command(sshd: hosts.SshServer) -> None:
+def test_probes_of_many_kernels_on_one_host_share_one_remote_command(sshd: harness.SshServer) -> None:
     # Twelve kernels' communication ports on one host: their probes within one window are answered by
     # one command listing the host's listening ports, not by twelve channels; a port nothing listens on
     # still gets a channel of its own, whose refusal marks it dead.
-    servers = [hosts.EchoServer(port=hosts.free_port()) for _ in range(12)]
+    servers = [harness.EchoServer(port=harness.free_port()) for _ in range(12)]
     tunnels = []
     try:
         for server in servers:
@@ -220,7 +220,7 @@ def test_probes_of_many_kernels_on_one_host_share_one_remote_command(sshd: hosts
         assert sshd.log_count("Starting session: command", mark) == 1
         assert sshd.log_count("server_request_direct_tcpip", mark) == 0
         servers[0].stop()
-        hosts.wait_until(lambda: tunnels[0].probe(b'{"signum": 0}') == "dead", 10, what="refusal recorded")
+        harness.wait_until(lambda: tunnels[0].probe(b'{"signum": 0}') == "dead", 10, what="refusal recorded")
         assert all(t.probe(b'{"signum": 0}') == "alive" for t in tunnels[1:])
     finally:
         for t in tunnels:
@@ -230,7 +230,7 @@ def test_probes_of_many_kernels_on_one_host_share_one_remote_command(sshd: hosts
 
 
 def test_a_kernel_sent_a_signal_is_probed_on_its_own_channel_so_its_exit_shows_at_the_next_poll(
-        sshd: hosts.SshServer) -> None:  # fmt: skip
+        sshd: harness.SshServer) -> None:  # fmt: skip
     # After a delivered request (EG kills a kernel, then polls every 0.5 s until it is gone) the
     # kernel's probes skip the host's batch, which would answer only after its 3 s window: a gateway
     # shutting down N kernels one after another would wait that long for each.
@@ -252,7 +252,7 @@ def test_a_kernel_sent_a_signal_is_probed_on_its_own_channel_so_its_exit_shows_a
         assert tunnel.probe(b'{"signum": 0}') == "alive"
         sshd.wait_for_log("Starting session: command", 10, since=mark)  # the batch answered
         tunnel.send_background(b'{"signum": 9}', "SIGKILL for a test kernel", 5.0, None, None)
-        hosts.wait_until(lambda: b'{"signum": 9}' in requests, 5, what="the request delivered")
+        harness.wait_until(lambda: b'{"signum": 9}' in requests, 5, what="the request delivered")
         time.sleep(0.2)  # the delivery is recorded once the channel closes
         listener.shutdown(socket.SHUT_RDWR)  # the kernel is gone (this also ends the blocked accept)
         listener.close()
@@ -266,7 +266,7 @@ def test_a_kernel_sent_a_signal_is_probed_on_its_own_channel_so_its_exit_shows_a
 
 
 def test_send_background_delivers_and_runs_the_fallback_when_the_port_cannot_take_it(
-        sshd: hosts.SshServer, tmp_path) -> None:  # fmt: skip
+        sshd: harness.SshServer, tmp_path) -> None:  # fmt: skip
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers nor closes
     port = silent.getsockname()[1]
     marker = tmp_path / "fallback-ran"
@@ -276,7 +276,7 @@ def test_send_background_delivers_and_runs_the_fallback_when_the_port_cannot_tak
         started = time.monotonic()
         tunnel.send_background(b'{"signum": 9}', "SIGKILL for a test kernel", 0.5, target(sshd), f"touch {marker}")
         assert time.monotonic() - started < 0.01
-        hosts.wait_until(marker.exists, 10, what="fallback command ran")
+        harness.wait_until(marker.exists, 10, what="fallback command ran")
         with pytest.raises(ValueError, match="together"):
             tunnel.send_background(b"{}", "x", 1.0, target(sshd), None)
     finally:

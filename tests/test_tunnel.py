@@ -13,10 +13,10 @@ import time
 import pytest
 
 import egtunnel
-import hosts
+import harness
 
 
-def open_to(server: hosts.SshServer, remote_host: str, remote_port: int, **kw: object) -> egtunnel.Tunnel:
+def open_to(server: harness.SshServer, remote_host: str, remote_port: int, **kw: object) -> egtunnel.Tunnel:
     return egtunnel.open_tunnel(**{**server.connect_kwargs(), **kw}, remote_host=remote_host, remote_port=remote_port)
 
 
@@ -38,83 +38,83 @@ def port_is_free(port: int) -> bool:
 
 
 @pytest.mark.netns
-def test_data_reaches_echo_server_on_remote_host(remote_host: hosts.RemoteHost) -> None:
+def test_data_reaches_echo_server_on_remote_host(remote_host: harness.RemoteHost) -> None:
     with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
         assert t.local_port > 0 and t.remote_host == remote_host.address
-        assert hosts.echo_once("127.0.0.1", t.local_port, b"through the namespace\n") == b"through the namespace\n"
+        assert harness.echo_once("127.0.0.1", t.local_port, b"through the namespace\n") == b"through the namespace\n"
         stats = t.stats()
     assert stats["bytes_out"] == stats["bytes_in"] == len(b"through the namespace\n")
     assert stats["connections"] == 1
 
 
 @pytest.mark.netns
-def test_64_mib_each_way_arrive_intact(remote_host: hosts.RemoteHost) -> None:
+def test_64_mib_each_way_arrive_intact(remote_host: harness.RemoteHost) -> None:
     with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
-        r = hosts.sha256_echo("127.0.0.1", t.local_port, nbytes=64 << 20, timeout=120)
+        r = harness.sha256_echo("127.0.0.1", t.local_port, nbytes=64 << 20, timeout=120)
     assert r.received_bytes == r.sent_bytes == 64 << 20
     assert r.received_sha256 == r.sent_sha256
 
 
 @pytest.mark.netns
-def test_round_trips_have_no_delayed_ack_stalls(remote_host: hosts.RemoteHost) -> None:
+def test_round_trips_have_no_delayed_ack_stalls(remote_host: harness.RemoteHost) -> None:
     """sshd leaves Nagle on for tunnel-only connections; without our ACK handling ~1% of round trips
     wait ~40 ms for a delayed ACK (ssh -N -L shows ~100 in 10,000 on this path)."""
     with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
-        samples = hosts.round_trips("127.0.0.1", t.local_port, count=10_000, size=1024)
+        samples = harness.round_trips("127.0.0.1", t.local_port, count=10_000, size=1024)
     slow = [round(s * 1000, 1) for s in samples if s > 0.010]
     assert len(slow) <= 3, f"{len(slow)} round trips over 10 ms: {slow}"
 
 
 @pytest.mark.netns
-def test_200_concurrent_connections_through_one_forward(remote_host: hosts.RemoteHost) -> None:
+def test_200_concurrent_connections_through_one_forward(remote_host: harness.RemoteHost) -> None:
     with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
-        socks = [hosts.connect("127.0.0.1", t.local_port) for _ in range(200)]
+        socks = [harness.connect("127.0.0.1", t.local_port) for _ in range(200)]
         try:
             for i, s in enumerate(socks):
                 s.sendall(f"connection {i:03d}\n".encode())
             for i, s in enumerate(socks):
-                assert hosts._recv_exact(s, 15) == f"connection {i:03d}\n".encode()
+                assert harness.recv_exact(s, 15) == f"connection {i:03d}\n".encode()
             assert t.stats()["active_connections"] == 200
         finally:
             for s in socks:
                 s.close()
         assert t.stats()["connections"] == 200
-        hosts.wait_until(lambda: t.stats()["active_connections"] == 0, 10, what="local connections to end")
+        harness.wait_until(lambda: t.stats()["active_connections"] == 0, 10, what="local connections to end")
 
 
-def test_half_close_is_carried_both_ways(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_half_close_is_carried_both_ways(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     with open_to(sshd, "127.0.0.1", echo_server.port) as t:
-        with hosts.connect("127.0.0.1", t.local_port) as s:
+        with harness.connect("127.0.0.1", t.local_port) as s:
             s.sendall(b"abc")
             s.shutdown(socket.SHUT_WR)  # our EOF must reach the echo server...
-            assert hosts._recv_all(s) == b"abc"  # ...and its EOF must come back after the echo
+            assert harness.recv_all(s) == b"abc"  # ...and its EOF must come back after the echo
 
 
 def test_connection_to_a_port_not_listening_yet_is_held_until_it_listens(
-    sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture
+    sshd: harness.SshServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A kernel's launcher reports its ports before the kernel listens: the local connection must wait
     # for the remote port (bytes kept), not be closed, and nothing is worth a warning meanwhile.
-    port = hosts.free_port()
+    port = harness.free_port()
     caplog.set_level(logging.WARNING, logger="egtunnel")
     with open_to(sshd, "127.0.0.1", port) as t:
-        with hosts.connect("127.0.0.1", t.local_port) as s:
+        with harness.connect("127.0.0.1", t.local_port) as s:
             s.sendall(b"sent before the port listened\n")
             time.sleep(0.8)
-            with hosts.EchoServer(port=port):
+            with harness.EchoServer(port=port):
                 s.settimeout(10)
-                assert hosts._recv_exact(s, 30) == b"sent before the port listened\n"
+                assert harness.recv_exact(s, 30) == b"sent before the port listened\n"
         assert t.is_alive()
     assert not [r for r in caplog.records if f"127.0.0.1:{port}" in r.getMessage()]
 
 
 def test_refused_remote_port_closes_that_connection_only_after_the_wait(
-    sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture
+    sshd: harness.SshServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = hosts.free_port()
+    port = harness.free_port()
     caplog.set_level(logging.WARNING, logger="egtunnel")
     with open_to(sshd, "127.0.0.1", port, refused_wait=1.0) as t:
-        with hosts.connect("127.0.0.1", t.local_port) as s:
+        with harness.connect("127.0.0.1", t.local_port) as s:
             s.settimeout(10)
             start = time.monotonic()
             try:
@@ -122,17 +122,17 @@ def test_refused_remote_port_closes_that_connection_only_after_the_wait(
             except ConnectionResetError:
                 pass
             assert 0.9 <= time.monotonic() - start < 5
-        hosts.wait_until(lambda: any(f"127.0.0.1:{port}" in r.getMessage() for r in caplog.records), 5,
+        harness.wait_until(lambda: any(f"127.0.0.1:{port}" in r.getMessage() for r in caplog.records), 5,
                          what="warning naming the refused port")  # fmt: skip
-        with hosts.EchoServer(port=port):
-            assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+        with harness.EchoServer(port=port):
+            assert harness.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
         assert t.is_alive()
     warning = next(r for r in caplog.records if f"127.0.0.1:{port}" in r.getMessage())
     assert warning.levelno == logging.WARNING and warning.name.startswith("egtunnel")
 
 
-def test_explicit_local_port_and_attributes(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
-    port = hosts.free_port()
+def test_explicit_local_port_and_attributes(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
+    port = harness.free_port()
     t = open_to(sshd, "127.0.0.1", echo_server.port, local_port=port, channel="IOPUB", cull_idle_timeout=300,
                 kernel_id="k-1")  # fmt: skip
     try:
@@ -149,15 +149,15 @@ def test_explicit_local_port_and_attributes(sshd: hosts.SshServer, echo_server: 
 
 
 def test_terminate_frees_port_and_returns_fds_and_threads_to_baseline(
-    sshd: hosts.SshServer, echo_server: hosts.EchoServer
+    sshd: harness.SshServer, echo_server: harness.EchoServer
 ) -> None:
     # terminate() frees the port before it returns and leaves the rest (draining, closing the SSH
     # connection) to the runtime, so the descriptors come back shortly after, not during, the call.
     open_to(sshd, "127.0.0.1", echo_server.port).terminate()  # the runtime's threads start once
-    hosts.wait_until(lambda: sshd.established_connections() == 0, 5, what="first connection closed")
-    fds, threads = hosts.fd_count(), hosts.thread_count()
+    harness.wait_until(lambda: sshd.established_connections() == 0, 5, what="first connection closed")
+    fds, threads = harness.fd_count(), harness.thread_count()
     t = open_to(sshd, "127.0.0.1", echo_server.port)
-    held = [hosts.connect("127.0.0.1", t.local_port) for _ in range(5)]
+    held = [harness.connect("127.0.0.1", t.local_port) for _ in range(5)]
     for s in held:
         s.sendall(b"x")
         assert s.recv(1) == b"x"
@@ -169,9 +169,9 @@ def test_terminate_frees_port_and_returns_fds_and_threads_to_baseline(
     for s in held:
         s.close()
     assert elapsed < 0.02, f"terminate took {elapsed * 1000:.1f} ms"
-    hosts.wait_until(lambda: sshd.established_connections() == 0 and hosts.fd_count() == fds, 5,
-                     what=f"descriptors back to {fds} (now {hosts.fd_count()})")  # fmt: skip
-    assert hosts.thread_count() == threads
+    harness.wait_until(lambda: sshd.established_connections() == 0 and harness.fd_count() == fds, 5,
+                     what=f"descriptors back to {fds} (now {harness.fd_count()})")  # fmt: skip
+    assert harness.thread_count() == threads
 
 
 COUNTING_SERVER = """
@@ -200,7 +200,7 @@ def test_terminate_delivers_bytes_already_accepted(sshd_factory) -> None:
         try:
             port = int(service.stdout.readline())
             t = open_to(sshd, "127.0.0.1", port)
-            s = hosts.connect("127.0.0.1", t.local_port)
+            s = harness.connect("127.0.0.1", t.local_port)
             s.setblocking(False)
             payload = os.urandom(8 << 20)
             sent = 0
@@ -247,7 +247,7 @@ def listening_ports() -> set[int]:
     return ports
 
 
-def test_wrong_key_is_ssh_auth_error(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_wrong_key_is_ssh_auth_error(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     before = listening_ports()
     with pytest.raises(egtunnel.SshAuthError) as info:
         open_to(sshd, "127.0.0.1", echo_server.port, identity_file=str(sshd.wrong_identity_file))
@@ -256,9 +256,9 @@ def test_wrong_key_is_ssh_auth_error(sshd: hosts.SshServer, echo_server: hosts.E
     assert listening_ports() == before
 
 
-def test_unknown_host_key_under_strict_binds_nothing(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_unknown_host_key_under_strict_binds_nothing(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     before = listening_ports()
-    port = hosts.free_port()
+    port = harness.free_port()
     with pytest.raises(egtunnel.HostKeyError, match=re.escape(f"[127.0.0.1]:{sshd.port}")):
         open_to(sshd, "127.0.0.1", echo_server.port, known_hosts=str(sshd.empty_known_hosts()), local_port=port)
     assert listening_ports() == before
@@ -266,7 +266,7 @@ def test_unknown_host_key_under_strict_binds_nothing(sshd: hosts.SshServer, echo
 
 
 @pytest.mark.parametrize("policy", ["strict", "accept-new"])
-def test_changed_host_key_is_refused(sshd: hosts.SshServer, echo_server: hosts.EchoServer, policy: str) -> None:
+def test_changed_host_key_is_refused(sshd: harness.SshServer, echo_server: harness.EchoServer, policy: str) -> None:
     with open_to(sshd, "127.0.0.1", echo_server.port, host_key_policy=policy):
         pass
     sshd.regenerate_host_key()
@@ -274,10 +274,10 @@ def test_changed_host_key_is_refused(sshd: hosts.SshServer, echo_server: hosts.E
         open_to(sshd, "127.0.0.1", echo_server.port, host_key_policy=policy)
 
 
-def test_accept_new_records_the_key(sshd: hosts.SshServer, echo_server: hosts.EchoServer, tmp_path) -> None:
+def test_accept_new_records_the_key(sshd: harness.SshServer, echo_server: harness.EchoServer, tmp_path) -> None:
     kh = tmp_path / "ssh" / "known_hosts"
     with open_to(sshd, "127.0.0.1", echo_server.port, known_hosts=str(kh), host_key_policy="accept-new") as t:
-        assert hosts.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
+        assert harness.echo_once("127.0.0.1", t.local_port) == b"hello egtunnel\n"
     recorded = kh.read_text()
     assert f"[127.0.0.1]:{sshd.port} {sshd.host_public_key}" in recorded
     # Now known: strict accepts it too.
@@ -285,12 +285,12 @@ def test_accept_new_records_the_key(sshd: hosts.SshServer, echo_server: hosts.Ec
         pass
 
 
-def test_policy_off_skips_the_check(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_policy_off_skips_the_check(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     with open_to(sshd, "127.0.0.1", echo_server.port, known_hosts=str(sshd.empty_known_hosts()), host_key_policy="off"):
         pass
 
 
-def test_unresponsive_server_is_connect_error_within_timeout(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_unresponsive_server_is_connect_error_within_timeout(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     """The listener accepts TCP (kernel backlog) but never speaks SSH: a host that is gone behind a NAT."""
     os.kill(sshd.pid, signal.SIGSTOP)
     try:
@@ -303,7 +303,7 @@ def test_unresponsive_server_is_connect_error_within_timeout(sshd: hosts.SshServ
 
 
 @pytest.mark.netns
-def test_unreachable_host_is_connect_error_within_timeout(netns_host: hosts.RemoteHost) -> None:
+def test_unreachable_host_is_connect_error_within_timeout(netns_host: harness.RemoteHost) -> None:
     """An address in the namespace's subnet where no machine answers (ARP goes unanswered)."""
     nobody = netns_host.address.rsplit(".", 1)[0] + ".77"
     start = time.monotonic()
@@ -313,7 +313,7 @@ def test_unreachable_host_is_connect_error_within_timeout(netns_host: hosts.Remo
 
 
 def test_closed_ssh_port_is_connect_error() -> None:
-    port = hosts.free_port()
+    port = harness.free_port()
     with pytest.raises(egtunnel.SshConnectError, match=f"127.0.0.1:{port}"):
         egtunnel.open_tunnel("127.0.0.1", "127.0.0.1", 9, port=port, host_key_policy="off")
 
@@ -336,7 +336,7 @@ def test_bad_arguments_say_what_to_fix(kwargs: dict, match: str) -> None:
         egtunnel.open_tunnel("127.0.0.1", "127.0.0.1", 9, **kwargs)
 
 
-def test_password_never_reaches_a_log_line(sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_password_never_reaches_a_log_line(sshd: harness.SshServer, caplog: pytest.LogCaptureFixture) -> None:
     secret = "hunter2-do-not-log"
     caplog.set_level(logging.DEBUG, logger="egtunnel")
     with pytest.raises(egtunnel.SshAuthError) as info:
@@ -345,7 +345,7 @@ def test_password_never_reaches_a_log_line(sshd: hosts.SshServer, caplog: pytest
     assert all(secret not in r.getMessage() for r in caplog.records)
 
 
-def test_rust_log_records_reach_python_logging(sshd: hosts.SshServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_rust_log_records_reach_python_logging(sshd: harness.SshServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="egtunnel")
     with open_to(sshd, "127.0.0.1", 9):
         pass
@@ -380,7 +380,7 @@ def test_idle_shell_forward_probes_every_interval_and_control_never(sshd_factory
 
 
 def test_dead_peer_is_reported_within_interval_times_count_plus_one(
-    sshd: hosts.SshServer, echo_server: hosts.EchoServer
+    sshd: harness.SshServer, echo_server: harness.EchoServer
 ) -> None:
     t = open_to(sshd, "127.0.0.1", echo_server.port, cull_idle_timeout=1, keepalive_margin=1, keepalive_count_max=3)
     try:
@@ -389,7 +389,7 @@ def test_dead_peer_is_reported_within_interval_times_count_plus_one(
         assert stopped, "no sshd session process to stop"
         start = time.monotonic()
         try:
-            hosts.wait_until(lambda: not t.is_alive(), 2 * 4 + 1.0, interval=0.05, what="is_alive() to turn false")
+            harness.wait_until(lambda: not t.is_alive(), 2 * 4 + 1.0, interval=0.05, what="is_alive() to turn false")
             assert time.monotonic() - start <= 2 * 4 + 0.5
         finally:
             for pid in stopped:
@@ -401,7 +401,7 @@ def test_dead_peer_is_reported_within_interval_times_count_plus_one(
         t.terminate()
 
 
-def test_status_lists_connections_and_forwards(sshd: hosts.SshServer, echo_server: hosts.EchoServer) -> None:
+def test_status_lists_connections_and_forwards(sshd: harness.SshServer, echo_server: harness.EchoServer) -> None:
     with open_to(sshd, "127.0.0.1", echo_server.port, channel="HB", kernel_id="kid", cull_idle_timeout=300) as t:
         entries = [c for c in egtunnel.status() if c["port"] == sshd.port]
         assert len(entries) == 1
@@ -413,7 +413,7 @@ def test_status_lists_connections_and_forwards(sshd: hosts.SshServer, echo_serve
     assert not [c for c in egtunnel.status() if c["port"] == sshd.port]
 
 
-def test_blocking_calls_release_the_gil(sshd: hosts.SshServer) -> None:
+def test_blocking_calls_release_the_gil(sshd: harness.SshServer) -> None:
     """A Python thread keeps running while another waits on a slow SSH handshake."""
     os.kill(sshd.pid, signal.SIGSTOP)
     ticks = 0
@@ -437,7 +437,7 @@ def test_blocking_calls_release_the_gil(sshd: hosts.SshServer) -> None:
     assert ticks > 100
 
 
-def test_taken_local_port_is_oserror_eaddrinuse(sshd: hosts.SshServer) -> None:
+def test_taken_local_port_is_oserror_eaddrinuse(sshd: harness.SshServer) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -450,14 +450,14 @@ def test_taken_local_port_is_oserror_eaddrinuse(sshd: hosts.SshServer) -> None:
     assert f"127.0.0.1:{port}" in str(info.value)
 
 
-def test_send_request_delivers_then_reports_refusal(sshd: hosts.SshServer) -> None:
+def test_send_request_delivers_then_reports_refusal(sshd: harness.SshServer) -> None:
     import errno
 
-    with hosts.EchoServer(mode="sink") as sink:
+    with harness.EchoServer(mode="sink") as sink:
         with open_to(sshd, "127.0.0.1", sink.port, channel="EG_COMM") as t:
             t.send_request(b'{"signum": 0}', timeout=5)
             assert t.stats()["bytes_out"] == len(b'{"signum": 0}')
-    closed = hosts.free_port()
+    closed = harness.free_port()
     with open_to(sshd, "127.0.0.1", closed, channel="EG_COMM") as t:
         with pytest.raises(ConnectionRefusedError) as info:
             t.send_request(b"{}", timeout=5)

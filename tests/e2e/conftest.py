@@ -37,9 +37,9 @@ from typing import Any, Callable, Generator, Iterator, Optional
 import pytest
 import requests
 
-import hosts
+import harness
+from harness import procs
 
-from . import procs
 from .gateway import EG_PROXY, Gateway, GatewayConfig, KernelSpecDef, live_gateways
 from .kernel_client import GatewayClient
 from .support import kernel_side_procs
@@ -110,7 +110,7 @@ _KERNEL_MARKERS = ("egtunnel.launcher", "launch_ipykernel", "ipykernel")
 
 @dataclass(frozen=True)
 class Stray:
-    host: hosts.RemoteHost
+    host: harness.RemoteHost
     proc: procs.Proc
     kernel_id: Optional[str]
 
@@ -164,7 +164,7 @@ def stray_kernels() -> list[Stray]:
     commands in flight (below an sshd session: launches, polls) are the gateways' business, not kernels.
     Kernels of a revived session keep their old response address, so ownership goes by id, not address.
     """
-    live = hosts.live_hosts()
+    live = harness.live_hosts()
     if not live:
         return []
     listed = _listed_kernels()
@@ -202,7 +202,7 @@ def check_no_stray_kernels(who: str, before: frozenset[tuple[int, int]] = frozen
     set up before it, so that the failure points at the right place.
     """
     try:
-        hosts.wait_until(lambda: not stray_kernels(), grace, interval=0.5)
+        harness.wait_until(lambda: not stray_kernels(), grace, interval=0.5)
         return
     except TimeoutError:
         pass
@@ -273,16 +273,16 @@ def pytest_runtest_makereport(
 
 @dataclass
 class E2EHosts:
-    a: hosts.RemoteHost
-    b: hosts.RemoteHost
-    c: hosts.RemoteHost
+    a: harness.RemoteHost
+    b: harness.RemoteHost
+    c: harness.RemoteHost
     identity_file: Path          # EG_SSH_IDENTITY_FILE: authorized on a and b
     paramiko_identity_file: Path  # HOME/.ssh/id_ed25519 for EG's own paramiko path: on a and b too
     known_hosts: Path            # EG_SSH_KNOWN_HOSTS: a and c
     paramiko_known_hosts: Path   # HOME/.ssh/known_hosts: a, b and c
     workdir: Path
 
-    def all(self) -> list[hosts.RemoteHost]:
+    def all(self) -> list[harness.RemoteHost]:
         return [self.a, self.b, self.c]
 
 
@@ -294,17 +294,17 @@ def _keygen(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def e2e_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EHosts]:
-    for reason in (hosts.netns_unavailable_reason(), hosts.sshd_unavailable_reason()):
+    for reason in (harness.netns_unavailable_reason(), harness.sshd_unavailable_reason()):
         if reason:
             pytest.skip(f"end-to-end test: {reason}")
     workdir = tmp_path_factory.mktemp("e2e-keys")
     identity = _keygen(workdir / "id_gateway")
     paramiko_identity = _keygen(workdir / "id_paramiko")
-    made: list[hosts.RemoteHost] = []
+    made: list[harness.RemoteHost] = []
     try:
         port = None
         for name in ("a", "b", "c"):
-            host = hosts.RemoteHost().start()
+            host = harness.RemoteHost().start()
             made.append(host)
             # One port everywhere, as in a real cluster: EG_SSH_PORT is a single gateway-wide setting.
             host.ssh_server(workdir=tmp_path_factory.mktemp(f"sshd-{name}"), port=port)
@@ -332,9 +332,9 @@ def e2e_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EHosts]:
 
 @pytest.fixture(scope="session")
 def no_forwarding_host(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory
-                       ) -> Iterator[hosts.RemoteHost]:
+                       ) -> Iterator[harness.RemoteHost]:
     """Host d: like a, but its sshd says `AllowTcpForwarding no` (a common hardening)."""
-    host = hosts.RemoteHost().start()
+    host = harness.RemoteHost().start()
     try:
         host.ssh_server(workdir=tmp_path_factory.mktemp("sshd-d"), port=e2e_hosts.a.sshd.port,
                         extra_config=["AllowTcpForwarding no"])  # fmt: skip
@@ -367,9 +367,10 @@ def gateway_config(h: E2EHosts, **overrides: object) -> GatewayConfig:
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
-    # hosts.py's mark: should this test process die without cleaning up, the next run reaps the
-    # gateway and, since EG exports its environment into remote launches, the kernels it started.
-    cfg.env = {hosts.OWNER_ENV: f"{os.getpid()}:e2e-gateway", **cfg.env}
+    # The harness's ownership mark: should this test process die without cleaning up, the next run
+    # reaps the gateway and, since EG exports its environment into remote launches, the kernels it
+    # started.
+    cfg.env = {harness.OWNER_ENV: f"{os.getpid()}:e2e-gateway", **cfg.env}
     return cfg
 
 

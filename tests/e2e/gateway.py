@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 import requests
 
-from . import procs
+from harness import procs
+
 from .kernel_client import GatewayClient
 
 HERE = Path(__file__).resolve().parent

@@ -11,26 +11,26 @@ from typing import Any, Callable
 
 import pytest
 
-import hosts
+import harness
+from harness import procs
 
-from . import procs
 from .gateway import Gateway
 from .kernel_client import Kernel
 
 CHANNELS = ("SHELL", "IOPUB", "STDIN", "HB", "CONTROL", "EG_COMM")
 
 
-def sshd_listener_pids(host: hosts.RemoteHost) -> set[int]:
+def sshd_listener_pids(host: harness.RemoteHost) -> set[int]:
     return {s.pid for s in host.ssh_servers if s.pid}
 
 
-def sshd_session_procs(host: hosts.RemoteHost) -> list[procs.Proc]:
+def sshd_session_procs(host: harness.RemoteHost) -> list[procs.Proc]:
     """Per-connection sshd processes in the host's namespace (the listener excluded)."""
     listeners = sshd_listener_pids(host)
     return [p for p in procs.netns_procs(host.name) if p.comm == "sshd" and p.pid not in listeners]
 
 
-def kill_sshd(host: hosts.RemoteHost, down_seconds: float) -> None:
+def kill_sshd(host: harness.RemoteHost, down_seconds: float) -> None:
     """Every sshd process dies (listener first, so nothing reconnects in between), but not what was
     started over SSH: the kernel outlives sshd as it would on a real host. sshd is back after `down_seconds`."""
     listener = host.sshd.pid
@@ -42,20 +42,20 @@ def kill_sshd(host: hosts.RemoteHost, down_seconds: float) -> None:
     host.sshd.start()
 
 
-def kernel_side_procs(host: hosts.RemoteHost) -> list[procs.Proc]:
+def kernel_side_procs(host: harness.RemoteHost) -> list[procs.Proc]:
     """What runs in the host's namespace besides sshd and the fixtures' own services: launchers,
     kernels, comm listeners, shells. After the last kernel is gone this must be empty."""
     services = {s.pid for s in [*host.ssh_servers, host.echo] if s is not None and s.pid}
     return [p for p in procs.netns_procs(host.name) if p.comm != "sshd" and p.pid not in services]
 
 
-def shells(host: hosts.RemoteHost) -> list[procs.Proc]:
+def shells(host: harness.RemoteHost) -> list[procs.Proc]:
     return [p for p in procs.netns_procs(host.name) if p.comm in ("bash", "sh", "dash", "zsh")]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "") -> Any:
-    """hosts.wait_until at a pace suited to asking a gateway over HTTP."""
-    return hosts.wait_until(predicate, timeout, interval, what)
+    """harness.wait_until at a pace suited to asking a gateway over HTTP."""
+    return harness.wait_until(predicate, timeout, interval, what)
 
 
 def kernel_status(gw: Gateway, kernel: Kernel) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def live_tunnels(gw: Gateway, kernel: Kernel) -> dict[str, dict[str, Any]]:
     return kernel_status(gw, kernel)["tunnels"]
 
 
-def connections_to(gw: Gateway, host: hosts.RemoteHost) -> list[dict[str, Any]]:
+def connections_to(gw: Gateway, host: harness.RemoteHost) -> list[dict[str, Any]]:
     """egtunnel.status() entries (live SSH connections in the gateway) whose host is `host`."""
     conns = gw.status()["connections"]
     return [c for c in conns if c.get("host") == host.address and int(c.get("port", 0)) == host.sshd.port]

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import pytest
 
-import hosts
+import harness
 
 from .conftest import MAIN_SPECS, E2EHosts
 from .gateway import Gateway, KernelSpecDef
@@ -18,7 +18,7 @@ from .support import kernel_side_procs, report, require_native, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def _failed_start(gateway: Gateway, client: GatewayClient, spec: str, host: Optional[hosts.RemoteHost],
+def _failed_start(gateway: Gateway, client: GatewayClient, spec: str, host: Optional[harness.RemoteHost],
                   serving: Kernel) -> GatewayError:
     """Start a kernel that must fail; check that it leaves nothing and that `serving` still works."""
     ports0 = gateway.listening_ports()

@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 import requests
 
-import hosts
+import harness
 
 from .conftest import E2EHosts
 from .gateway import Gateway
@@ -84,7 +84,7 @@ def _sample_kernelspecs(url: str, stop: threading.Event, samples: list[float]) -
 
 
 @contextlib.contextmanager
-def _remote_host_priority(host: hosts.RemoteHost, niceness: int) -> Iterator[None]:
+def _remote_host_priority(host: harness.RemoteHost, niceness: int) -> Iterator[None]:
     """Run what sshd starts on `host` at a lower CPU priority than the gateway.
 
     The remote host here shares the gateway's CPUs; on a real cluster 20 kernels starting up burn
@@ -109,7 +109,7 @@ class Burst:
     slowest_start: float
 
 
-def _concurrent_starts(gateway: Gateway, spec: str, host: hosts.RemoteHost) -> Burst:
+def _concurrent_starts(gateway: Gateway, spec: str, host: harness.RemoteHost) -> Burst:
     """CYCLES kernels of `spec` started at once, each running a cell, while GET /api/kernelspecs is
     sampled; every kernel is deleted again before this returns."""
     clients = [gateway.client(timeout=120) for _ in range(CYCLES)]
@@ -145,10 +145,10 @@ def test_twenty_concurrent_starts(gateway: Gateway, sequential: Cycles, e2e_host
     floor = _concurrent_starts(gateway, "egt-notunnel", e2e_hosts.a)
     wait_for(lambda: not kernel_side_procs(e2e_hosts.a), 20, what="nothing left on the remote host")
     burst = _concurrent_starts(gateway, "egt", e2e_hosts.a)
-    p99, floor_p99 = hosts.percentile(burst.samples, 99), hosts.percentile(floor.samples, 99)
+    p99, floor_p99 = harness.percentile(burst.samples, 99), harness.percentile(floor.samples, 99)
     sequential_total = sum(sequential.start_seconds)
     report("concurrent", wall=burst.wall, sequential_total=sequential_total, kernelspecs_p99=p99,
-           kernelspecs_p50=hosts.percentile(burst.samples, 50), kernelspecs_max=max(burst.samples),
+           kernelspecs_p50=harness.percentile(burst.samples, 50), kernelspecs_max=max(burst.samples),
            samples=len(burst.samples), slowest_start=burst.slowest_start, tunneling_off_wall=floor.wall,
            tunneling_off_kernelspecs_p99=floor_p99, tunneling_off_kernelspecs_max=max(floor.samples))
     assert p99 < max(KERNELSPECS_P99_BUDGET, floor_p99 + KERNELSPECS_P99_MARGIN), (p99, floor_p99)

@@ -24,11 +24,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-import hosts
-
-from . import procs
+import harness
 from egtunnel import launcher as egtunnel_launcher
 from egtunnel.kernel_tunnels import EXEC_TIMEOUT
+from harness import procs
 
 from .conftest import MAIN_SPECS, E2EHosts
 from .gateway import Gateway, KernelSpecDef
@@ -68,7 +67,7 @@ class KernelProcesses:
     """Samples a host's process list for processes whose arguments carry one kernel id, from before the
     start request until stopped: proves the launcher ran, and when the last of them was seen."""
 
-    def __init__(self, host: hosts.RemoteHost, kernel_id: str) -> None:
+    def __init__(self, host: harness.RemoteHost, kernel_id: str) -> None:
         self.host = host
         self.kernel_id = kernel_id
         self._argument = re.compile(f"kernel-id[ =]{re.escape(kernel_id)}")
@@ -101,7 +100,7 @@ class KernelProcesses:
         procs.kill_procs(self.now())  # a failed test must not leave its kernel to the next one
 
 
-def _failed_start(gateway: Gateway, host: hosts.RemoteHost, launcher: str, variant: str = "",
+def _failed_start(gateway: Gateway, host: harness.RemoteHost, launcher: str, variant: str = "",
                   failure_timeout: float = LAUNCH_TIMEOUT) -> tuple[GatewayError, float, KernelProcesses]:
     """Starts a kernel that fails after launch; returns the error, the seconds from the request until a
     process of the kernel was last seen on the host (sampled every 0.1 s), and what was seen. The host
@@ -132,7 +131,7 @@ def _failed_start(gateway: Gateway, host: hosts.RemoteHost, launcher: str, varia
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_refused_forwards_leave_nothing(gateway: Gateway, no_forwarding_host: hosts.RemoteHost,
+def test_refused_forwards_leave_nothing(gateway: Gateway, no_forwarding_host: harness.RemoteHost,
                                         launcher: str) -> None:
     error, _, watch = _failed_start(gateway, no_forwarding_host, launcher)
     assert error.status == 500, error

@@ -12,7 +12,8 @@ import pytest
 
 from enterprise_gateway.services.processproxies.processproxy import max_keep_alive_interval
 
-from . import procs
+from harness import procs
+
 from .conftest import CULL_IDLE_TIMEOUT, E2EHosts
 from .gateway import Gateway
 from .kernel_client import GatewayClient

@@ -11,7 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-import hosts
+import harness
 
 from .conftest import E2EHosts
 from .gateway import Gateway, KernelSpecDef
@@ -39,7 +39,7 @@ def value(samples: Samples, name: str, **labels: object) -> float:
 
 def test_gateway_metrics_show_the_kernel_and_count_its_recovery(
         gateway_factory: Callable[..., Gateway], e2e_hosts: E2EHosts) -> None:  # fmt: skip
-    port = hosts.free_port()
+    port = harness.free_port()
     gw = gateway_factory("metrics", kernelspecs=[KernelSpecDef("egt")], env={"EG_TUNNEL_METRICS_PORT": str(port)})
     require_native(gw)
     host = e2e_hosts.a

@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from . import procs
+from harness import procs
+
 from .conftest import E2EHosts, stop_gateway
 from .gateway import Gateway
 from .kernel_client import GatewayClient, Kernel

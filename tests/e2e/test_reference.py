@@ -9,7 +9,8 @@ import time
 import pytest
 import requests
 
-from . import procs
+from harness import procs
+
 from .conftest import E2EHosts
 from .gateway import Gateway
 from .kernel_client import GatewayClient

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import hosts
+import harness
 
 from .gateway import Gateway
 from .support import report, require_native
@@ -27,7 +27,7 @@ DELETE_PROBE_MARGIN = 0.150
 
 
 def test_deleting_twenty_kernels_at_once_does_not_hold_the_event_loop(tmp_path: Path) -> None:
-    for reason in (hosts.netns_unavailable_reason(), hosts.sshd_unavailable_reason()):
+    for reason in (harness.netns_unavailable_reason(), harness.sshd_unavailable_reason()):
         if reason:
             pytest.skip(f"scale: {reason}")
     out = tmp_path / "scale.json"

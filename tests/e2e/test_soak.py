@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import hosts
+import harness
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +19,7 @@ SOAK = REPO / "bench" / "soak.py"
 
 
 def test_quick_soak_passes_every_check() -> None:
-    for reason in (hosts.netns_unavailable_reason(), hosts.sshd_unavailable_reason()):
+    for reason in (harness.netns_unavailable_reason(), harness.sshd_unavailable_reason()):
         if reason:
             pytest.skip(f"soak: {reason}")
     proc = subprocess.Popen([sys.executable, str(SOAK), "--quick"], stdout=subprocess.PIPE,

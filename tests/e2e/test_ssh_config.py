@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-import hosts
+import harness
 
 from .conftest import E2EHosts
 from .gateway import Gateway
@@ -29,23 +29,23 @@ RECOVERY_BUDGET = 30.0
 
 
 class Topology:
-    def __init__(self, bastion: hosts.RemoteHost, behind: hosts.RemoteHost, config: Path) -> None:
+    def __init__(self, bastion: harness.RemoteHost, behind: harness.RemoteHost, config: Path) -> None:
         self.bastion = bastion
         self.behind = behind
         self.config = config
         self.revoked: Path = config
 
-    def dest(self, host: hosts.RemoteHost) -> str:
+    def dest(self, host: harness.RemoteHost) -> str:
         return f"{host.sshd.user}@{host.address}:{host.sshd.port}"
 
 
 @pytest.fixture(scope="module")
 def topology(e2e_hosts: E2EHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    bastion = hosts.RemoteHost().start()
-    behind = hosts.RemoteHost().start()
+    bastion = harness.RemoteHost().start()
+    behind = harness.RemoteHost().start()
     try:
         # A port other than EG_SSH_PORT's hosts, so that a working start proves the file's Port was used.
-        port = hosts.free_port()
+        port = harness.free_port()
         for host, name in ((bastion, "bastion"), (behind, "behind")):
             host.ssh_server(workdir=tmp_path_factory.mktemp(f"sshd-{name}"), port=port)
             host.sshd.authorized_keys.write_text(Path(f"{e2e_hosts.identity_file}.pub").read_text())
@@ -86,7 +86,7 @@ def ssh_config_gateway(gateway_factory: Callable[..., Gateway], topology: Topolo
 def test_the_gateway_cannot_reach_the_host_behind_the_bastion(topology: Topology) -> None:
     with pytest.raises(OSError):
         socket.create_connection((topology.behind.address, topology.behind.sshd.port), timeout=2).close()
-    assert hosts.port_accepts(topology.bastion.address, topology.bastion.sshd.port)
+    assert harness.port_accepts(topology.bastion.address, topology.bastion.sshd.port)
 
 
 def test_kernel_on_an_ssh_config_alias_runs_through_eg(ssh_config_gateway: Gateway, topology: Topology) -> None:

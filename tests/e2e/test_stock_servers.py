@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import hosts
+import harness
 
 from .conftest import E2EHosts
 from .gateway import Gateway
@@ -76,7 +76,7 @@ def test_concurrent_starts_on_a_stock_host_all_run_and_lose_no_first_output(
 
 
 def test_forwarding_forbidden_by_sshd_fails_the_start_with_500_naming_the_cause(
-        gateway: Gateway, client: GatewayClient, no_forwarding_host: hosts.RemoteHost) -> None:
+        gateway: Gateway, client: GatewayClient, no_forwarding_host: harness.RemoteHost) -> None:
     require_native(gateway)
     host = no_forwarding_host
     ports0 = gateway.listening_ports()

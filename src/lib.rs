@@ -2,13 +2,14 @@
 //!
 //! Layout, one concern per module:
 //! - `keepalive`: EG's keep-alive policy per kernel channel, and the probe schedule.
-//! - `config`: connection settings (host-key policy, tunnel mode, defaults) and their validation.
+//! - `local_user`: who egtunnel runs as (user name, home directories).
+//! - `config`: connection settings (tunnel mode, budgets, defaults) and their validation.
 //! - `error`: the one error type; `bindings` maps it to Python exceptions.
 //! - `net`: socket options std lacks (TCP_QUICKACK, TCP_INFO).
 //! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
 //! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination (as `ssh -G`).
 //! - `algorithms`: OpenSSH's Ciphers, MACs, KexAlgorithms and HostKeyAlgorithms applied to libssh2.
-//! - `known_hosts`: markers (@revoked, @cert-authority), locked appends and file modes.
+//! - `known_hosts`: the host-key policy; markers (@revoked, @cert-authority), locked appends and file modes.
 //! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
 //! - `raw_channel`: channels through libssh2's C API (exit-status arrival, reads past EOF, queue checks under one lock).
 //! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
@@ -42,6 +43,7 @@ pub mod jump;
 pub mod keepalive;
 pub mod known_hosts;
 pub mod lanes;
+pub mod local_user;
 pub mod metrics;
 pub mod net;
 pub mod pool;

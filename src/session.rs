@@ -17,10 +17,10 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
-use crate::config::{ConnectSpec, HostKeyPolicy};
+use crate::config::ConnectSpec;
 use crate::driver::{RetryError, SshIo, Stream};
 use crate::jump;
-use crate::known_hosts;
+use crate::known_hosts::{self, HostKeyPolicy};
 use crate::error::{Error, Result};
 
 /// A server's handshake budget and the semaphore that enforces it.

@@ -8,6 +8,8 @@
 //! per (files, host, user, port) until any file it read (Included ones too) changes, so a repeated
 //! lookup on the gateway's event loop costs a few `stat` calls. `scan.rs` walks the files for what
 //! the resolvers do not report: which files were read, and the `file:line` behind a value.
+//! `settings.rs` holds what a resolution yields and the rules both resolvers share, so that they
+//! import it and never this file.
 
 mod builtin;
 mod openssh;

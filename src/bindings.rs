@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::exec::ExecOutput;
 use crate::exit_gate::{self, Entry};
 use crate::forward::Forward;
-use crate::keepalive::{self, Channel, MAX_KEEP_ALIVE_INTERVAL};
+use crate::keepalive::{self, Channel, KeepAlive, MAX_KEEP_ALIVE_INTERVAL};
 use crate::metrics::{self as native_metrics, counted, Operation};
 use crate::pool::{self, ForwardRequest};
 use crate::requests;
@@ -219,7 +219,7 @@ impl Tunnel {
     }
     #[getter]
     fn keep_alive_interval(&self) -> u64 {
-        self.fwd.info.keep_alive_interval
+        self.fwd.info.keep_alive.interval
     }
     #[getter]
     fn remote_host(&self) -> String {
@@ -235,7 +235,7 @@ impl Tunnel {
     }
     #[getter]
     fn mode(&self) -> &'static str {
-        self.fwd.conn.shared.mode.as_str()
+        self.fwd.conn.mode().as_str()
     }
     /// user@host:port of the SSH connection this forward rides on.
     #[getter]
@@ -253,14 +253,13 @@ impl Tunnel {
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let s = &self.fwd.info.stats;
+        let s = self.fwd.info.stats.snapshot();
         let d = PyDict::new(py);
-        d.set_item("bytes_in", s.bytes_in.load(Relaxed))?;
-        d.set_item("bytes_out", s.bytes_out.load(Relaxed))?;
-        d.set_item("connections", s.connections.load(Relaxed))?;
-        d.set_item("active_connections", s.active.load(Relaxed))?;
-        d.set_item("keepalives_sent", self.fwd.conn.shared.keepalives_sent.load(Relaxed))?;
+        d.set_item("bytes_in", s.bytes_in)?;
+        d.set_item("bytes_out", s.bytes_out)?;
+        d.set_item("connections", s.connections)?;
+        d.set_item("active_connections", s.active)?;
+        d.set_item("keepalives_sent", self.fwd.conn.snapshot().counts.keepalives_sent)?;
         Ok(d)
     }
 
@@ -452,7 +451,7 @@ fn open_tunnel(
 ) -> PyResult<Tunnel> {
     let refused_wait = if refused_wait == 0.0 { Duration::ZERO } else { positive_duration(refused_wait, "refused_wait")? };
     let ch = parse_channel(channel)?;
-    let interval = keepalive::keep_alive_interval(ch, cull_idle_timeout.0, keepalive_margin).map_err(invalid)?;
+    let keep_alive = KeepAlive::for_channel(ch, cull_idle_timeout.0, keepalive_margin).map_err(invalid)?;
     let remote_port = check_port("remote_port", remote_port, false).map_err(|e| to_py(e, ""))?;
     let local_port = check_port("local_port", local_port, true).map_err(|e| to_py(e, ""))?;
     let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
@@ -465,8 +464,7 @@ fn open_tunnel(
         remote_host: remote_host.to_string(),
         remote_port,
         local_port,
-        keep_alive_interval: interval as u64,
-        count_max: keepalive_count_max,
+        keep_alive: keep_alive.with_count_max(keepalive_count_max),
         kernel_id,
         verify,
         refused_wait,
@@ -580,14 +578,13 @@ fn plan_args(
         if remote_host.is_empty() {
             return Err(invalid(format!("{ch}: remote_host must not be empty")));
         }
-        let interval = keepalive::keep_alive_interval(ch, cull_idle_timeout, keepalive_margin).map_err(invalid)?;
+        let keep_alive = KeepAlive::for_channel(ch, cull_idle_timeout, keepalive_margin).map_err(invalid)?;
         reqs.push(ForwardRequest {
             channel: ch,
             remote_host,
             remote_port: check_port(&format!("{ch} remote_port"), remote_port, false).map_err(|e| to_py(e, ""))?,
             local_port: 0,
-            keep_alive_interval: interval as u64,
-            count_max: keepalive_count_max,
+            keep_alive: keep_alive.with_count_max(keepalive_count_max),
             kernel_id: kernel_id.clone(),
             verify: false,
             refused_wait,
@@ -735,7 +732,6 @@ cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=No
 /// Every live SSH connection with its forwards.
 #[pyfunction]
 fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-    use std::sync::atomic::Ordering::Relaxed;
     let list = PyList::empty(py);
     for c in pool::status() {
         let d = PyDict::new(py);
@@ -764,11 +760,12 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
             fd.set_item("local_port", f.local_port)?;
             fd.set_item("remote_host", &f.remote_host)?;
             fd.set_item("remote_port", f.remote_port)?;
-            fd.set_item("keep_alive_interval", f.keep_alive_interval)?;
-            fd.set_item("bytes_in", f.stats.bytes_in.load(Relaxed))?;
-            fd.set_item("bytes_out", f.stats.bytes_out.load(Relaxed))?;
-            fd.set_item("connections", f.stats.connections.load(Relaxed))?;
-            fd.set_item("active_connections", f.stats.active.load(Relaxed))?;
+            fd.set_item("keep_alive_interval", f.keep_alive.interval)?;
+            let s = f.stats.snapshot();
+            fd.set_item("bytes_in", s.bytes_in)?;
+            fd.set_item("bytes_out", s.bytes_out)?;
+            fd.set_item("connections", s.connections)?;
+            fd.set_item("active_connections", s.active)?;
             forwards.append(fd)?;
         }
         d.set_item("forwards", forwards)?;
@@ -781,7 +778,7 @@ fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
 #[pyfunction]
 fn metrics<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
-    for m in native_metrics::snapshot() {
+    for m in native_metrics::snapshot(&pool::status()) {
         let d = PyDict::new(py);
         d.set_item("user", &m.key.user)?;
         d.set_item("host", &m.key.host)?;

@@ -10,12 +10,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::ConnectSpec;
-use crate::connection::DirectTcpip;
 use crate::error::{Error, Result};
-use crate::keepalive::MAX_KEEP_ALIVE_INTERVAL;
+use crate::forward_channel::DirectTcpip;
+use crate::keepalive::KeepAlive;
+use crate::metrics::ForwardStats;
 use crate::pool;
 use crate::session;
-use crate::stats::ForwardStats;
 
 /// One stage's outcome.
 pub struct Step {
@@ -44,7 +44,7 @@ pub async fn run(spec: &ConnectSpec, command: &str, report: &mut (dyn FnMut(Step
         let deadline = Instant::now() + hop.connect_timeout();
         let started = Instant::now();
         let stage = if hop.jump.is_some() { "channel through the previous hop" } else { "TCP connect" };
-        let io = match session::open(hop, deadline, (MAX_KEEP_ALIVE_INTERVAL as u64, 3)).await {
+        let io = match session::open(hop, deadline, KeepAlive::NEVER, &*pool::hops()).await {
             Ok(io) => {
                 let how = match &hop.jump {
                     Some(j) => format!("{}:{} reached through {}", hop.host, hop.port, j.dest()),

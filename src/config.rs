@@ -2,7 +2,6 @@
 //!
 //! Kept free of I/O beyond reading the current user's identity, so `cargo test` covers the parsing.
 
-use std::ffi::CStr;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -10,46 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::local_user::current_user;
 use crate::ssh_config::{self, Algorithms, Source};
 
-/// How a server's host key is checked against the known_hosts file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HostKeyPolicy {
-    /// Unknown or changed key refused.
-    Strict,
-    /// Unknown key appended to known_hosts; changed key refused.
-    AcceptNew,
-    /// No check at all (for throwaway test hosts only). Only egtunnel's own setting
-    /// (EG_SSH_HOST_KEY_POLICY, or the caller's argument) selects it, never ssh_config.
-    Off,
-}
-
-impl HostKeyPolicy {
-    pub const NAMES: [&'static str; 3] = ["strict", "accept-new", "off"];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HostKeyPolicy::Strict => "strict",
-            HostKeyPolicy::AcceptNew => "accept-new",
-            HostKeyPolicy::Off => "off",
-        }
-    }
-}
-
-impl FromStr for HostKeyPolicy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "strict" => Ok(HostKeyPolicy::Strict),
-            "accept-new" => Ok(HostKeyPolicy::AcceptNew),
-            "off" => Ok(HostKeyPolicy::Off),
-            _ => Err(Error::Invalid(format!(
-                "unknown host key policy {s:?}; valid values: {}",
-                HostKeyPolicy::NAMES.join(", ")
-            ))),
-        }
-    }
-}
+// Part of the settings callers pass; its home is next to the known_hosts checks it selects.
+pub use crate::known_hosts::HostKeyPolicy;
 
 /// Whether forwards share one SSH connection per (user, host, port) or each get their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -507,42 +471,6 @@ pub fn check_port(what: &str, port: i64, allow_zero: bool) -> Result<u16> {
         return Err(Error::Invalid(format!("{what} must be an integer from {lo} to 65535, got {port}")));
     }
     Ok(port as u16)
-}
-
-pub struct Me {
-    pub name: Option<String>,
-    /// $HOME, else the password database's: egtunnel's own defaults (known_hosts, default keys).
-    pub home: PathBuf,
-    /// The password database's home, which `ssh` uses for `~` and `~/.ssh/config` whatever $HOME says.
-    pub passwd_home: PathBuf,
-}
-
-pub fn current_user() -> Me {
-    // The passwd entry is what OpenSSH uses; $HOME wins for the home directory so tests can relocate it.
-    let mut name = None;
-    let mut pw_home = None;
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both live for the whole call; `result` is
-    // either null or points at `pwd`, whose string fields point into `buf`.
-    let rc = unsafe {
-        libc::getpwuid_r(libc::geteuid(), &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut result)
-    };
-    if rc == 0 && !result.is_null() {
-        // SAFETY: on success pw_name and pw_dir are NUL-terminated strings inside `buf`.
-        unsafe {
-            name = Some(CStr::from_ptr(pwd.pw_name).to_string_lossy().into_owned());
-            pw_home = Some(PathBuf::from(CStr::from_ptr(pwd.pw_dir).to_string_lossy().into_owned()));
-        }
-    }
-    let name = name.or_else(|| std::env::var("USER").ok());
-    let passwd_home = pw_home.clone().unwrap_or_else(|| PathBuf::from("/"));
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .or(pw_home)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    Me { name, home, passwd_home }
 }
 
 fn expand_home(p: &str, home: &std::path::Path) -> PathBuf {

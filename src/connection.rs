@@ -21,18 +21,19 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::{ConnectSpec, TunnelMode};
-use crate::driver::{is_fatal, transport_received, Attempt, SshIo};
+use crate::driver::{is_fatal, transport_received, Attempt, SshIo, Step};
 use crate::error::{Error, Result};
 use crate::exec::{ExecChannel, ExecOutput};
-use crate::forward::{ForwardChannel, Step};
+use crate::forward_channel::{DirectTcpip, ForwardChannel, CHUNK};
 use crate::idle_reader::{IdleReader, ReaderStep};
-use crate::keepalive::{probe_action, ProbeAction, MAX_KEEP_ALIVE_INTERVAL};
-use crate::metrics::{self, DestTotals, OpenChannel};
+use crate::jump::Hops;
+use crate::keepalive::{KeepAlive, ProbeAction, Schedule};
+use crate::metrics::{self, ChannelGuard, ConnCounts, ConnStats, DestTotals, ForwardStats, OpenChannel};
 use crate::net;
+use crate::random;
 use crate::raw_channel::{self, RawChannel};
 use crate::ready::{Flag, Nudge, ReadyList};
 use crate::session;
-use crate::stats::{ChannelGuard, ForwardStats};
 
 /// Where a new channel goes.
 pub enum Target {
@@ -99,77 +100,84 @@ impl OpenRequest {
 pub enum Command {
     Open(OpenRequest),
     /// New keep-alive settings, recomputed whenever forwards come and go.
-    KeepAlive { interval: u64, count_max: u32 },
+    KeepAlive(KeepAlive),
     Shutdown,
 }
 
-/// State the handle, status() and the actor share.
-pub struct Shared {
-    pub id: u64,
-    pub spec: ConnectSpec,
-    pub mode: TunnelMode,
-    pub alive: AtomicBool,
-    pub reconnects: AtomicU64,
-    pub keepalives_sent: AtomicU64,
-    pub interval: AtomicU64,
-    pub last_error: Mutex<Option<String>>,
+/// State the handle, status() and the actor share; read from outside through `Connection`'s methods
+/// and `snapshot()`.
+struct Shared {
+    id: u64,
+    spec: ConnectSpec,
+    mode: TunnelMode,
+    alive: AtomicBool,
+    /// The keep-alive interval applied now (seconds), for status().
+    interval: AtomicU64,
+    last_error: Mutex<Option<String>>,
     /// Session channels allowed open at once: the configured budget, lowered by refusals.
-    pub session_budget: AtomicUsize,
-    /// Session channels the server refused (each retried).
-    pub session_refusals: AtomicU64,
+    session_budget: AtomicUsize,
     /// Forwards and in-flight remote commands using this connection (kept by the pool). A connection
     /// that dies with no users is not worth re-establishing.
-    pub users: AtomicUsize,
+    users: AtomicUsize,
     /// The actor's wake-up, and which channels' local sides moved (see `ready`).
-    pub ready: Arc<ReadyList>,
-    /// Keep-alive probes sent since the server last sent anything (a gauge for metrics).
-    pub keepalives_unanswered: AtomicU64,
+    ready: Arc<ReadyList>,
     /// Set when reconnecting stopped for good (host key changed, credentials refused).
-    pub stopped: AtomicBool,
-    /// The destination's process-wide counters, which outlive this connection (see `metrics`).
-    pub totals: Arc<DestTotals>,
-    /// Times the actor went idle while a channel still had unread packets (checked only with
-    /// EGTUNNEL_CHECK_SETTLED=1; by construction it stays 0).
-    pub unsettled_sleeps: AtomicU64,
+    stopped: AtomicBool,
+    /// This connection's counters, which its destination's totals include (see `metrics`).
+    stats: ConnStats,
 }
 
 impl Shared {
     fn set_error(&self, e: &str) {
         *self.last_error.lock().unwrap() = Some(e.to_string());
     }
+
+    fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap().clone()
+    }
+}
+
+/// One connection at one moment, for status().
+#[derive(Clone, Debug)]
+pub struct ConnectionSnapshot {
+    pub alive: bool,
+    /// "connected", "reconnecting" or "stopped" (reconnecting gave up: host key, credentials).
+    pub state: &'static str,
+    pub keep_alive_interval: u64,
+    pub last_error: Option<String>,
+    pub session_budget: usize,
+    pub counts: ConnCounts,
 }
 
 /// A handle on the actor; dropping the last handle does not stop it, `shutdown` does.
 pub struct Connection {
-    pub shared: Arc<Shared>,
+    shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Where a session through a ProxyJump hop gets the hop's connection (the pool).
+    hops: Arc<dyn Hops>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Connection {
-    /// Starts the actor and waits for the first connection; on failure nothing is left running.
-    pub async fn start(spec: ConnectSpec, mode: TunnelMode, interval: u64, count_max: u32) -> Result<Arc<Connection>> {
+    /// Starts the actor and waits for the first connection; on failure nothing is left running. A
+    /// session through a ProxyJump hop takes the hop's connection from `hops`.
+    pub async fn start(spec: ConnectSpec, mode: TunnelMode, keep_alive: KeepAlive, hops: Arc<dyn Hops>) -> Result<Arc<Connection>> {
         let max_sessions = spec.max_sessions;
-        let totals = metrics::totals_for(&spec);
+        let stats = ConnStats::new(metrics::totals_for(&spec));
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             spec,
             mode,
             alive: AtomicBool::new(false),
-            reconnects: AtomicU64::new(0),
-            keepalives_sent: AtomicU64::new(0),
-            interval: AtomicU64::new(interval),
+            interval: AtomicU64::new(keep_alive.interval),
             last_error: Mutex::new(None),
             session_budget: AtomicUsize::new(max_sessions),
-            session_refusals: AtomicU64::new(0),
             users: AtomicUsize::new(0),
             ready: Arc::new(ReadyList::default()),
-            keepalives_unanswered: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
-            totals,
-            unsettled_sleeps: AtomicU64::new(0),
+            stats,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -177,12 +185,13 @@ impl Connection {
             shared: shared.clone(),
             commands: rx,
             queue: VecDeque::new(),
-            count_max,
+            keep_alive,
+            hops: hops.clone(),
             stopped: None,
             session_retry_at: None,
         };
         let task = spawn_actor(actor, ready_tx);
-        let conn = Arc::new(Connection { shared, commands: tx, task: Mutex::new(Some(task)) });
+        let conn = Arc::new(Connection { shared, commands: tx, task: Mutex::new(Some(task)), hops });
         // A caller that stops waiting (a cancelled kernel start) must not leave the actor running.
         let abandoned = StopOnDrop(Some(conn.commands.clone()));
         let ready = ready_rx.await;
@@ -201,13 +210,77 @@ impl Connection {
         self.shared.spec.dest()
     }
 
+    /// Unique within the process; the pool and lanes key their entries by it.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    pub fn spec(&self) -> &ConnectSpec {
+        &self.shared.spec
+    }
+
+    pub fn mode(&self) -> TunnelMode {
+        self.shared.mode
+    }
+
+    /// Where this connection's ProxyJump hop, if any, comes from (another connection to the same
+    /// destination takes it from there too).
+    pub fn hops(&self) -> Arc<dyn Hops> {
+        self.hops.clone()
+    }
+
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
     }
 
-    pub fn set_keep_alive(&self, interval: u64, count_max: u32) {
-        self.shared.interval.store(interval, Ordering::Relaxed);
-        let _ = self.commands.send(Command::KeepAlive { interval, count_max });
+    /// Reconnecting stopped for good (host key changed, credentials refused).
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Why the connection last went down (None while it has been up since).
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error()
+    }
+
+    /// The destination's totals, for what rides on this connection (forwards, remote commands).
+    pub fn totals(&self) -> &Arc<DestTotals> {
+        self.shared.stats.dest()
+    }
+
+    /// Users of this connection (see `Shared::users`); kept by the pool and lanes, under their locks.
+    pub fn users(&self) -> usize {
+        self.shared.users.load(Ordering::Acquire)
+    }
+
+    pub fn set_users(&self, n: usize) {
+        self.shared.users.store(n, Ordering::Release);
+    }
+
+    pub fn add_user(&self) {
+        self.shared.users.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn snapshot(&self) -> ConnectionSnapshot {
+        let s = &self.shared;
+        let alive = self.is_alive();
+        ConnectionSnapshot {
+            alive,
+            state: match (alive, self.is_stopped()) {
+                (true, _) => "connected",
+                (false, false) => "reconnecting",
+                (false, true) => "stopped",
+            },
+            keep_alive_interval: s.interval.load(Ordering::Relaxed),
+            last_error: s.last_error(),
+            session_budget: s.session_budget.load(Ordering::Relaxed),
+            counts: s.stats.snapshot(),
+        }
+    }
+
+    pub fn set_keep_alive(&self, keep_alive: KeepAlive) {
+        self.shared.interval.store(keep_alive.interval, Ordering::Relaxed);
+        let _ = self.commands.send(Command::KeepAlive(keep_alive));
     }
 
     /// Queues a channel open; the actor answers through the request's reply.
@@ -274,7 +347,9 @@ struct Actor {
     commands: mpsc::UnboundedReceiver<Command>,
     /// Opens waiting for the session (while connecting) or for their turn (libssh2 opens one at a time).
     queue: VecDeque<OpenRequest>,
-    count_max: u32,
+    /// The keep-alive policy a (re)connected session starts with.
+    keep_alive: KeepAlive,
+    hops: Arc<dyn Hops>,
     /// Set when retrying cannot help (host key changed, credentials refused): every request fails with it.
     stopped: Option<Error>,
     /// After the server refused a session channel while none of ours was open, the next try waits
@@ -299,12 +374,11 @@ impl Actor {
                     self.shared.alive.store(true, Ordering::Release);
                     *self.shared.last_error.lock().unwrap() = None;
                     if let Some(r) = ready.take() {
-                        self.shared.totals.connections_opened.fetch_add(1, Ordering::Relaxed);
+                        self.shared.stats.opened();
                         let _ = r.send(Ok(()));
                     } else {
                         warn!("SSH connection {dest} re-established after {} attempt(s)", attempt + 1);
-                        self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                        self.shared.totals.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.shared.stats.reconnected();
                     }
                     attempt = 0;
                     let exit = self.connected(io).await;
@@ -350,10 +424,10 @@ impl Actor {
             // A connection that was up has just died: its local clients are already reconnecting, so the
             // first try goes out at once (jittered); only a failed try backs off.
             let wait = if std::mem::take(&mut just_lost) {
-                session::retry_after_loss(self.shared.id ^ nanos())
+                session::retry_after_loss(self.shared.id ^ random::nanos())
             } else {
                 attempt = attempt.saturating_add(1);
-                session::backoff(attempt - 1, self.shared.id ^ u64::from(attempt) ^ nanos())
+                session::backoff(attempt - 1, self.shared.id ^ u64::from(attempt) ^ random::nanos())
             };
             if !self.idle_until(Some(Instant::now() + wait)).await {
                 break;
@@ -374,8 +448,8 @@ impl Actor {
     /// Runs `establish` while still serving commands; None means a shutdown arrived.
     async fn connect(&mut self) -> Option<Result<SshIo>> {
         let spec = self.shared.spec.clone();
-        let keep_alive = (self.shared.interval.load(Ordering::Relaxed), self.count_max);
-        let fut = session::establish(&spec, keep_alive);
+        let hops = self.hops.clone();
+        let fut = session::establish(&spec, self.keep_alive, &*hops);
         tokio::pin!(fut);
         loop {
             let expiry = self.next_expiry();
@@ -417,9 +491,9 @@ impl Actor {
     fn accept(&mut self, cmd: Option<Command>) -> bool {
         match cmd {
             None | Some(Command::Shutdown) => false,
-            Some(Command::KeepAlive { interval, count_max }) => {
-                self.shared.interval.store(interval, Ordering::Relaxed);
-                self.count_max = count_max;
+            Some(Command::KeepAlive(keep_alive)) => {
+                self.shared.interval.store(keep_alive.interval, Ordering::Relaxed);
+                self.keep_alive = keep_alive;
                 true
             }
             Some(Command::Open(req)) => {
@@ -446,7 +520,7 @@ impl Actor {
     fn expire(&mut self) {
         let now = Instant::now();
         let dest = self.shared.spec.dest();
-        let cause = self.shared.last_error.lock().unwrap().clone().unwrap_or_else(|| "connecting".into());
+        let cause = self.shared.last_error().unwrap_or_else(|| "connecting".into());
         let (expired, kept): (VecDeque<_>, VecDeque<_>) =
             self.queue.drain(..).partition(|r| r.deadline <= now || r.caller_gone());
         self.queue = kept;
@@ -473,11 +547,9 @@ impl Actor {
     /// The connected phase: pump channels until shutdown or the session dies.
     async fn connected(&mut self, io: SshIo) -> Exit {
         let mut chans = Channels::default();
-        let mut last_probe: Option<Instant> = None;
-        let mut interval = self.shared.interval.load(Ordering::Relaxed);
-        configure_keepalive(&io, interval);
-        self.shared.keepalives_unanswered.store(0, Ordering::Relaxed);
-        let mut unanswered: u64 = 0;
+        let mut schedule = Schedule::new(self.keep_alive);
+        io.sess.set_keepalive(true, schedule.policy().native_interval());
+        self.shared.stats.set_keepalives_unanswered(0);
         loop {
             let mut want_write = false;
             match self.pump(&io, &mut chans, &mut want_write) {
@@ -490,33 +562,22 @@ impl Actor {
             // still pending before going idle, or sshd's Nagle holds its next packet for ~40 ms.
             net::set_quickack(io.fd());
             let now = Instant::now();
-            if unanswered > 0 && answered_since(&io, last_probe, now) {
-                // Only while probes are out, so an ordinary wake-up costs nothing here.
-                unanswered = 0;
-                self.shared.keepalives_unanswered.store(0, Ordering::Relaxed);
+            if schedule.heard_from_peer(|| net::since_last_data_received(io.fd()), now) {
+                self.shared.stats.set_keepalives_unanswered(0);
             }
-            let keepalive_at = match keepalive_check(&io, interval, self.count_max, last_probe, now) {
-                ProbeAction::Dead => {
-                    return Exit::Dead(format!(
-                        "no answer to {} keep-alive probes at {} s intervals",
-                        self.count_max, interval
-                    ))
-                }
+            let keepalive_at = match schedule.action(|| io.idle(), now) {
+                ProbeAction::Dead => return Exit::Dead(schedule.dead_cause()),
                 ProbeAction::Probe => match io.attempt_small(&mut want_write, |s: &mut &ssh2::Session| s.keepalive_send(), &mut &io.sess) {
-                    // libssh2 answers with the seconds until its next probe: the full interval
-                    // when it sent one now, less when its own (whole-second) clock says "not yet".
-                    Attempt::Done(next) if u64::from(next) >= native_interval(interval) => {
-                        // Reset above if the server answered the previous one.
-                        unanswered += 1;
-                        last_probe = Some(now);
-                        self.shared.keepalives_unanswered.store(unanswered, Ordering::Relaxed);
-                        self.shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
-                        self.shared.totals.keepalives_sent.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                    Attempt::Done(next) => {
+                        if schedule.probe_sent(next, now) {
+                            self.shared.stats.set_keepalives_unanswered(schedule.unanswered());
+                            self.shared.stats.keepalive_sent();
+                            continue;
+                        }
+                        now + Duration::from_secs(u64::from(next.max(1)))
                     }
-                    Attempt::Done(next) => now + Duration::from_secs(u64::from(next.max(1))),
                     // Another packet is still going out: retry once the socket drains.
-                    Attempt::Blocked => now + Duration::from_secs(interval),
+                    Attempt::Blocked => now + Duration::from_secs(schedule.policy().interval),
                     Attempt::Failed(e) => return Exit::Dead(format!("keep-alive failed: {}", e.message())),
                 },
                 ProbeAction::Wait(d) => now + d,
@@ -532,12 +593,12 @@ impl Actor {
                         let _ = io.sess.disconnect(None, "egtunnel closing", None);
                         return Exit::Shutdown;
                     }
-                    Some(Command::KeepAlive { interval: i, count_max }) => {
-                        interval = i;
-                        self.count_max = count_max;
-                        configure_keepalive(&io, interval);
+                    Some(Command::KeepAlive(keep_alive)) => {
+                        self.keep_alive = keep_alive;
+                        schedule.set_policy(keep_alive);
+                        io.sess.set_keepalive(true, keep_alive.native_interval());
                         if let Some(relay) = &io.relay {
-                            relay.set_keep_alive(interval, count_max);
+                            relay.set_keep_alive(keep_alive);
                         }
                     }
                     Some(Command::Open(req)) => self.queue.push_back(req),
@@ -581,7 +642,7 @@ impl Actor {
         let open = chans.sessions_open();
         let budget = open.max(1);
         let before = self.shared.session_budget.swap(budget, Ordering::Relaxed);
-        self.shared.session_refusals.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.session_refused();
         req.refusals += 1;
         req.refused_cause = Some(e.message().to_string());
         self.session_retry_at = (open == 0).then(|| Instant::now() + refusal_backoff(req.refusals));
@@ -701,7 +762,7 @@ impl Actor {
         }
         let unread = chans.unread();
         if unread > 0 {
-            self.shared.unsettled_sleeps.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.unsettled_sleep();
             warn!("SSH connection {}: going idle with {unread} channel(s) holding unread packets", self.shared.spec.dest());
         }
     }
@@ -711,16 +772,6 @@ impl Actor {
 const MAX_PASSES: usize = 64;
 
 static CHECK_SETTLED: Lazy<bool> = Lazy::new(|| std::env::var_os("EGTUNNEL_CHECK_SETTLED").is_some_and(|v| v == "1"));
-
-/// A direct-tcpip channel to ask for: its target and the queues its bytes flow through (to the
-/// remote end, and back from it).
-pub struct DirectTcpip {
-    pub host: String,
-    pub port: u16,
-    pub to_remote: mpsc::Receiver<Vec<u8>>,
-    pub from_remote: mpsc::Sender<Vec<u8>>,
-    pub stats: Arc<ForwardStats>,
-}
 
 /// A channel the server has just opened, of either kind.
 enum Opened {
@@ -735,36 +786,6 @@ fn is_fatal_code(code: std::os::raw::c_int) -> bool {
 /// 50 ms doubling to 1 s between tries of a session channel refused while none of ours was open.
 fn refusal_backoff(refusals: u32) -> Duration {
     Duration::from_millis((50u64 << refusals.saturating_sub(1).min(5)).min(1000))
-}
-
-fn nanos() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
-}
-
-/// The interval as libssh2 stores it: unsigned 32-bit (EG's maximum, 100 years, fits), and never
-/// below 2 s, libssh2's own floor.
-fn native_interval(interval: u64) -> u64 {
-    interval.clamp(2, u32::MAX as u64)
-}
-
-/// Whether the server sent anything since the last probe (with none sent yet: trivially so).
-fn answered_since(io: &SshIo, last_probe: Option<Instant>, now: Instant) -> bool {
-    match (last_probe, net::since_last_data_received(io.fd())) {
-        (Some(p), Some(idle)) => idle < now - p,
-        _ => true,
-    }
-}
-
-fn configure_keepalive(io: &SshIo, interval: u64) {
-    io.sess.set_keepalive(true, native_interval(interval) as u32);
-}
-
-fn keepalive_check(io: &SshIo, interval: u64, count_max: u32, last_probe: Option<Instant>, now: Instant) -> ProbeAction {
-    if interval >= MAX_KEEP_ALIVE_INTERVAL as u64 {
-        return ProbeAction::Wait(Duration::from_secs(86_400));
-    }
-    let idle = io.idle();
-    probe_action(Duration::from_secs(interval), count_max, idle, last_probe.map(|p| now - p))
 }
 
 fn open_error(spec: &ConnectSpec, req: &OpenRequest, e: &ssh2::Error) -> Error {
@@ -821,7 +842,7 @@ impl Channels {
                 self.active.push(key);
             }
             (Opened::Session(ch), Target::Exec { command, reply }) => {
-                let open = OpenChannel::new(shared.totals.clone());
+                let open = OpenChannel::new(shared.stats.dest().clone());
                 self.execs.push(ExecChannel::new(ch, command, reply, req.deadline, shared.spec.dest(), open));
             }
             // The open was chosen by the same request's target.
@@ -853,7 +874,7 @@ impl Channels {
     /// about it, and only a flag check on one that followed received packets.
     fn step_all(&mut self, io: &SshIo, ready: &ReadyList, want_write: &mut bool) -> std::result::Result<(), String> {
         if self.scratch.is_empty() {
-            self.scratch = vec![0u8; crate::forward::CHUNK];
+            self.scratch = vec![0u8; CHUNK];
         }
         let mut fatal = None;
         let rescan = std::mem::take(&mut self.rescan);

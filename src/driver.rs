@@ -23,7 +23,7 @@ use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::is_eagain;
-use crate::jump::Relay;
+use crate::keepalive::KeepAlive;
 use crate::net;
 use crate::raw_channel::Rc;
 
@@ -101,11 +101,22 @@ impl AsRawFd for SocketRef {
     }
 }
 
+/// The far side of a session's socket pair when the session runs through a ProxyJump hop: the hop's
+/// channel (`jump::Relay`), which knows what the socket cannot tell.
+pub trait Carrier: Send + Sync {
+    /// Time since the hop last delivered bytes from the server behind it.
+    fn since_last_data(&self) -> Duration;
+    /// Why the hop's channel ended, once it has.
+    fn closed_cause(&self) -> Option<String>;
+    /// The session changed its keep-alive policy: the hop follows.
+    fn set_keep_alive(&self, keep_alive: KeepAlive);
+}
+
 /// The socket a session runs over: TCP to the host, or one end of a socket pair whose other end a
 /// ProxyJump hop's channel serves.
 pub enum Stream {
     Tcp(std::net::TcpStream),
-    Relayed(std::os::unix::net::UnixStream, Arc<Relay>),
+    Relayed(std::os::unix::net::UnixStream, Arc<dyn Carrier>),
 }
 
 pub struct SshIo {
@@ -113,7 +124,7 @@ pub struct SshIo {
     afd: AsyncFd<SocketRef>,
     pub sess: Session,
     /// Set when the session runs through a hop: the hop's channel, and when it last brought data.
-    pub relay: Option<Arc<Relay>>,
+    pub relay: Option<Arc<dyn Carrier>>,
     /// The address a direct connection reached (none through a hop).
     pub peer: Option<std::net::IpAddr>,
     /// The server's handshake slot, held past authentication (see `hold_startup`).
@@ -250,6 +261,14 @@ impl std::fmt::Display for RetryError {
             RetryError::Io(e) => write!(f, "{e}"),
         }
     }
+}
+
+/// What one step of a channel (a forward's, a remote command's) concluded, as the actor reads it.
+pub enum Step {
+    Continue,
+    Finished,
+    /// The whole session failed; the cause is reported once by the actor.
+    Fatal(String),
 }
 
 /// The outcome of one non-blocking libssh2 call inside the connection's event loop.

@@ -7,9 +7,8 @@
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::driver::{is_fatal, Attempt, SshIo};
+use crate::driver::{is_fatal, Attempt, SshIo, Step};
 use crate::error::{Error, Result};
-use crate::forward::Step;
 use crate::metrics::OpenChannel;
 use crate::raw_channel::{Rc, RawChannel};
 

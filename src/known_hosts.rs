@@ -8,15 +8,60 @@
 //! verify host certificates), and so are plain lines whose host patterns use wildcards or negation,
 //! which libssh2 matches only literally (they are matched here, as OpenSSH matches them); every other
 //! line goes to libssh2 unchanged.
+//!
+//! `HostKeyPolicy`, what the check does with an unknown or changed key, lives here too: the caller's
+//! setting and ssh_config's StrictHostKeyChecking both resolve to it.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Mutex;
 
 use ssh2::{KnownHostFileKind, KnownHosts};
+
+use crate::error::Error;
+
+/// How a server's host key is checked against the known_hosts file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostKeyPolicy {
+    /// Unknown or changed key refused.
+    Strict,
+    /// Unknown key appended to known_hosts; changed key refused.
+    AcceptNew,
+    /// No check at all (for throwaway test hosts only). Only egtunnel's own setting
+    /// (EG_SSH_HOST_KEY_POLICY, or the caller's argument) selects it, never ssh_config.
+    Off,
+}
+
+impl HostKeyPolicy {
+    pub const NAMES: [&'static str; 3] = ["strict", "accept-new", "off"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostKeyPolicy::Strict => "strict",
+            HostKeyPolicy::AcceptNew => "accept-new",
+            HostKeyPolicy::Off => "off",
+        }
+    }
+}
+
+impl FromStr for HostKeyPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        match s {
+            "strict" => Ok(HostKeyPolicy::Strict),
+            "accept-new" => Ok(HostKeyPolicy::AcceptNew),
+            "off" => Ok(HostKeyPolicy::Off),
+            _ => Err(Error::Invalid(format!(
+                "unknown host key policy {s:?}; valid values: {}",
+                HostKeyPolicy::NAMES.join(", ")
+            ))),
+        }
+    }
+}
 
 /// A line kept aside from libssh2: `@revoked`, `@cert-authority`, or a plain line with wildcard or
 /// negated host patterns; its host patterns and key.

@@ -18,7 +18,6 @@
 //! `LANE_IDLE` closes, so an idle or steady host keeps one connection.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,8 +27,11 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{ConnectSpec, TunnelMode};
-use crate::connection::{Connection, DirectTcpip};
+use crate::connection::Connection;
 use crate::error::{Error, Result};
+use crate::forward_channel::DirectTcpip;
+use crate::jump::Hops;
+use crate::keepalive::KeepAlive;
 use crate::ready::Nudge;
 
 /// Opens one lane may have handed to its actor at once. Two keep libssh2's open slot busy (the next
@@ -86,8 +88,8 @@ struct Inner {
     waiting: VecDeque<Waiting>,
     starting: usize,
     no_start_until: Option<Instant>,
-    /// Keep-alive wanted from every lane (the pool's minimum over the destination's forwards).
-    keep_alive: (u64, u32),
+    /// Keep-alive wanted from every lane (the pool's strictest over the destination's forwards).
+    keep_alive: KeepAlive,
     /// How long the last connection to this destination took to come up (TCP, key exchange,
     /// authentication): what another lane costs before it takes its first open.
     handshake: Duration,
@@ -100,6 +102,8 @@ struct Inner {
 /// The lanes of one shared destination.
 pub struct Lanes {
     spec: ConnectSpec,
+    /// Where a lane through a ProxyJump hop gets the hop's connection, as the pool's connection does.
+    hops: Arc<dyn Hops>,
     max: usize,
     inner: Mutex<Inner>,
 }
@@ -108,9 +112,10 @@ pub struct Lanes {
 static SETS: Lazy<Mutex<HashMap<u64, Arc<Lanes>>>> = Lazy::new(Mutex::default);
 
 /// Gives the pool's new shared connection its lane set.
-pub fn register(primary: &Arc<Connection>, max: usize, keep_alive: (u64, u32), handshake: Duration) {
+pub fn register(primary: &Arc<Connection>, max: usize, keep_alive: KeepAlive, handshake: Duration) {
     let set = Arc::new(Lanes {
-        spec: primary.shared.spec.clone(),
+        spec: primary.spec().clone(),
+        hops: primary.hops(),
         max,
         inner: Mutex::new(Inner {
             lanes: vec![Lane { conn: primary.clone(), in_flight: 0, in_use: 0, generation: 0 }],
@@ -119,7 +124,7 @@ pub fn register(primary: &Arc<Connection>, max: usize, keep_alive: (u64, u32), h
             ..Default::default()
         }),
     });
-    SETS.lock().unwrap().insert(primary.shared.id, set);
+    SETS.lock().unwrap().insert(primary.id(), set);
 }
 
 /// The pool closed its connection: extra lanes close too, waiting opens fail.
@@ -142,12 +147,12 @@ fn set_of(primary_id: u64) -> Option<Arc<Lanes>> {
 }
 
 /// New keep-alive settings for every lane of the destination whose pool connection is `primary_id`.
-pub fn set_keep_alive(primary_id: u64, interval: u64, count_max: u32) {
+pub fn set_keep_alive(primary_id: u64, keep_alive: KeepAlive) {
     let Some(set) = set_of(primary_id) else { return };
     let mut inner = set.inner.lock().unwrap();
-    inner.keep_alive = (interval, count_max);
+    inner.keep_alive = keep_alive;
     for lane in inner.lanes.iter().skip(1) {
-        lane.conn.set_keep_alive(interval, count_max);
+        lane.conn.set_keep_alive(keep_alive);
     }
 }
 
@@ -226,7 +231,7 @@ enum OpeningKind {
 pub fn open_channel(conn: &Arc<Connection>, open: DirectTcpip, deadline: Instant) -> Opening {
     let what = format!("channel to {}:{}", open.host, open.port);
     let dest = conn.dest();
-    let inner = match set_of(conn.shared.id) {
+    let inner = match set_of(conn.id()) {
         Some(set) => {
             let (reply, rx) = oneshot::channel();
             let waiting = Waiting { open, deadline, reply };
@@ -260,7 +265,7 @@ impl Opening {
                     Ok(Err(_)) => return Err(closed()),
                     Err(_) if primary.is_alive() => return Err(Error::Timeout { dest, what, secs: 0.0 }),
                     Err(_) => {
-                        let cause = primary.shared.last_error.lock().unwrap().clone().unwrap_or_else(|| "connecting".into());
+                        let cause = primary.last_error().unwrap_or_else(|| "connecting".into());
                         return Err(Error::Down { dest, cause });
                     }
                 };
@@ -289,7 +294,7 @@ impl Lanes {
         let mut stopped = Vec::new();
         let mut i = 1;
         while i < inner.lanes.len() {
-            if inner.lanes[i].conn.shared.stopped.load(Ordering::Relaxed) && inner.lanes[i].in_flight == 0 {
+            if inner.lanes[i].conn.is_stopped() && inner.lanes[i].in_flight == 0 {
                 stopped.push(inner.lanes.remove(i).conn);
             } else {
                 i += 1;
@@ -354,12 +359,12 @@ impl Lanes {
     }
 
     /// Connects another lane in the background; it takes waiting opens as soon as it is up.
-    fn start_lane(self: &Arc<Self>, keep_alive: (u64, u32), backlog: usize) {
+    fn start_lane(self: &Arc<Self>, keep_alive: KeepAlive, backlog: usize) {
         let set = self.clone();
         debug!("SSH connection {}: {backlog} channel opens waiting; starting another lane", self.spec.dest());
         crate::runtime::spawn(async move {
             let t0 = Instant::now();
-            let started = Connection::start(set.spec.clone(), TunnelMode::Shared, keep_alive.0, keep_alive.1).await;
+            let started = Connection::start(set.spec.clone(), TunnelMode::Shared, keep_alive, set.hops.clone()).await;
             let unwanted = {
                 let mut inner = set.inner.lock().unwrap();
                 inner.starting -= 1;
@@ -370,7 +375,7 @@ impl Lanes {
                     Ok(conn) if !inner.closed => {
                         // Held by the set: a lane that dies reconnects, since the opens of a host whose
                         // link blipped are exactly what lanes are for; only idleness closes it.
-                        conn.shared.users.store(1, Ordering::Release);
+                        conn.set_users(1);
                         debug!("SSH connection {}: lane {} up", set.spec.dest(), inner.lanes.len());
                         inner.lanes.push(Lane { conn: conn.clone(), in_flight: 0, in_use: 0, generation: 0 });
                         drop(inner);

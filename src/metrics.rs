@@ -1,24 +1,32 @@
-//! Process-wide counters per SSH destination, for the Prometheus collector (`egtunnel.metrics`).
+//! Every counter egtunnel keeps, in one place: per destination for the Prometheus collector
+//! (`egtunnel.metrics`), per connection and per forward for status().
 //!
-//! Prometheus needs counters that never go backwards, but a connection (and its `status()` entry)
-//! goes away when its last forward closes. So every counter lives here, in one entry per
-//! user@host:port that connections and forwards hold an `Arc` to and increment directly, and that
-//! outlives them all. Entries are never removed: there is one per destination ever used, which a
-//! gateway keeps bounded by its list of kernel hosts.
+//! Prometheus needs counters that never go backwards, but a connection (and its status() entry) goes
+//! away when its last forward closes. So each user@host:port has one entry (`DestTotals`), created on
+//! first use and never removed: one per destination ever used, which a gateway keeps bounded by its
+//! list of kernel hosts. Each event is counted once, where it happens: a connection's reconnects and
+//! keep-alive probes in its `ConnStats`, a forward's bytes and channels in its `ForwardStats`, the
+//! rest (connections and forwards opened, commands, failures) in the destination's entry. Connections
+//! and forwards are registered with their destination while they live, and their counts are added to
+//! it when they end, under the lock a scrape reads them with: a total is what ended plus what lives,
+//! so it never goes backwards.
 //!
-//! Nothing here runs on the data path except relaxed atomic increments; the snapshot (a scrape)
-//! reads the atomics and the pool's live status, never asking a connection actor anything.
+//! Nothing here runs on the data path except relaxed atomic increments; a scrape reads the atomics,
+//! and takes the live gauges (connection states, unanswered probes, forwards by channel) from the
+//! pool's status, which its caller passes in.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use once_cell::sync::Lazy;
+use tokio::sync::Notify;
 
 use crate::config::ConnectSpec;
 use crate::error::{Error, Result};
+use crate::keepalive::Channel;
 
 /// The environment variables that turn the endpoint on; read by `egtunnel.metrics`.
 pub const PORT_VAR: &str = "EG_TUNNEL_METRICS_PORT";
@@ -158,26 +166,46 @@ pub struct HistogramSnapshot {
     pub sum: f64,
 }
 
+/// What a connection counts that its destination's totals include.
+#[derive(Default)]
+struct ConnTally {
+    reconnects: AtomicU64,
+    keepalives_sent: AtomicU64,
+}
+
+/// What a forward counts that its destination's totals include.
+#[derive(Default)]
+struct ForwardTally {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// SSH channels of the forward the driver still holds (a gauge).
+    open_channels: AtomicUsize,
+}
+
+/// The destination's live connections and forwards, and what those that ended had counted.
+#[derive(Default)]
+struct Tallies {
+    conns: Vec<Arc<ConnTally>>,
+    forwards: Vec<Arc<ForwardTally>>,
+    ended_reconnects: u64,
+    ended_keepalives_sent: u64,
+    ended_bytes_in: u64,
+    ended_bytes_out: u64,
+}
+
 /// Everything counted for one destination over the life of the process.
 #[derive(Default)]
 pub struct DestTotals {
     /// Connections established by a caller's open (reconnects not included).
-    pub connections_opened: AtomicU64,
-    /// Connections re-established after dying.
-    pub reconnects: AtomicU64,
-    pub forwards_opened: AtomicU64,
-    /// Bytes from local connections to the remote target.
-    pub bytes_to_remote: AtomicU64,
-    /// Bytes from the remote target to local connections.
-    pub bytes_from_remote: AtomicU64,
-    pub keepalives_sent: AtomicU64,
-    /// SSH channels open right now (forwarded connections, requests, remote commands): a gauge, kept
-    /// here because channels are counted where they open and close, not in status().
-    pub open_channels: AtomicU64,
-    pub commands_ok: AtomicU64,
-    pub commands_failed: AtomicU64,
-    pub command_latency: Histogram,
+    connections_opened: AtomicU64,
+    forwards_opened: AtomicU64,
+    /// SSH channels open right now that belong to no forward (remote commands): a gauge.
+    other_channels: AtomicU64,
+    commands_ok: AtomicU64,
+    commands_failed: AtomicU64,
+    command_latency: Histogram,
     failures: [[AtomicU64; Cause::ALL.len()]; Operation::ALL.len()],
+    tallies: Mutex<Tallies>,
 }
 
 impl DestTotals {
@@ -197,21 +225,255 @@ impl DestTotals {
         n.fetch_add(1, Ordering::Relaxed);
         self.command_latency.observe(took);
     }
+
+    fn register_conn(&self, t: &Arc<ConnTally>) {
+        self.tallies.lock().unwrap().conns.push(t.clone());
+    }
+
+    fn register_forward(&self, t: &Arc<ForwardTally>) {
+        self.forwards_opened.fetch_add(1, Ordering::Relaxed);
+        self.tallies.lock().unwrap().forwards.push(t.clone());
+    }
+
+    /// A connection ended: its counts join the destination's history, in one step a scrape cannot split.
+    fn retire_conn(&self, t: &Arc<ConnTally>) {
+        let mut all = self.tallies.lock().unwrap();
+        all.conns.retain(|c| !Arc::ptr_eq(c, t));
+        all.ended_reconnects += t.reconnects.load(Ordering::Relaxed);
+        all.ended_keepalives_sent += t.keepalives_sent.load(Ordering::Relaxed);
+    }
+
+    fn retire_forward(&self, t: &Arc<ForwardTally>) {
+        let mut all = self.tallies.lock().unwrap();
+        all.forwards.retain(|f| !Arc::ptr_eq(f, t));
+        all.ended_bytes_in += t.bytes_in.load(Ordering::Relaxed);
+        all.ended_bytes_out += t.bytes_out.load(Ordering::Relaxed);
+    }
 }
 
-/// Counts an SSH channel as open for as long as it lives.
+/// Counts an SSH channel that belongs to no forward as open for as long as it lives.
 pub struct OpenChannel(Arc<DestTotals>);
 
 impl OpenChannel {
     pub fn new(totals: Arc<DestTotals>) -> Self {
-        totals.open_channels.fetch_add(1, Ordering::Relaxed);
+        totals.other_channels.fetch_add(1, Ordering::Relaxed);
         OpenChannel(totals)
     }
 }
 
 impl Drop for OpenChannel {
     fn drop(&mut self) {
-        self.0.open_channels.fetch_sub(1, Ordering::Relaxed);
+        self.0.other_channels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One connection's counters: those its destination totals (reconnects, keep-alive probes) and those
+/// only status() shows. Registered with the destination while the connection lives.
+pub struct ConnStats {
+    tally: Arc<ConnTally>,
+    dest: Arc<DestTotals>,
+    /// Keep-alive probes sent since the server last sent anything (a gauge).
+    keepalives_unanswered: AtomicU64,
+    /// Session channels the server refused (each retried).
+    session_refusals: AtomicU64,
+    /// Times the actor went idle while a channel still had unread packets (checked only with
+    /// EGTUNNEL_CHECK_SETTLED=1; by construction it stays 0).
+    unsettled_sleeps: AtomicU64,
+}
+
+/// A connection's counts at one moment, for status().
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCounts {
+    pub reconnects: u64,
+    pub keepalives_sent: u64,
+    pub keepalives_unanswered: u64,
+    pub session_refusals: u64,
+    pub unsettled_sleeps: u64,
+}
+
+impl ConnStats {
+    pub fn new(dest: Arc<DestTotals>) -> Self {
+        let tally = Arc::new(ConnTally::default());
+        dest.register_conn(&tally);
+        ConnStats {
+            tally,
+            dest,
+            keepalives_unanswered: AtomicU64::new(0),
+            session_refusals: AtomicU64::new(0),
+            unsettled_sleeps: AtomicU64::new(0),
+        }
+    }
+
+    /// The destination's totals, for the forwards and commands riding on this connection.
+    pub fn dest(&self) -> &Arc<DestTotals> {
+        &self.dest
+    }
+
+    /// The connection a caller opened is up (a reconnect is `reconnected`).
+    pub fn opened(&self) {
+        self.dest.connections_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn reconnected(&self) {
+        self.tally.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn keepalive_sent(&self) {
+        self.tally.keepalives_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_keepalives_unanswered(&self, n: u64) {
+        self.keepalives_unanswered.store(n, Ordering::Relaxed);
+    }
+
+    pub fn session_refused(&self) {
+        self.session_refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn unsettled_sleep(&self) {
+        self.unsettled_sleeps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ConnCounts {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ConnCounts {
+            reconnects: load(&self.tally.reconnects),
+            keepalives_sent: load(&self.tally.keepalives_sent),
+            keepalives_unanswered: load(&self.keepalives_unanswered),
+            session_refusals: load(&self.session_refusals),
+            unsettled_sleeps: load(&self.unsettled_sleeps),
+        }
+    }
+}
+
+impl Drop for ConnStats {
+    fn drop(&mut self) {
+        self.dest.retire_conn(&self.tally);
+    }
+}
+
+/// Counters shared between a forward, its local connections and the connection driver. Atomics rather
+/// than messages: status() and stats() read them from any thread without asking the driver, so
+/// observing a busy tunnel never slows it down.
+#[derive(Default)]
+pub struct ForwardStats {
+    tally: Arc<ForwardTally>,
+    /// Local connections accepted since the forward opened.
+    connections: AtomicU64,
+    /// Local connections currently being served.
+    active: AtomicU64,
+    channels_closed: Notify,
+    /// The destination the forward's counts add to; None (the default) for channels counted nowhere
+    /// else (a session's channel through its hop, a diagnostic's test channel).
+    dest: Option<Arc<DestTotals>>,
+}
+
+/// A forward's counts at one moment, for status() and stats().
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForwardCounts {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connections: u64,
+    pub active: u64,
+}
+
+impl ForwardStats {
+    /// Counts for a new forward, registered with its destination.
+    pub fn new(dest: Arc<DestTotals>) -> Self {
+        let tally = Arc::new(ForwardTally::default());
+        dest.register_forward(&tally);
+        ForwardStats {
+            tally,
+            connections: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            channels_closed: Notify::new(),
+            dest: Some(dest),
+        }
+    }
+
+    pub fn add_in(&self, n: usize) {
+        self.tally.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn add_out(&self, n: usize) {
+        self.tally.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// SSH channels of this forward the driver still holds; terminate waits for zero.
+    pub fn open_channels(&self) -> usize {
+        self.tally.open_channels.load(Ordering::Acquire)
+    }
+
+    /// Local connections being served right now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn snapshot(&self) -> ForwardCounts {
+        ForwardCounts {
+            bytes_in: self.tally.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.tally.bytes_out.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves once the driver has closed every channel of this forward.
+    pub async fn all_channels_closed(&self) {
+        loop {
+            let notified = self.channels_closed.notified();
+            if self.open_channels() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ForwardStats {
+    fn drop(&mut self) {
+        if let Some(dest) = &self.dest {
+            dest.retire_forward(&self.tally);
+        }
+    }
+}
+
+/// Held by the driver for each live channel of a forward (and by each request in flight).
+pub struct ChannelGuard(Arc<ForwardStats>);
+
+impl ChannelGuard {
+    pub fn new(stats: Arc<ForwardStats>) -> Self {
+        stats.tally.open_channels.fetch_add(1, Ordering::AcqRel);
+        ChannelGuard(stats)
+    }
+
+    pub fn stats(&self) -> &ForwardStats {
+        &self.0
+    }
+}
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        if self.0.tally.open_channels.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.channels_closed.notify_waiters();
+        }
+    }
+}
+
+/// Counts a local connection as active for as long as it lives.
+pub struct ActiveGuard(Arc<ForwardStats>);
+
+impl ActiveGuard {
+    pub fn new(stats: Arc<ForwardStats>) -> Self {
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(stats)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -249,6 +511,16 @@ pub async fn counted<T>(spec: &ConnectSpec, op: Operation, fut: impl Future<Outp
     r
 }
 
+/// What a scrape reads from one live connection; the pool's status entries provide it.
+pub trait LiveConnection {
+    fn dest_key(&self) -> DestKey;
+    /// "connected", "reconnecting" or "stopped".
+    fn state(&self) -> &str;
+    fn keepalives_unanswered(&self) -> u64;
+    /// The kernel channel of each live forward on the connection.
+    fn channels(&self) -> Vec<Channel>;
+}
+
 /// One destination at scrape time: its totals and the gauges read from the live connections.
 pub struct DestSnapshot {
     pub key: DestKey,
@@ -260,11 +532,14 @@ pub struct DestSnapshot {
     /// Live forwards by kernel channel name.
     pub forwards: BTreeMap<&'static str, u64>,
     pub keepalives_unanswered: u64,
+    /// SSH channels open right now (forwarded connections, requests, remote commands).
     pub open_channels: u64,
     pub connections_opened: u64,
     pub reconnects: u64,
     pub forwards_opened: u64,
+    /// Bytes from local connections to the remote target.
     pub bytes_to_remote: u64,
+    /// Bytes from the remote target to local connections.
     pub bytes_from_remote: u64,
     pub keepalives_sent: u64,
     pub commands_ok: u64,
@@ -274,24 +549,22 @@ pub struct DestSnapshot {
     pub failures: Vec<(&'static str, &'static str, u64)>,
 }
 
-/// Every destination seen so far, sorted, with its live gauges.
-pub fn snapshot() -> Vec<DestSnapshot> {
-    // Live status first and without the totals' lock held: the two locks are never nested.
-    let live = crate::pool::status();
+/// Every destination seen so far, sorted, with the gauges of `live`, the pool's status taken just before
+/// (never under the totals' locks: the two are never nested).
+pub fn snapshot<L: LiveConnection>(live: &[L]) -> Vec<DestSnapshot> {
     let totals: Vec<(DestKey, Arc<DestTotals>)> =
         TOTALS.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut out: BTreeMap<DestKey, DestSnapshot> = totals.into_iter().map(|(k, t)| (k.clone(), totals_snapshot(k, &t))).collect();
     for c in live {
-        let key = DestKey { user: c.user.clone(), host: c.host.clone(), port: c.port };
-        let Some(d) = out.get_mut(&key) else { continue };
-        match c.state {
+        let Some(d) = out.get_mut(&c.dest_key()) else { continue };
+        match c.state() {
             "connected" => d.connected += 1,
             "stopped" => d.stopped += 1,
             _ => d.reconnecting += 1,
         }
-        d.keepalives_unanswered += c.keepalives_unanswered;
-        for f in &c.forwards {
-            *d.forwards.entry(f.channel.as_str()).or_default() += 1;
+        d.keepalives_unanswered += c.keepalives_unanswered();
+        for ch in c.channels() {
+            *d.forwards.entry(ch.as_str()).or_default() += 1;
         }
     }
     out.into_values().collect()
@@ -308,6 +581,11 @@ fn totals_snapshot(key: DestKey, t: &DestTotals) -> DestSnapshot {
             }
         }
     }
+    // What ended plus what lives, read under the lock that retiring takes.
+    let all = t.tallies.lock().unwrap();
+    let conns = |f: fn(&ConnTally) -> &AtomicU64| all.conns.iter().map(|c| load(f(c))).sum::<u64>();
+    let forwards = |f: fn(&ForwardTally) -> &AtomicU64| all.forwards.iter().map(|c| load(f(c))).sum::<u64>();
+    let forward_channels: u64 = all.forwards.iter().map(|f| f.open_channels.load(Ordering::Relaxed) as u64).sum();
     DestSnapshot {
         key,
         connected: 0,
@@ -315,13 +593,13 @@ fn totals_snapshot(key: DestKey, t: &DestTotals) -> DestSnapshot {
         stopped: 0,
         forwards: BTreeMap::new(),
         keepalives_unanswered: 0,
-        open_channels: load(&t.open_channels),
+        open_channels: load(&t.other_channels) + forward_channels,
         connections_opened: load(&t.connections_opened),
-        reconnects: load(&t.reconnects),
+        reconnects: all.ended_reconnects + conns(|c| &c.reconnects),
         forwards_opened: load(&t.forwards_opened),
-        bytes_to_remote: load(&t.bytes_to_remote),
-        bytes_from_remote: load(&t.bytes_from_remote),
-        keepalives_sent: load(&t.keepalives_sent),
+        bytes_to_remote: all.ended_bytes_out + forwards(|f| &f.bytes_out),
+        bytes_from_remote: all.ended_bytes_in + forwards(|f| &f.bytes_in),
+        keepalives_sent: all.ended_keepalives_sent + conns(|c| &c.keepalives_sent),
         commands_ok: load(&t.commands_ok),
         commands_failed: load(&t.commands_failed),
         command_latency: t.command_latency.snapshot(),
@@ -375,17 +653,36 @@ mod tests {
             assert_eq!(Cause::of(&e).map(Cause::as_str), want, "{e}");
         }
         // A kernel's failed set counts by its primary cause.
-        let set = Error::channels(vec![(crate::keepalive::Channel::Shell, Error::Auth { dest: d, cause: "x".into() })]);
+        let set = Error::channels(vec![(Channel::Shell, Error::Auth { dest: d, cause: "x".into() })]);
         assert_eq!(Cause::of(&set), Some(Cause::Auth));
+    }
+
+    /// No live connection: a scrape's gauges are all zero.
+    struct NoLive;
+
+    impl LiveConnection for NoLive {
+        fn dest_key(&self) -> DestKey {
+            unreachable!()
+        }
+        fn state(&self) -> &str {
+            unreachable!()
+        }
+        fn keepalives_unanswered(&self) -> u64 {
+            unreachable!()
+        }
+        fn channels(&self) -> Vec<Channel> {
+            unreachable!()
+        }
     }
 
     #[test]
     fn totals_outlive_their_users_and_failures_count_once_per_call() {
         let s = spec("metrics-test-host");
-        let t = totals_for(&s);
-        t.reconnects.fetch_add(2, Ordering::Relaxed);
-        drop(t);
-        assert_eq!(totals_for(&s).reconnects.load(Ordering::Relaxed), 2);
+        let conn = ConnStats::new(totals_for(&s));
+        conn.reconnected();
+        conn.reconnected();
+        drop(conn);
+        assert_eq!(totals_snapshot(DestKey::of(&s), &totals_for(&s)).reconnects, 2);
 
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let refused = || async { Err::<(), _>(Error::Refused { dest: s.dest(), target: "t:1".into(), cause: "x".into() }) };
@@ -394,10 +691,37 @@ mod tests {
         }
         let _ = rt.block_on(counted(&s, Operation::Command, async { Err::<(), _>(Error::Invalid("x".into())) }));
         let _ = rt.block_on(counted(&s, Operation::Command, async { Ok(()) }));
-        let snap = snapshot().into_iter().find(|d| d.key == DestKey::of(&s)).unwrap();
+        let snap = snapshot::<NoLive>(&[]).into_iter().find(|d| d.key == DestKey::of(&s)).unwrap();
         assert_eq!(snap.failures, vec![("forward", "refused", 3)]);
         assert_eq!(snap.reconnects, 2);
         assert_eq!((snap.connected, snap.reconnecting, snap.stopped), (0, 0, 0), "no live connection");
+    }
+
+    #[test]
+    fn each_event_counts_once_and_totals_keep_what_ended() {
+        let s = spec("metrics-test-once");
+        let t = totals_for(&s);
+        let conn = ConnStats::new(t.clone());
+        conn.opened();
+        conn.keepalive_sent();
+        conn.reconnected();
+        let fwd = Arc::new(ForwardStats::new(t.clone()));
+        fwd.add_in(10);
+        fwd.add_out(5);
+        let channel = ChannelGuard::new(fwd.clone());
+        let command = OpenChannel::new(t.clone());
+        let live = totals_snapshot(DestKey::of(&s), &t);
+        assert_eq!((live.connections_opened, live.reconnects, live.keepalives_sent), (1, 1, 1));
+        assert_eq!((live.forwards_opened, live.bytes_from_remote, live.bytes_to_remote), (1, 10, 5));
+        assert_eq!(live.open_channels, 2);
+        assert_eq!(conn.snapshot(), ConnCounts { reconnects: 1, keepalives_sent: 1, ..Default::default() });
+        assert_eq!(fwd.snapshot(), ForwardCounts { bytes_in: 10, bytes_out: 5, ..Default::default() });
+        drop((channel, command, fwd, conn));
+        let ended = totals_snapshot(DestKey::of(&s), &t);
+        assert_eq!((ended.connections_opened, ended.reconnects, ended.keepalives_sent), (1, 1, 1));
+        assert_eq!((ended.forwards_opened, ended.bytes_from_remote, ended.bytes_to_remote), (1, 10, 5));
+        assert_eq!(ended.open_channels, 0);
+        assert!(t.tallies.lock().unwrap().conns.is_empty() && t.tallies.lock().unwrap().forwards.is_empty());
     }
 
     #[test]
@@ -405,9 +729,9 @@ mod tests {
         let t = Arc::new(DestTotals::default());
         let a = OpenChannel::new(t.clone());
         let b = OpenChannel::new(t.clone());
-        assert_eq!(t.open_channels.load(Ordering::Relaxed), 2);
+        assert_eq!(t.other_channels.load(Ordering::Relaxed), 2);
         drop(a);
         drop(b);
-        assert_eq!(t.open_channels.load(Ordering::Relaxed), 0);
+        assert_eq!(t.other_channels.load(Ordering::Relaxed), 0);
     }
 }

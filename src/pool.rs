@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use once_cell::sync::Lazy;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -18,9 +19,12 @@ use crate::connection::{Connection, OpenRequest, Target};
 use crate::error::{Error, Result};
 use crate::exec::ExecOutput;
 use crate::forward::{bind_local, Forward, ForwardInfo};
-use crate::keepalive::{Channel, MAX_KEEP_ALIVE_INTERVAL};
+use crate::forward_channel::DirectTcpip;
+use crate::jump::{HopConnection, Hops};
+use crate::keepalive::{Channel, KeepAlive};
+use crate::metrics::{self, ForwardStats};
+use crate::random;
 use crate::ready::Nudge;
-use crate::stats::ForwardStats;
 
 /// How long an unused shared connection stays open.
 pub const LINGER: Duration = Duration::from_secs(5);
@@ -31,7 +35,7 @@ struct Entry {
     forwards: HashMap<u64, Arc<ForwardInfo>>,
     /// Sessions relayed through this connection (it is their ProxyJump hop), with the keep-alive
     /// policy each wants applied to the hop as well.
-    relays: HashMap<u64, (u64, u32)>,
+    relays: HashMap<u64, KeepAlive>,
     /// Bumped on every change of the connection's users, so a stale linger timer knows to do nothing.
     generation: u64,
 }
@@ -39,7 +43,7 @@ struct Entry {
 impl Entry {
     /// A new connection's entry, counting its first user.
     fn new(conn: Arc<Connection>) -> Self {
-        conn.shared.users.store(1, Ordering::Release);
+        conn.set_users(1);
         Entry { conn, forwards: HashMap::new(), relays: HashMap::new(), generation: 0 }
     }
 }
@@ -56,12 +60,56 @@ static POOL: Lazy<Mutex<Pool>> = Lazy::new(Mutex::default);
 static NEXT_FORWARD: AtomicU64 = AtomicU64::new(1);
 static NEXT_RELAY: AtomicU64 = AtomicU64::new(1);
 
+/// Where sessions through a ProxyJump hop get the hop's connection: this pool (see `jump`).
+struct PoolHops;
+
+/// A relayed session's user slot on its hop's pooled connection.
+struct PooledHop {
+    conn: Arc<Connection>,
+    /// The relay's key in the hop entry's keep-alive table.
+    id: u64,
+}
+
+impl Hops for PoolHops {
+    fn acquire(&self, hop: &ConnectSpec, keep_alive: KeepAlive) -> BoxFuture<'static, Result<Box<dyn HopConnection>>> {
+        let hop = hop.clone();
+        Box::pin(async move {
+            let (conn, id) = acquire_relay(&hop, keep_alive).await?;
+            Ok(Box::new(PooledHop { conn, id }) as Box<dyn HopConnection>)
+        })
+    }
+}
+
+impl HopConnection for PooledHop {
+    fn dest(&self) -> String {
+        self.conn.dest()
+    }
+
+    fn open_channel(&self, open: DirectTcpip, deadline: Instant) -> (oneshot::Receiver<Result<()>>, Nudge) {
+        self.conn.open_channel(open, deadline)
+    }
+
+    fn set_keep_alive(&self, keep_alive: KeepAlive) {
+        relay_keep_alive(&self.conn, self.id, Some(keep_alive));
+    }
+
+    fn release(&self) {
+        release_relay(&self.conn, self.id);
+    }
+}
+
+/// The pool as every connection it starts (and their lanes) reaches ProxyJump hops.
+pub fn hops() -> Arc<dyn Hops> {
+    static HOPS: Lazy<Arc<dyn Hops>> = Lazy::new(|| Arc::new(PoolHops));
+    HOPS.clone()
+}
+
 /// Takes a user slot on a connection for `spec`, creating it if needed.
-async fn acquire(spec: &ConnectSpec, mode: TunnelMode, interval: u64, count_max: u32) -> Result<Arc<Connection>> {
+async fn acquire(spec: &ConnectSpec, mode: TunnelMode, keep_alive: KeepAlive) -> Result<Arc<Connection>> {
     if mode == TunnelMode::PerPort {
-        let conn = Connection::start(spec.clone(), mode, interval, count_max).await?;
+        let conn = Connection::start(spec.clone(), mode, keep_alive, hops()).await?;
         let mut pool = POOL.lock().unwrap();
-        pool.entries.insert(conn.shared.id, Entry::new(conn.clone()));
+        pool.entries.insert(conn.id(), Entry::new(conn.clone()));
         return Ok(conn);
     }
     let gate = {
@@ -83,13 +131,13 @@ async fn acquire(spec: &ConnectSpec, mode: TunnelMode, interval: u64, count_max:
         }
     };
     let t0 = Instant::now();
-    let conn = Connection::start(spec.clone(), mode, interval, count_max).await;
+    let conn = Connection::start(spec.clone(), mode, keep_alive, hops()).await;
     let mut pool = POOL.lock().unwrap();
     pool.creating.remove(spec);
     let conn = conn?;
-    pool.shared.insert(spec.clone(), conn.shared.id);
-    pool.entries.insert(conn.shared.id, Entry::new(conn.clone()));
-    crate::lanes::register(&conn, max_lanes, (interval, count_max), t0.elapsed());
+    pool.shared.insert(spec.clone(), conn.id());
+    pool.entries.insert(conn.id(), Entry::new(conn.clone()));
+    crate::lanes::register(&conn, max_lanes, keep_alive, t0.elapsed());
     Ok(conn)
 }
 
@@ -101,7 +149,7 @@ fn take_shared(pool: &mut Pool, spec: &ConnectSpec) -> Option<Arc<Connection>> {
         // a fresh connection, so its start reports the real cause instead of hanging on the old one.
         return None;
     }
-    entry.conn.shared.users.fetch_add(1, Ordering::AcqRel);
+    entry.conn.add_user();
     entry.generation += 1;
     Some(entry.conn.clone())
 }
@@ -109,26 +157,25 @@ fn take_shared(pool: &mut Pool, spec: &ConnectSpec) -> Option<Arc<Connection>> {
 /// Gives a user slot back. Bookkeeping only, so status() is right at once: a connection that is now
 /// unused is closed in the background, at once (per-port, or dead) or after LINGER (shared).
 fn release(conn: &Arc<Connection>, forward: Option<u64>) {
-    let id = conn.shared.id;
+    let id = conn.id();
     let mut pool = POOL.lock().unwrap();
     let Some(entry) = pool.entries.get_mut(&id) else { return };
     if let Some(f) = forward {
         entry.forwards.remove(&f);
         apply_keep_alive(entry);
     }
-    let users = &entry.conn.shared.users;
-    let left = users.load(Ordering::Acquire).saturating_sub(1);
-    users.store(left, Ordering::Release);
+    let left = entry.conn.users().saturating_sub(1);
+    entry.conn.set_users(left);
     entry.generation += 1;
     if left > 0 {
         return;
     }
-    if conn.shared.mode == TunnelMode::PerPort || !conn.is_alive() {
+    if conn.mode() == TunnelMode::PerPort || !conn.is_alive() {
         // Per-port connections belong to their forward; a dead one has nothing to linger for
         // (and must stop reconnecting now).
         pool.entries.remove(&id);
-        if pool.shared.get(&conn.shared.spec) == Some(&id) {
-            pool.shared.remove(&conn.shared.spec);
+        if pool.shared.get(conn.spec()) == Some(&id) {
+            pool.shared.remove(conn.spec());
         }
         crate::lanes::unregister(id);
         let conn = conn.clone();
@@ -142,12 +189,12 @@ fn release(conn: &Arc<Connection>, forward: Option<u64>) {
         let expired = {
             let mut pool = POOL.lock().unwrap();
             let idle = pool.entries.get(&id).is_some_and(|e| {
-                e.conn.shared.users.load(Ordering::Acquire) == 0 && e.generation == generation
+                e.conn.users() == 0 && e.generation == generation
             });
             if idle {
                 pool.entries.remove(&id);
-                if pool.shared.get(&conn.shared.spec) == Some(&id) {
-                    pool.shared.remove(&conn.shared.spec);
+                if pool.shared.get(conn.spec()) == Some(&id) {
+                    pool.shared.remove(conn.spec());
                 }
                 crate::lanes::unregister(id);
             }
@@ -159,19 +206,18 @@ fn release(conn: &Arc<Connection>, forward: Option<u64>) {
     });
 }
 
-/// A connection probes as often as its most demanding forward or relayed session needs; with none, never.
+/// A connection (and each of its lanes) applies the strictest keep-alive its forwards and relayed
+/// sessions want; with none, never.
 fn apply_keep_alive(entry: &Entry) {
-    let forwards = entry.forwards.values().map(|f| (f.keep_alive_interval, f.count_max));
-    let wanted: Vec<(u64, u32)> = forwards.chain(entry.relays.values().copied()).collect();
-    let interval = wanted.iter().map(|w| w.0).min().unwrap_or(MAX_KEEP_ALIVE_INTERVAL as u64);
-    let count_max = wanted.iter().map(|w| w.1).min().unwrap_or(3);
-    entry.conn.set_keep_alive(interval, count_max);
-    crate::lanes::set_keep_alive(entry.conn.shared.id, interval, count_max);
+    let forwards = entry.forwards.values().map(|f| f.keep_alive);
+    let keep_alive = KeepAlive::strictest(forwards.chain(entry.relays.values().copied()));
+    entry.conn.set_keep_alive(keep_alive);
+    crate::lanes::set_keep_alive(entry.conn.id(), keep_alive);
 }
 
 /// Takes a user slot on the shared connection for `spec` (diagnostics); give it back with `release_shared`.
 pub async fn acquire_shared(spec: &ConnectSpec) -> Result<Arc<Connection>> {
-    acquire(spec, TunnelMode::Shared, MAX_KEEP_ALIVE_INTERVAL as u64, 3).await
+    acquire(spec, TunnelMode::Shared, KeepAlive::NEVER).await
 }
 
 pub fn release_shared(conn: &Arc<Connection>) {
@@ -179,17 +225,17 @@ pub fn release_shared(conn: &Arc<Connection>) {
 }
 
 /// Takes a user slot on the shared connection to a ProxyJump hop for one relayed session.
-pub async fn acquire_relay(spec: &ConnectSpec, interval: u64, count_max: u32) -> Result<(Arc<Connection>, u64)> {
-    let conn = acquire(spec, TunnelMode::Shared, interval, count_max).await?;
+async fn acquire_relay(spec: &ConnectSpec, keep_alive: KeepAlive) -> Result<(Arc<Connection>, u64)> {
+    let conn = acquire(spec, TunnelMode::Shared, keep_alive).await?;
     let id = NEXT_RELAY.fetch_add(1, Ordering::Relaxed);
-    relay_keep_alive(&conn, id, Some((interval, count_max)));
+    relay_keep_alive(&conn, id, Some(keep_alive));
     Ok((conn, id))
 }
 
 /// Records (or with None forgets) what keep-alive a relayed session wants from its hop.
-pub fn relay_keep_alive(conn: &Connection, relay: u64, wanted: Option<(u64, u32)>) {
+fn relay_keep_alive(conn: &Connection, relay: u64, wanted: Option<KeepAlive>) {
     let mut pool = POOL.lock().unwrap();
-    if let Some(entry) = pool.entries.get_mut(&conn.shared.id) {
+    if let Some(entry) = pool.entries.get_mut(&conn.id()) {
         match wanted {
             Some(w) => entry.relays.insert(relay, w),
             None => entry.relays.remove(&relay),
@@ -199,7 +245,7 @@ pub fn relay_keep_alive(conn: &Connection, relay: u64, wanted: Option<(u64, u32)
 }
 
 /// The relayed session ended: its hop may close once nobody else uses it.
-pub fn release_relay(conn: &Arc<Connection>, relay: u64) {
+fn release_relay(conn: &Arc<Connection>, relay: u64) {
     relay_keep_alive(conn, relay, None);
     release(conn, None);
 }
@@ -211,8 +257,7 @@ pub struct ForwardRequest {
     pub remote_host: String,
     pub remote_port: u16,
     pub local_port: u16,
-    pub keep_alive_interval: u64,
-    pub count_max: u32,
+    pub keep_alive: KeepAlive,
     pub kernel_id: Option<String>,
     /// Prove before returning that the server forwards to the target (see `verify_forward`).
     pub verify: bool,
@@ -225,7 +270,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
     if req.remote_host.is_empty() {
         return Err(Error::Invalid("remote_host must not be empty".into()));
     }
-    if req.count_max == 0 {
+    if req.keep_alive.count_max == 0 {
         return Err(Error::Invalid("keepalive_count_max must be a positive integer, got 0".into()));
     }
     let listener = bind_local(req.local_port).await?;
@@ -233,7 +278,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         .local_addr()
         .map_err(|e| Error::Bind { port: req.local_port, in_use: false, cause: e.to_string() })?
         .port();
-    let conn = acquire(spec, mode, req.keep_alive_interval, req.count_max).await?;
+    let conn = acquire(spec, mode, req.keep_alive).await?;
     let info = Arc::new(ForwardInfo {
         id: NEXT_FORWARD.fetch_add(1, Ordering::Relaxed),
         channel: req.channel,
@@ -241,17 +286,16 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         remote_host: req.remote_host,
         remote_port: req.remote_port,
         local_port,
-        keep_alive_interval: req.keep_alive_interval,
-        count_max: req.count_max,
+        keep_alive: req.keep_alive,
         refused_wait: req.refused_wait,
         listened: AtomicBool::new(false),
-        stats: Arc::new(ForwardStats::new(conn.shared.totals.clone())),
+        stats: Arc::new(ForwardStats::new(conn.totals().clone())),
         failing: AtomicBool::new(false),
         liveness: Default::default(),
     });
     {
         let mut pool = POOL.lock().unwrap();
-        if let Some(entry) = pool.entries.get_mut(&conn.shared.id) {
+        if let Some(entry) = pool.entries.get_mut(&conn.id()) {
             entry.forwards.insert(info.id, info.clone());
             apply_keep_alive(entry);
         }
@@ -328,7 +372,7 @@ pub fn close_forward(fwd: &Arc<Forward>) {
 
 /// Runs `command` on the pooled connection for `spec`, within `timeout`.
 pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Result<ExecOutput> {
-    let conn = acquire(spec, TunnelMode::Shared, MAX_KEEP_ALIVE_INTERVAL as u64, 3).await?;
+    let conn = acquire(spec, TunnelMode::Shared, KeepAlive::NEVER).await?;
     let (reply, rx) = oneshot::channel();
     // Latency as the connection serves it (queueing for a session slot included), not the handshake.
     let queued = Instant::now();
@@ -338,7 +382,7 @@ pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Resul
         Ok(Err(_)) => Err(Error::Other { dest: conn.dest(), cause: "connection closed".into() }),
         Err(_) => Err(Error::Timeout { dest: conn.dest(), what: "remote command".into(), secs: timeout.as_secs_f64() }),
     };
-    conn.shared.totals.command_done(queued.elapsed(), out.is_ok());
+    conn.totals().command_done(queued.elapsed(), out.is_ok());
     release(&conn, None);
     out
 }
@@ -397,7 +441,7 @@ pub fn start_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<
     let conn = fwd.conn.clone();
     if !conn.is_alive() {
         // Liveness unknown: report it at once rather than queue a stale request until reconnection.
-        let cause = conn.shared.last_error.lock().unwrap().clone().unwrap_or_else(|| "reconnecting".into());
+        let cause = conn.last_error().unwrap_or_else(|| "reconnecting".into());
         return Err(Error::Down { dest: conn.dest(), cause });
     }
     let (to_remote, to_remote_rx) = mpsc::channel(1);
@@ -536,7 +580,7 @@ async fn open_in_range(
     if range == (0, 0) {
         return open_forward(spec, mode, ForwardRequest { local_port: 0, ..req.clone() }).await;
     }
-    let mut seed = crate::session::seed(req.remote_port);
+    let mut seed = random::seed(req.remote_port);
     for _ in 0..attempts {
         let Some(candidate) = pick_port(range, &mut seed, &taken.lock().unwrap()) else { break };
         taken.lock().unwrap().insert(candidate);
@@ -558,7 +602,7 @@ async fn open_in_range(
 /// the first such port from a random start, so that every free port is found and kernels spread out.
 fn pick_port(range: (u16, u16), seed: &mut u64, taken: &std::collections::HashSet<u16>) -> Option<u16> {
     let span = u64::from(range.1 - range.0) + 1;
-    *seed = crate::session::splitmix(*seed);
+    *seed = random::splitmix(*seed);
     let start = *seed % span;
     (0..span.min(4096))
         .map(|k| range.0 + ((start + k) % span) as u16)
@@ -592,6 +636,25 @@ pub struct ConnectionStatus {
     pub forwards: Vec<Arc<ForwardInfo>>,
 }
 
+/// What a metrics scrape reads from the live connections.
+impl metrics::LiveConnection for ConnectionStatus {
+    fn dest_key(&self) -> metrics::DestKey {
+        metrics::DestKey { user: self.user.clone(), host: self.host.clone(), port: self.port }
+    }
+
+    fn state(&self) -> &str {
+        self.state
+    }
+
+    fn keepalives_unanswered(&self) -> u64 {
+        self.keepalives_unanswered
+    }
+
+    fn channels(&self) -> Vec<Channel> {
+        self.forwards.iter().map(|f| f.channel).collect()
+    }
+}
+
 pub fn status() -> Vec<ConnectionStatus> {
     let pool = POOL.lock().unwrap();
     let mut out = Vec::new();
@@ -600,7 +663,7 @@ pub fn status() -> Vec<ConnectionStatus> {
         forwards.sort_by_key(|f| f.id);
         out.push(connection_status(&e.conn, 0, e.relays.len(), forwards));
         // Extra lanes carry channels of the forwards listed on lane 0.
-        for (lane, conn) in crate::lanes::extra_lanes(e.conn.shared.id) {
+        for (lane, conn) in crate::lanes::extra_lanes(e.conn.id()) {
             out.push(connection_status(&conn, lane, 0, Vec::new()));
         }
     }
@@ -609,28 +672,25 @@ pub fn status() -> Vec<ConnectionStatus> {
 }
 
 fn connection_status(conn: &Connection, lane: usize, relays: usize, forwards: Vec<Arc<ForwardInfo>>) -> ConnectionStatus {
-    let s = &conn.shared;
+    let spec = conn.spec();
+    let s = conn.snapshot();
     ConnectionStatus {
-        user: s.spec.user.clone(),
-        host: s.spec.host.clone(),
-        port: s.spec.port,
-        mode: s.mode.as_str(),
+        user: spec.user.clone(),
+        host: spec.host.clone(),
+        port: spec.port,
+        mode: conn.mode().as_str(),
         lane,
-        alive: conn.is_alive(),
-        state: match (conn.is_alive(), s.stopped.load(Ordering::Relaxed)) {
-            (true, _) => "connected",
-            (false, false) => "reconnecting",
-            (false, true) => "stopped",
-        },
-        reconnects: s.reconnects.load(Ordering::Relaxed),
-        keep_alive_interval: s.interval.load(Ordering::Relaxed),
-        keepalives_sent: s.keepalives_sent.load(Ordering::Relaxed),
-        keepalives_unanswered: s.keepalives_unanswered.load(Ordering::Relaxed),
-        last_error: s.last_error.lock().unwrap().clone(),
-        session_budget: s.session_budget.load(Ordering::Relaxed),
-        session_refusals: s.session_refusals.load(Ordering::Relaxed),
-        unsettled_sleeps: s.unsettled_sleeps.load(Ordering::Relaxed),
-        via: s.spec.jump.as_ref().map(|j| j.dest()),
+        alive: s.alive,
+        state: s.state,
+        reconnects: s.counts.reconnects,
+        keep_alive_interval: s.keep_alive_interval,
+        keepalives_sent: s.counts.keepalives_sent,
+        keepalives_unanswered: s.counts.keepalives_unanswered,
+        last_error: s.last_error,
+        session_budget: s.session_budget,
+        session_refusals: s.counts.session_refusals,
+        unsettled_sleeps: s.counts.unsettled_sleeps,
+        via: spec.jump.as_ref().map(|j| j.dest()),
         relays,
         forwards,
     }

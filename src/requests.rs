@@ -6,88 +6,22 @@
 //! runtime: no thread, no Python future, and nothing that wakes the event loop when the answer comes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{debug, warn};
 use once_cell::sync::Lazy;
 
 use crate::config::{ConnectSpec, TunnelMode};
-use crate::connection::{Connection, Shared};
+use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::forward::Forward;
 use crate::keepalive::Channel;
+use crate::liveness::State;
+use crate::metrics::ChannelGuard;
 use crate::pool;
 use crate::runtime;
-use crate::stats::ChannelGuard;
-
-/// What the remote end said last: it took a request, it refused (nothing listens: the launcher is
-/// gone), or it could not be asked (connection down, timeout).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    Alive = 0,
-    Dead = 1,
-    Unknown = 2,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Alive => "alive",
-            State::Dead => "dead",
-            State::Unknown => "unknown",
-        }
-    }
-
-    fn of(outcome: &Result<()>) -> State {
-        match outcome {
-            Ok(()) => State::Alive,
-            Err(Error::Refused { .. }) => State::Dead,
-            Err(_) => State::Unknown,
-        }
-    }
-}
-
-/// The liveness of what listens behind one forward, and whether a probe is out.
-#[derive(Default)]
-pub struct Liveness {
-    state: AtomicU8,
-    probing: AtomicBool,
-    /// Until when (ms on `clock()`) probes skip the host's batch: a request was just delivered (a
-    /// signal, a shutdown), the kernel may be on its way out, and Enterprise Gateway is polling every
-    /// half second to see it gone. A batch would answer a kill only after up to `BATCH_WINDOW`, for
-    /// every kernel a gateway shuts down, one after another.
-    direct_until: AtomicU64,
-}
-
-impl Liveness {
-    pub fn get(&self) -> State {
-        match self.state.load(Ordering::Acquire) {
-            0 => State::Alive,
-            1 => State::Dead,
-            _ => State::Unknown,
-        }
-    }
-
-    fn set(&self, s: State) {
-        self.state.store(s as u8, Ordering::Release);
-    }
-
-    fn probe_directly_for(&self, span: Duration) {
-        self.direct_until.store(clock() + span.as_millis() as u64, Ordering::Release);
-    }
-
-    fn probes_directly(&self) -> bool {
-        clock() < self.direct_until.load(Ordering::Acquire)
-    }
-}
-
-/// Milliseconds since the first call: a clock an atomic can hold.
-fn clock() -> u64 {
-    static START: Lazy<Instant> = Lazy::new(Instant::now);
-    START.elapsed().as_millis() as u64
-}
 
 /// How long after a delivered request a kernel's probes go on their own channel (see `Liveness`):
 /// Enterprise Gateway waits this long at most for a killed kernel to go.
@@ -99,14 +33,14 @@ const DIRECT_AFTER_REQUEST: Duration = Duration::from_secs(10);
 pub fn probe(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
     let live = &fwd.info.liveness;
     let state = live.get();
-    if live.probing.swap(true, Ordering::AcqRel) {
+    if !live.start_probe() {
         return state;
     }
     let Some(in_flight) = fwd.begin_request() else {
-        live.probing.store(false, Ordering::Release);
+        live.probe_done();
         return State::Dead;
     };
-    if fwd.info.channel == Channel::EgComm && fwd.conn.shared.mode == TunnelMode::Shared && !live.probes_directly() {
+    if fwd.info.channel == Channel::EgComm && fwd.conn.mode() == TunnelMode::Shared && !live.probes_directly() {
         if let Some(batch) = Batch::of(&fwd.conn) {
             batch.want(fwd.clone(), in_flight, data, timeout);
             return state;
@@ -130,7 +64,7 @@ fn probe_on_channel(fwd: Arc<Forward>, in_flight: ChannelGuard, data: Vec<u8>, t
             debug!("{} forward to {}:{}: {} -> {}{cause}", i.channel, i.remote_host, i.remote_port, live.get().as_str(), new.as_str());
         }
         live.set(new);
-        live.probing.store(false, Ordering::Release);
+        live.probe_done();
     });
 }
 
@@ -153,7 +87,7 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// before. A host where the command fails (no `/proc`, no `awk`) is probed one channel at a time from
 /// then on.
 struct Batch {
-    conn: Weak<Shared>,
+    conn: Weak<Connection>,
     spec: ConnectSpec,
     waiting: Mutex<Vec<Waiting>>,
     unsupported: AtomicBool,
@@ -170,16 +104,16 @@ static BATCHES: Lazy<Mutex<HashMap<u64, Arc<Batch>>>> = Lazy::new(Mutex::default
 
 impl Batch {
     /// The batch of `conn`'s host, unless its command failed there before.
-    fn of(conn: &Connection) -> Option<Arc<Batch>> {
+    fn of(conn: &Arc<Connection>) -> Option<Arc<Batch>> {
         let mut batches = BATCHES.lock().unwrap();
         // Batches of connections that are gone go with them.
         batches.retain(|_, b| b.conn.strong_count() > 0);
         let batch = batches
-            .entry(conn.shared.id)
+            .entry(conn.id())
             .or_insert_with(|| {
                 Arc::new(Batch {
-                    conn: Arc::downgrade(&conn.shared),
-                    spec: conn.shared.spec.clone(),
+                    conn: Arc::downgrade(conn),
+                    spec: conn.spec().clone(),
                     waiting: Mutex::default(),
                     unsupported: AtomicBool::new(false),
                 })
@@ -231,7 +165,7 @@ impl Batch {
             if listening.contains(&w.fwd.info.remote_port) {
                 let live = &w.fwd.info.liveness;
                 live.set(State::Alive);
-                live.probing.store(false, Ordering::Release);
+                live.probe_done();
             } else {
                 probe_on_channel(w.fwd, w.in_flight, w.data, w.timeout);
             }

@@ -17,10 +17,12 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
-use crate::config::{ConnectSpec, HostKeyPolicy};
+use crate::config::ConnectSpec;
 use crate::driver::{RetryError, SshIo, Stream};
-use crate::jump;
-use crate::known_hosts;
+use crate::jump::{self, Hops};
+use crate::keepalive::KeepAlive;
+use crate::known_hosts::{self, HostKeyPolicy};
+use crate::random;
 use crate::error::{Error, Result};
 
 /// A server's handshake budget and the semaphore that enforces it.
@@ -49,8 +51,8 @@ enum Failure {
 }
 
 /// Connects and authenticates, or explains precisely why not. Nothing stays open on failure.
-/// `keep_alive` is the connection's policy, which a ProxyJump hop on the way adopts too.
-pub async fn establish(spec: &ConnectSpec, keep_alive: (u64, u32)) -> Result<SshIo> {
+/// `keep_alive` is the connection's policy, which a ProxyJump hop on the way (taken from `hops`) adopts too.
+pub async fn establish(spec: &ConnectSpec, keep_alive: KeepAlive, hops: &dyn Hops) -> Result<SshIo> {
     let deadline = Instant::now() + spec.connect_timeout();
     let gate = startup_gate(spec);
     let mut drops: u32 = 0;
@@ -65,7 +67,7 @@ pub async fn establish(spec: &ConnectSpec, keep_alive: (u64, u32)) -> Result<Ssh
                 spec.port
             ),
         })?;
-        match attempt(spec, deadline, keep_alive).await {
+        match attempt(spec, deadline, keep_alive, hops).await {
             Ok(io) => {
                 if let Ok(permit) = permit {
                     io.hold_startup(permit);
@@ -100,9 +102,9 @@ pub async fn establish(spec: &ConnectSpec, keep_alive: (u64, u32)) -> Result<Ssh
 
 /// One TCP connect (or channel through the hop), handshake, host-key check and authentication, all
 /// before `deadline`.
-async fn attempt(spec: &ConnectSpec, deadline: Instant, keep_alive: (u64, u32)) -> std::result::Result<SshIo, Failure> {
+async fn attempt(spec: &ConnectSpec, deadline: Instant, keep_alive: KeepAlive, hops: &dyn Hops) -> std::result::Result<SshIo, Failure> {
     let dest = spec.dest();
-    let io = open(spec, deadline, keep_alive).await.map_err(Failure::Final)?;
+    let io = open(spec, deadline, keep_alive, hops).await.map_err(Failure::Final)?;
     match timeout_at(deadline, io.retry(|s| s.clone().handshake())).await {
         Err(_) => return Err(Failure::Final(timed_out(spec, "SSH handshake"))),
         Ok(Err(e)) if is_transport_failure(&e) || is_banner_failure(&e) => return Err(Failure::Dropped(e.to_string())),
@@ -125,14 +127,14 @@ fn timed_out(spec: &ConnectSpec, stage: &str) -> Error {
 }
 
 /// The socket for a new session to `spec`: TCP to the host, or a channel through its ProxyJump hop.
-pub async fn open(spec: &ConnectSpec, deadline: Instant, keep_alive: (u64, u32)) -> Result<SshIo> {
+pub async fn open(spec: &ConnectSpec, deadline: Instant, keep_alive: KeepAlive, hops: &dyn Hops) -> Result<SshIo> {
     let stream = match &spec.jump {
         None => {
             let tcp = timeout_at(deadline, connect_tcp(spec)).await.map_err(|_| timed_out(spec, "TCP connect"))??;
             Stream::Tcp(tcp.into_std().map_err(|e| connect_err(spec, e))?)
         }
         Some(hop) => {
-            let (sock, relay) = jump::connect_via(hop, spec, keep_alive, deadline).await?;
+            let (sock, relay) = jump::connect_via(hops, hop, spec, keep_alive, deadline).await?;
             Stream::Relayed(sock, relay)
         }
     };
@@ -200,25 +202,12 @@ pub async fn handshake(io: &SshIo, spec: &ConnectSpec, deadline: Instant) -> Res
 /// 50 ms doubling to 1 s, with up to +/-50 % jitter so that retries of many connections spread out.
 fn handshake_backoff(drops: u32, seed: u64) -> Duration {
     let base = 50u64.saturating_mul(1u64 << drops.saturating_sub(1).min(5)).min(1000);
-    let offset = splitmix(seed) % (base + 1);
+    let offset = random::splitmix(seed) % (base + 1);
     Duration::from_millis(base / 2 + offset)
 }
 
-/// A seed for jitter and random choices: the clock's nanoseconds mixed with `salt`.
-pub fn seed(salt: u16) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0);
-    nanos ^ (u64::from(salt) << 32)
-}
-
 fn nanos_seed(spec: &ConnectSpec, drops: u32) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0);
-    nanos ^ (u64::from(spec.port) << 32) ^ u64::from(drops)
+    random::nanos() ^ (u64::from(spec.port) << 32) ^ u64::from(drops)
 }
 
 /// libssh2 reports a connection closed before or while the banner is exchanged as a banner failure.
@@ -592,7 +581,7 @@ pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
     let base = 1000u64.saturating_mul(1u64 << attempt.min(5)).min(30_000);
     // Up to +/-20 % so that many gateways' connections to one host do not retry in lockstep.
     let span = base / 5;
-    let offset = splitmix(jitter_seed) % (2 * span + 1);
+    let offset = random::splitmix(jitter_seed) % (2 * span + 1);
     Duration::from_millis(base - span + offset)
 }
 
@@ -601,14 +590,7 @@ pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
 /// several gateways; the startup gate keeps them within MaxStartups anyway), far less than the
 /// backoff a failed attempt earns.
 pub fn retry_after_loss(jitter_seed: u64) -> Duration {
-    Duration::from_millis(splitmix(jitter_seed) % 101)
-}
-
-pub fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    Duration::from_millis(random::splitmix(jitter_seed) % 101)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use ssh2_config::{HostParams, ParseRule, SshConfig};
 
 use super::scan::Scan;
-use super::{policy_of, AlgKind, Algorithms, HostConfig, Setting, OPENSSH_DEFAULTS, REFUSED};
+use super::settings::{expand_home, policy_of, AlgKind, Algorithms, HostConfig, Setting, OPENSSH_DEFAULTS, REFUSED};
 use crate::error::{Error, Result};
 
 const RULES: ParseRule = ParseRule::ALLOW_UNKNOWN_FIELDS.union(ParseRule::ALLOW_UNSUPPORTED_FIELDS);
@@ -169,7 +169,7 @@ fn from_params(params: &HostParams, file: &Path, home: &Path) -> Result<HostConf
         hc.password_authentication = Some(Setting { value: yes_no("PasswordAuthentication", v)?, origin: origin.clone() });
     }
     if let Some(v) = raw(params, "userknownhostsfile") {
-        let files: Vec<PathBuf> = v.iter().filter(|f| !f.eq_ignore_ascii_case("none")).map(|f| super::expand_home(f, home)).collect();
+        let files: Vec<PathBuf> = v.iter().filter(|f| !f.eq_ignore_ascii_case("none")).map(|f| expand_home(f, home)).collect();
         hc.known_hosts = Some(Setting { value: files, origin: origin.clone() });
     }
     if let Some(v) = raw(params, "stricthostkeychecking").and_then(|v| v.first()) {
@@ -319,7 +319,7 @@ pub fn parse_hop(s: &str) -> Result<Hop> {
 mod tests {
     use super::super::scan;
     use super::*;
-    use crate::config::HostKeyPolicy;
+    use crate::known_hosts::HostKeyPolicy;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn source_setting() {
-        use super::super::Source;
+        use super::super::settings::Source;
         let home = Path::new("/h");
         assert_eq!(Source::from_setting(None, home), Source::Default);
         assert_eq!(Source::from_setting(Some("NONE"), home), Source::Disabled);

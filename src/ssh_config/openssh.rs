@@ -11,8 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::scan::Scan;
-use super::{expand_tokens, policy_of, refuse_match_exec, refused, AlgKind, Algorithms, HostConfig, Setting, Source, Tokens, REFUSED};
+use super::settings::{expand_tokens, policy_of, refuse_match_exec, refused, AlgKind, Algorithms, HostConfig, Setting, Source, Tokens, REFUSED};
 use crate::error::{Error, Result};
+use crate::local_user::current_user;
 
 /// `ssh -G` reads files and prints; anything slower is stuck (an automounted home, a hung NFS).
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -166,7 +167,7 @@ fn build(main: &Printed, base: &Printed, walked: &Scan, name: &str, home: &Path,
         hc.port = Some(Setting { value: port, origin: origin("port", main.get("port")) });
     }
     if differs("identityfile") {
-        let me = crate::config::current_user();
+        let me = current_user();
         let tokens = Tokens {
             host: main.get("hostname").unwrap_or(name).to_string(),
             original: name.to_string(),

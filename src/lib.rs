@@ -25,7 +25,7 @@
 //! - `runtime`: the process-wide tokio runtime.
 //! - `exit_gate`: keeps other threads out of Python once the interpreter starts shutting down.
 //! - `check`: every stage of reaching a host, reported one by one (`python -m egtunnel check`).
-//! - `bindings`: the thin PyO3 layer (`egtunnel._native`).
+//! - `bindings/`: the thin PyO3 layer (`egtunnel._native`), one file per concern (listed in `bindings/mod.rs`).
 
 pub mod algorithms;
 pub mod bindings;

@@ -1,0 +1,224 @@
+//! `SshTarget`, one destination validated once, with its remote commands and a kernel's forwards, each
+//! as a blocking call and as an awaitable built from the same `Call`.
+
+use std::future::Future;
+
+use pyo3::prelude::*;
+
+use super::arguments::{count_max, parse_channel, positive_duration, refused_wait_duration, Seconds};
+use super::awaiting::Call;
+use super::errors::{invalid, to_py};
+use super::exec::ExecResult;
+use super::options::connection_keywords;
+use super::reports::metrics_hook;
+use super::tunnel::{tunnels, Tunnel};
+use crate::config::{check_port, ConnectSpec, TunnelMode};
+use crate::error::Result;
+use crate::keepalive;
+use crate::metrics::{counted, Operation};
+use crate::pool::{self, ForwardRequest};
+
+/// One SSH destination with its settings, validated once: remote commands and a kernel's forwards,
+/// each as a blocking call or as an asyncio awaitable driven by egtunnel's runtime (no thread of the
+/// caller's). Cancelling an awaitable stops the native work and releases what it held.
+#[pyclass(frozen, module = "egtunnel._native")]
+pub(super) struct SshTarget {
+    pub(super) spec: ConnectSpec,
+}
+
+/// What `SshTarget.open_forwards` takes besides the forwards; parsed once for both call forms.
+struct PlanArgs {
+    mode: TunnelMode,
+    plan: pool::KernelPlan,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_args(
+    forwards: Vec<(String, String, i64)>,
+    port_range: (i64, i64),
+    bind_attempts: i64,
+    mode: &str,
+    cull_idle_timeout: i64,
+    keepalive_margin: i64,
+    keepalive_count_max: u32,
+    kernel_id: Option<String>,
+    verify: bool,
+    refused_wait: f64,
+) -> PyResult<PlanArgs> {
+    let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
+    if !(1..=10_000).contains(&bind_attempts) {
+        return Err(invalid(format!("bind_attempts must be an integer from 1 to 10000, got {bind_attempts}")));
+    }
+    let lo = check_port("port_range lower bound", port_range.0, true).map_err(|e| to_py(e, ""))?;
+    let hi = check_port("port_range upper bound", port_range.1, true).map_err(|e| to_py(e, ""))?;
+    let refused_wait = refused_wait_duration(refused_wait)?;
+    if forwards.is_empty() {
+        return Err(invalid("forwards must name at least one (channel, remote_host, remote_port)".into()));
+    }
+    let mut reqs = Vec::with_capacity(forwards.len());
+    for (channel, remote_host, remote_port) in forwards {
+        let ch = parse_channel(&channel)?;
+        if reqs.iter().any(|r: &ForwardRequest| r.channel == ch) {
+            return Err(invalid(format!("channel {ch} appears twice in forwards")));
+        }
+        if remote_host.is_empty() {
+            return Err(invalid(format!("{ch}: remote_host must not be empty")));
+        }
+        let interval = keepalive::keep_alive_interval(ch, cull_idle_timeout, keepalive_margin).map_err(invalid)?;
+        reqs.push(ForwardRequest {
+            channel: ch,
+            remote_host,
+            remote_port: check_port(&format!("{ch} remote_port"), remote_port, false).map_err(|e| to_py(e, ""))?,
+            local_port: 0,
+            keep_alive_interval: interval as u64,
+            count_max: keepalive_count_max,
+            kernel_id: kernel_id.clone(),
+            verify: false,
+            refused_wait,
+        });
+    }
+    let plan = pool::KernelPlan { forwards: reqs, port_range: (lo, hi), bind_attempts: bind_attempts as u32, verify };
+    Ok(PlanArgs { mode, plan })
+}
+
+impl SshTarget {
+    /// `exec` and `exec_async`: `command` on the pooled connection.
+    fn exec_call(&self, py: Python<'_>, command: String, timeout: f64) -> PyResult<Call<impl Future<Output = Result<ExecResult>> + Send + 'static>> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        let spec = self.spec.clone();
+        metrics_hook(py);
+        Ok(Call {
+            context: "remote command".into(),
+            work: async move {
+                counted(&spec, Operation::Command, pool::exec(&spec, &command, timeout)).await.map(|out| ExecResult { out })
+            },
+        })
+    }
+
+    /// `open_forwards` and `open_forwards_async`: a kernel's forwards, all or nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn forwards_call(
+        &self,
+        py: Python<'_>,
+        forwards: Vec<(String, String, i64)>,
+        port_range: (i64, i64),
+        bind_attempts: i64,
+        mode: &str,
+        cull_idle_timeout: Seconds,
+        keepalive_margin: i64,
+        keepalive_count_max: Option<i64>,
+        kernel_id: Option<String>,
+        verify: bool,
+        refused_wait: f64,
+    ) -> PyResult<Call<impl Future<Output = Result<Vec<Tunnel>>> + Send + 'static>> {
+        let count = count_max(keepalive_count_max, &self.spec)?;
+        let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
+                             count, kernel_id, verify, refused_wait)?;
+        let spec = self.spec.clone();
+        metrics_hook(py);
+        Ok(Call {
+            context: String::new(),
+            work: async move {
+                counted(&spec, Operation::Forward, pool::open_kernel_forwards(&spec, args.mode, args.plan)).await.map(tunnels)
+            },
+        })
+    }
+}
+
+connection_keywords! {
+    #[pymethods]
+    impl SshTarget {
+        #[new]
+        fn new(
+            _py, host: &str, *, ..login, ..password, ..host_keys, ..connect_timeout, ..limits, ..ssh_config
+        ) -> PyResult<Self> |conn| {
+            Ok(SshTarget { spec: conn.spec(host)? })
+        }
+
+        /// Where the connection goes: ssh_config's HostName for the name given, else the name itself.
+        #[getter]
+        fn host_name(&self) -> String {
+            self.spec.host.clone()
+        }
+
+        /// The ProxyJump hops on the way, first hop first, as user@host:port.
+        #[getter]
+        fn jumps(&self) -> Vec<String> {
+            self.spec.route().iter().rev().skip(1).rev().map(|s| s.dest()).collect()
+        }
+
+        /// user@host:port, as every message names it.
+        #[getter]
+        fn destination(&self) -> String {
+            self.spec.dest()
+        }
+
+        /// Runs `command` on the pooled connection; blocks the calling thread (GIL released).
+        #[pyo3(signature = (command, timeout = 30.0))]
+        fn exec(&self, py: Python<'_>, command: String, timeout: f64) -> PyResult<ExecResult> {
+            self.exec_call(py, command, timeout)?.block(py)
+        }
+
+        /// Awaitable form of `exec`.
+        #[pyo3(signature = (command, timeout = 30.0))]
+        fn exec_async<'py>(&self, py: Python<'py>, command: String, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
+            self.exec_call(py, command, timeout)?.into_awaitable(py)
+        }
+
+        /// Opens a kernel's forwards, all or nothing; returns the tunnels in the order given. Blocks.
+        #[pyo3(signature = (
+            forwards, *, port_range = (0, 0), bind_attempts = 6, mode = "shared", cull_idle_timeout = Seconds(0),
+            keepalive_margin = 60, keepalive_count_max = None, kernel_id = None, verify = true, refused_wait = 30.0
+        ), text_signature = "(self, /, forwards, *, port_range=(0, 0), bind_attempts=6, mode='shared', \
+cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=None, verify=True, refused_wait=30.0)")]
+        #[allow(clippy::too_many_arguments)]
+        fn open_forwards(
+            &self,
+            py: Python<'_>,
+            forwards: Vec<(String, String, i64)>,
+            port_range: (i64, i64),
+            bind_attempts: i64,
+            mode: &str,
+            cull_idle_timeout: Seconds,
+            keepalive_margin: i64,
+            keepalive_count_max: Option<i64>,
+            kernel_id: Option<String>,
+            verify: bool,
+            refused_wait: f64,
+        ) -> PyResult<Vec<Tunnel>> {
+            self.forwards_call(py, forwards, port_range, bind_attempts, mode, cull_idle_timeout, keepalive_margin,
+                               keepalive_count_max, kernel_id, verify, refused_wait)?
+                .block(py)
+        }
+
+        /// Awaitable form of `open_forwards`; cancelling it closes whatever it had opened.
+        #[pyo3(signature = (
+            forwards, *, port_range = (0, 0), bind_attempts = 6, mode = "shared", cull_idle_timeout = Seconds(0),
+            keepalive_margin = 60, keepalive_count_max = None, kernel_id = None, verify = true, refused_wait = 30.0
+        ), text_signature = "(self, /, forwards, *, port_range=(0, 0), bind_attempts=6, mode='shared', \
+cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=None, verify=True, refused_wait=30.0)")]
+        #[allow(clippy::too_many_arguments)]
+        fn open_forwards_async<'py>(
+            &self,
+            py: Python<'py>,
+            forwards: Vec<(String, String, i64)>,
+            port_range: (i64, i64),
+            bind_attempts: i64,
+            mode: &str,
+            cull_idle_timeout: Seconds,
+            keepalive_margin: i64,
+            keepalive_count_max: Option<i64>,
+            kernel_id: Option<String>,
+            verify: bool,
+            refused_wait: f64,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            self.forwards_call(py, forwards, port_range, bind_attempts, mode, cull_idle_timeout, keepalive_margin,
+                               keepalive_count_max, kernel_id, verify, refused_wait)?
+                .into_awaitable(py)
+        }
+
+        fn __repr__(&self) -> String {
+            format!("<SshTarget {}>", self.spec.dest())
+        }
+    }
+}

@@ -32,7 +32,8 @@ use crate::config::{ConnectSpec, Options};
 /// A pyfunction's `__text_signature__` is written here rather than by pyo3, which can only repeat a
 /// default's Rust spelling (`"shared"`, and `...` for anything but a literal): a default may give its
 /// Python spelling after `=>`, as in `mode: &str = "shared" => "'shared'"`. It is the first line of
-/// the doc, `name(signature)` followed by `--`, the form CPython reads `__text_signature__` from.
+/// the doc, `name(signature)` followed by `--`, the form CPython reads `__text_signature__` from. A
+/// `#[new]` keeps pyo3's, which goes into the class doc and needs no Python spelling so far.
 macro_rules! connection_keywords {
     // The table: each group's keywords as `name: Type = default | value for a call that leaves the
     // group out`, in signature order.
@@ -106,13 +107,18 @@ macro_rules! connection_keywords {
     (@emit {function [$($attr:tt)*] ($vis:vis) $fn_name:ident $py:ident [$($pos:ident ($pty:ty))*] ($ret:ty) $conn_var:ident $body:block}
            [$({$name:ident ($t:ty) $default:tt ($python:expr)})*] [$({$conn:ident ($ct:ty) $absent:tt})*]) => {
         // What pyo3 would put first in the doc, so that Python reads it as `__text_signature__`.
-        #[doc = concat!(stringify!($fn_name), "(", $(stringify!($pos), ", ",)* "*", $(", ", stringify!($name), "=", $python,)* ")\n--\n")]
+        #[doc = concat!(
+            stringify!($fn_name), "(", $(stringify!($pos), ", ",)* "*", $(", ", stringify!($name), "=", $python,)* ")\n--\n"
+        )]
         $($attr)*
         #[pyo3(signature = ($($pos,)* *, $($name = $default),*), text_signature = None)]
         #[allow(clippy::too_many_arguments)]
         $vis fn $fn_name<'a>($py: Python<'_>, $($pos: $pty,)* $($name: $t),*) -> $ret {
             #[allow(clippy::needless_update)]
-            let $conn_var = $crate::bindings::options::Connection { $($conn,)* ..$crate::bindings::options::Connection::absent() };
+            let $conn_var = $crate::bindings::options::Connection {
+                $($conn,)*
+                ..$crate::bindings::options::Connection::absent()
+            };
             $body
         }
     };
@@ -125,7 +131,10 @@ macro_rules! connection_keywords {
             #[allow(clippy::too_many_arguments)]
             fn $fn_name<'a>($py: Python<'_>, $($pos: $pty,)* $($name: $t),*) -> $ret {
                 #[allow(clippy::needless_update)]
-                let $conn_var = $crate::bindings::options::Connection { $($conn,)* ..$crate::bindings::options::Connection::absent() };
+                let $conn_var = $crate::bindings::options::Connection {
+                    $($conn,)*
+                    ..$crate::bindings::options::Connection::absent()
+                };
                 $body
             }
             $($rest)*

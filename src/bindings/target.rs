@@ -83,14 +83,20 @@ fn plan_args(
 
 impl SshTarget {
     /// `exec` and `exec_async`: `command` on the pooled connection.
-    fn exec_call(&self, py: Python<'_>, command: String, timeout: f64) -> PyResult<Call<impl Future<Output = Result<ExecResult>> + Send + 'static>> {
+    fn exec_call(
+        &self,
+        py: Python<'_>,
+        command: String,
+        timeout: f64,
+    ) -> PyResult<Call<impl Future<Output = Result<ExecResult>> + Send + 'static>> {
         let timeout = positive_duration(timeout, "timeout")?;
         let spec = self.spec.clone();
         metrics_hook(py);
         Ok(Call {
             context: "remote command".into(),
             work: async move {
-                counted(&spec, Operation::Command, pool::exec(&spec, &command, timeout)).await.map(|out| ExecResult { out })
+                let out = counted(&spec, Operation::Command, pool::exec(&spec, &command, timeout)).await?;
+                Ok(ExecResult { out })
             },
         })
     }
@@ -119,7 +125,8 @@ impl SshTarget {
         Ok(Call {
             context: String::new(),
             work: async move {
-                counted(&spec, Operation::Forward, pool::open_kernel_forwards(&spec, args.mode, args.plan)).await.map(tunnels)
+                let opened = pool::open_kernel_forwards(&spec, args.mode, args.plan);
+                counted(&spec, Operation::Forward, opened).await.map(tunnels)
             },
         })
     }

@@ -1,5 +1,6 @@
 //! `Tunnel`, one listening forward as Python holds it, and `open_tunnel`, which opens one on its own.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +43,11 @@ pub(super) fn tunnels(forwards: Vec<Arc<Forward>>) -> Vec<Tunnel> {
 impl Tunnel {
     /// `send_request` and `request`: delivers `data` on a fresh channel and waits for the remote end to
     /// close, the forward counting the request in flight until then.
-    fn request_call(&self, data: Vec<u8>, timeout: f64) -> PyResult<Call<impl std::future::Future<Output = crate::error::Result<Option<()>>> + Send + 'static>> {
+    fn request_call(
+        &self,
+        data: Vec<u8>,
+        timeout: f64,
+    ) -> PyResult<Call<impl Future<Output = crate::error::Result<Option<()>>> + Send + 'static>> {
         let timeout = positive_duration(timeout, "timeout")?;
         let fwd = self.fwd.clone();
         let context = format!("{} request", fwd.info.channel);
@@ -54,7 +59,7 @@ impl Tunnel {
             work: async move {
                 let r = pool::send_request(&fwd, data, timeout).await;
                 drop(in_flight);
-                // Resolves to None, as Python's functions return: a bare `()` would become an empty tuple.
+                // Resolves to None, as a Python function without a result: a bare `()` would become an empty tuple.
                 r.map(|()| None::<()>)
             },
         })

@@ -6,7 +6,7 @@ use pyo3::types::PyBytes;
 use super::arguments::positive_duration;
 use super::awaiting::wait;
 use super::errors::to_py;
-use super::options::connection_keywords;
+use super::signatures::signatures;
 use super::reports::metrics_hook;
 use crate::exec::ExecOutput;
 use crate::metrics::{counted, Operation};
@@ -41,7 +41,7 @@ impl ExecResult {
     }
 }
 
-connection_keywords! {
+signatures! {
     /// Runs `command` on `host` over the pooled SSH connection (opened on first use).
     #[pyfunction]
     pub(super) fn remote_exec(

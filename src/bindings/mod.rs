@@ -5,6 +5,8 @@
 //! - `awaiting`: blocking waits and asyncio awaitables, both behind the exit gate; `Call`, the one
 //!   implementation behind each blocking/awaitable pair of entry points.
 //! - `arguments`: Python arguments into the core's types (`Seconds`, durations, channels).
+//! - `signatures`: `signatures!`, entry points whose keyword lists and `__text_signature__` are
+//!   written once (connection keywords by group, a blocking/awaitable pair as one declaration).
 //! - `options`: the connection keywords, declared once (`connection_keywords!`), into `Options`.
 //! - `tunnel`: `Tunnel`, `open_tunnel`, `keep_alive_interval`.
 //! - `target`: `SshTarget` (remote commands and a kernel's forwards).
@@ -12,15 +14,14 @@
 //! - `reports`: `status`, `metrics`, `explain`, `check_host`, and the metrics endpoint's start.
 //! - `logging`: Rust `log` into Python logging, and the atexit hook that closes the exit gate.
 
-// `options` first: its macro is used by the modules after it.
-mod options;
-
 mod arguments;
 mod awaiting;
 mod errors;
 mod exec;
 mod logging;
+mod options;
 mod reports;
+mod signatures;
 mod target;
 mod tunnel;
 

@@ -8,7 +8,7 @@ use pyo3::types::{IntoPyDict, PyDict, PyList};
 
 use super::awaiting::wait;
 use super::errors::to_py;
-use super::options::connection_keywords;
+use super::signatures::signatures;
 use crate::config::ConnectSpec;
 use crate::exit_gate;
 use crate::metrics as native_metrics;
@@ -114,7 +114,7 @@ pub(super) fn metrics<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
     Ok(list)
 }
 
-connection_keywords! {
+signatures! {
     /// The effective settings for `host`: (setting, value, origin) rows, origins being `argument`,
     /// `default` or ssh_config `file:line`; and the route, first hop first, `host` last.
     #[pyfunction]
@@ -128,7 +128,7 @@ connection_keywords! {
     }
 }
 
-connection_keywords! {
+signatures! {
     /// Runs every stage of reaching `host`, calling `report(hop, stage, ok, detail, seconds)` after each;
     /// True when all passed. Blocks (GIL released between reports).
     #[pyfunction]

@@ -9,7 +9,7 @@ use super::arguments::{count_max, parse_channel, positive_duration, refused_wait
 use super::awaiting::Call;
 use super::errors::{invalid, to_py};
 use super::exec::ExecResult;
-use super::options::connection_keywords;
+use super::signatures::signatures;
 use super::reports::metrics_hook;
 use super::tunnel::{tunnels, Tunnel};
 use crate::config::{check_port, ConnectSpec, TunnelMode};
@@ -100,39 +100,9 @@ impl SshTarget {
             },
         })
     }
-
-    /// `open_forwards` and `open_forwards_async`: a kernel's forwards, all or nothing.
-    #[allow(clippy::too_many_arguments)]
-    fn forwards_call(
-        &self,
-        py: Python<'_>,
-        forwards: Vec<(String, String, i64)>,
-        port_range: (i64, i64),
-        bind_attempts: i64,
-        mode: &str,
-        cull_idle_timeout: Seconds,
-        keepalive_margin: i64,
-        keepalive_count_max: Option<i64>,
-        kernel_id: Option<String>,
-        verify: bool,
-        refused_wait: f64,
-    ) -> PyResult<Call<impl Future<Output = Result<Vec<Tunnel>>> + Send + 'static>> {
-        let count = count_max(keepalive_count_max, &self.spec)?;
-        let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
-                             count, kernel_id, verify, refused_wait)?;
-        let spec = self.spec.clone();
-        metrics_hook(py);
-        Ok(Call {
-            context: String::new(),
-            work: async move {
-                let opened = pool::open_kernel_forwards(&spec, args.mode, args.plan);
-                counted(&spec, Operation::Forward, opened).await.map(tunnels)
-            },
-        })
-    }
 }
 
-connection_keywords! {
+signatures! {
     #[pymethods]
     impl SshTarget {
         #[new]
@@ -173,55 +143,33 @@ connection_keywords! {
         }
 
         /// Opens a kernel's forwards, all or nothing; returns the tunnels in the order given. Blocks.
-        #[pyo3(signature = (
-            forwards, *, port_range = (0, 0), bind_attempts = 6, mode = "shared", cull_idle_timeout = Seconds(0),
-            keepalive_margin = 60, keepalive_count_max = None, kernel_id = None, verify = true, refused_wait = 30.0
-        ), text_signature = "(self, /, forwards, *, port_range=(0, 0), bind_attempts=6, mode='shared', \
-cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=None, verify=True, refused_wait=30.0)")]
-        #[allow(clippy::too_many_arguments)]
-        fn open_forwards(
-            &self,
-            py: Python<'_>,
-            forwards: Vec<(String, String, i64)>,
-            port_range: (i64, i64),
-            bind_attempts: i64,
-            mode: &str,
-            cull_idle_timeout: Seconds,
-            keepalive_margin: i64,
-            keepalive_count_max: Option<i64>,
-            kernel_id: Option<String>,
-            verify: bool,
-            refused_wait: f64,
-        ) -> PyResult<Vec<Tunnel>> {
-            self.forwards_call(py, forwards, port_range, bind_attempts, mode, cull_idle_timeout, keepalive_margin,
-                               keepalive_count_max, kernel_id, verify, refused_wait)?
-                .block(py)
-        }
-
+        fn open_forwards
         /// Awaitable form of `open_forwards`; cancelling it closes whatever it had opened.
-        #[pyo3(signature = (
-            forwards, *, port_range = (0, 0), bind_attempts = 6, mode = "shared", cull_idle_timeout = Seconds(0),
-            keepalive_margin = 60, keepalive_count_max = None, kernel_id = None, verify = true, refused_wait = 30.0
-        ), text_signature = "(self, /, forwards, *, port_range=(0, 0), bind_attempts=6, mode='shared', \
-cull_idle_timeout=0, keepalive_margin=60, keepalive_count_max=None, kernel_id=None, verify=True, refused_wait=30.0)")]
-        #[allow(clippy::too_many_arguments)]
-        fn open_forwards_async<'py>(
-            &self,
-            py: Python<'py>,
-            forwards: Vec<(String, String, i64)>,
-            port_range: (i64, i64),
-            bind_attempts: i64,
-            mode: &str,
-            cull_idle_timeout: Seconds,
-            keepalive_margin: i64,
-            keepalive_count_max: Option<i64>,
-            kernel_id: Option<String>,
-            verify: bool,
-            refused_wait: f64,
-        ) -> PyResult<Bound<'py, PyAny>> {
-            self.forwards_call(py, forwards, port_range, bind_attempts, mode, cull_idle_timeout, keepalive_margin,
-                               keepalive_count_max, kernel_id, verify, refused_wait)?
-                .into_awaitable(py)
+        async fn open_forwards_async
+        (
+            &self, py, forwards: Vec<(String, String, i64)>, *,
+            port_range: (i64, i64) = (0, 0),
+            bind_attempts: i64 = 6,
+            mode: &str = "shared" => "'shared'",
+            cull_idle_timeout: Seconds = (Seconds(0)) => "0",
+            keepalive_margin: i64 = 60,
+            keepalive_count_max: Option<i64> = None,
+            kernel_id: Option<String> = None,
+            verify: bool = true => "True",
+            refused_wait: f64 = 30.0
+        ) -> Vec<Tunnel> {
+            let count = count_max(keepalive_count_max, &self.spec)?;
+            let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
+                                 count, kernel_id, verify, refused_wait)?;
+            let spec = self.spec.clone();
+            metrics_hook(py);
+            Call {
+                context: String::new(),
+                work: async move {
+                    let opened = pool::open_kernel_forwards(&spec, args.mode, args.plan);
+                    counted(&spec, Operation::Forward, opened).await.map(tunnels)
+                },
+            }
         }
 
         fn __repr__(&self) -> String {

@@ -10,7 +10,7 @@ use pyo3::types::{PyDict, PyTuple};
 use super::arguments::{count_max, parse_channel, positive_duration, refused_wait_duration, Seconds};
 use super::awaiting::{wait, Call};
 use super::errors::{invalid, to_py};
-use super::options::connection_keywords;
+use super::signatures::signatures;
 use super::reports::metrics_hook;
 use super::target::SshTarget;
 use crate::config::{check_port, TunnelMode};
@@ -212,7 +212,7 @@ fn terminated(fwd: &Forward) -> Error {
     Error::Other { dest: fwd.conn.dest(), cause: format!("the {} tunnel was terminated", fwd.info.channel) }
 }
 
-connection_keywords! {
+signatures! {
     /// Opens a local forward 127.0.0.1:local_port → remote_host:remote_port through SSH to `host`.
     #[pyfunction]
     pub(super) fn open_tunnel(

@@ -32,7 +32,7 @@
 //! - `pool`: one connection per host (shared) or per port, lingering and status.
 //! - `requests`: background requests to a forward's remote port (liveness probes, signals).
 //! - `check`: every stage of reaching a host, reported one by one (`python -m egtunnel check`).
-//! - `bindings`: the thin PyO3 layer (`egtunnel._native`).
+//! - `bindings`: the thin PyO3 layer (`egtunnel._native`), one file per concern (listed in `bindings/mod.rs`).
 
 pub mod algorithms;
 pub mod bindings;

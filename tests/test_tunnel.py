@@ -34,6 +34,10 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+# Below Linux's minimum delayed-ACK time (40 ms); see test_round_trips_have_no_delayed_ack_stalls.
+DELAYED_ACK_BAR = 0.032
+
+
 # --- data paths ---------------------------------------------------------------------------------
 
 
@@ -58,11 +62,15 @@ def test_64_mib_each_way_arrive_intact(remote_host: harness.RemoteHost) -> None:
 @pytest.mark.netns
 def test_round_trips_have_no_delayed_ack_stalls(remote_host: harness.RemoteHost) -> None:
     """sshd leaves Nagle on for tunnel-only connections; without our ACK handling ~1% of round trips
-    wait ~40 ms for a delayed ACK (ssh -N -L shows ~100 in 10,000 on this path)."""
+    wait for a delayed ACK (ssh -N -L shows ~100 in 10,000 on this path).
+
+    A delayed ACK holds a round trip for at least Linux's minimum ACK delay, 40 ms. The bar sits below
+    that and above what a loaded machine's scheduler adds to a round trip (up to ~25 ms with both
+    cores busy), so that the test counts stalls of the kind it names, not preemptions."""
     with open_to(remote_host.sshd, remote_host.address, remote_host.echo.port) as t:
         samples = harness.round_trips("127.0.0.1", t.local_port, count=10_000, size=1024)
-    slow = [round(s * 1000, 1) for s in samples if s > 0.010]
-    assert len(slow) <= 3, f"{len(slow)} round trips over 10 ms: {slow}"
+    stalled = [round(s * 1000, 1) for s in samples if s > DELAYED_ACK_BAR]
+    assert len(stalled) <= 3, f"{len(stalled)} round trips over {DELAYED_ACK_BAR * 1000:.0f} ms: {stalled}"
 
 
 @pytest.mark.netns

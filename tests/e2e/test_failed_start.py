@@ -184,10 +184,14 @@ DYING_LAUNCH_TIMEOUT = 5
 
 def test_launcher_stops_when_its_gateway_died_before_taking_the_kernel_up(
         gateway_factory: Callable[..., Gateway], e2e_hosts: E2EHosts) -> None:
-    """The gateway is frozen the moment the launcher logs its ports, just before it sends its report, and
-    then killed: the report lands in a socket nobody reads, no request ever reaches the communication
-    port (egtunnel's proxy sends its first when it opens the kernel's tunnels), and nothing is left to
-    stop the kernel from the gateway's side. egtunnel's launcher stops it by itself."""
+    """The gateway is frozen once it has launched the kernel, before the launcher reports; the report
+    lands in the frozen gateway's socket (the system completes the connection and buffers the bytes),
+    and the gateway is then killed: no request ever reaches the communication port (egtunnel's proxy
+    sends its first when it opens the kernel's tunnels), and nothing is left to stop the kernel from
+    the gateway's side. egtunnel's launcher stops it by itself.
+
+    Killing the gateway before the report arrives would test something else: the launcher's connect is
+    refused and it stops the kernel at once, which says nothing about its take-up timeout."""
     gw = gateway_factory("dies-after-report", kernelspecs=[s for s in MAIN_SPECS if s.name == "egt"])
     require_native(gw)
     host = e2e_hosts.a
@@ -198,9 +202,15 @@ def test_launcher_stops_when_its_gateway_died_before_taking_the_kernel_up(
     starter = threading.Thread(target=lambda: _start_ignoring_failure(client, env), daemon=True)
     with KernelProcesses(host, kernel_id) as watch:
         starter.start()
-        wait_for(lambda: kernel_log.exists() and f"kernel {kernel_id}: pid" in kernel_log.read_text(), 60,
-                 interval=0.01, what="the launcher to pick its ports")  # fmt: skip
+        # EG logs this once its launch command has returned, a good 0.2 s before the launcher (a fresh
+        # Python importing ipykernel) can report.
+        wait_for(lambda: f"ID: {kernel_id}" in gw.log_path.read_text(errors="replace"), 60,
+                 interval=0.01, what="the gateway to launch the kernel")  # fmt: skip
         os.kill(gw.pid, signal.SIGSTOP)
+        response_port = _response_port(gw, kernel_id)
+        wait_for(lambda: _report_waiting(response_port), 60, interval=0.05,
+                 what=f"the launcher's report in the frozen gateway's socket (port {response_port})")
+        assert f"kernel {kernel_id}: pid" in kernel_log.read_text()
         gw.process.kill()  # type: ignore[union-attr]  # no SIGTERM: EG would shut its kernels down
         gw.process.wait(10)  # type: ignore[union-attr]
         killed = time.monotonic()
@@ -216,6 +226,21 @@ def test_launcher_stops_when_its_gateway_died_before_taking_the_kernel_up(
     # It waited for the gateway's first request as long as it should have, counted from its report.
     assert gone >= take_up - 5, gone
     assert "take-up timeout" in kernel_log.read_text()
+
+
+def _response_port(gw: Gateway, kernel_id: str) -> int:
+    """The port EG bound for this kernel's connection info (it logs it before the launch)."""
+    text = gw.log_path.read_text(errors="replace")
+    ports = re.findall(r"bound to port (\d+) for remote kernel connection information", text)
+    assert ports, f"the gateway did not log its response port for {kernel_id}"
+    return int(ports[-1])
+
+
+def _report_waiting(port: int) -> bool:
+    """Bytes wait unread on a connection to the gateway's response port: the report has arrived."""
+    out = procs.run(["ss", "-Htn", f"( sport = :{port} )"], check=False).stdout
+    # Columns: state, Recv-Q, Send-Q, local, peer (`-t` without `-a` lists no listener).
+    return any(len(fields) > 1 and fields[1] != "0" for fields in map(str.split, out.splitlines()))
 
 
 def _start_ignoring_failure(client: Any, env: dict) -> None:

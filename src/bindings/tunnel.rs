@@ -132,6 +132,14 @@ impl Tunnel {
         Ok(requests::probe(&self.fwd, data, timeout).as_str())
     }
 
+    /// The blocking form of `probe`, for callers off the event loop: delivers `data`, records the
+    /// answer and returns it (a terminated tunnel's is "unknown"). Blocks (GIL released).
+    #[pyo3(signature = (data, timeout = 10.0))]
+    fn probe_blocking(&self, py: Python<'_>, data: Vec<u8>, timeout: f64) -> PyResult<&'static str> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        Ok(wait(py, requests::probe_wait(&self.fwd, data, timeout)).as_str())
+    }
+
     /// Delivers `data` in the background and logs the outcome under `what`; never waits on the network.
     /// When the remote port cannot take it (other than refusing, or the connection being down),
     /// `fallback_command` runs on `fallback_target` instead.

@@ -125,7 +125,7 @@ impl Tunnel {
 
     /// The last known liveness of what listens behind the tunnel ("alive", "dead" or "unknown") and,
     /// unless one is already out, a background probe delivering `data` whose answer the next call
-    /// returns. Never waits on the network.
+    /// returns. Never waits on the network. A probe without an answer is logged (see `Liveness::no_answer`).
     #[pyo3(signature = (data, timeout = 10.0))]
     fn probe(&self, data: Vec<u8>, timeout: f64) -> PyResult<&'static str> {
         let timeout = positive_duration(timeout, "timeout")?;

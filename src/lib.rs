@@ -14,7 +14,7 @@
 //! - `exit_gate`: keeps other threads out of Python once the interpreter starts shutting down.
 //! - `local_user`: who egtunnel runs as (user name, home directories).
 //! - `known_hosts`: the host-key policy; markers (@revoked, @cert-authority), locked appends and file modes.
-//! - `liveness`: what listens behind a forward, as the last request found it.
+//! - `liveness`: a kernel's liveness as its polls last found it, and the rules for recording an answer.
 //! - `ssh_config`: what ~/.ssh/config and /etc/ssh/ssh_config say about a destination (as `ssh -G`).
 //! - `algorithms`: OpenSSH's Ciphers, MACs, KexAlgorithms and HostKeyAlgorithms applied to libssh2.
 //! - `config`: connection settings (tunnel mode, budgets, defaults) and their validation.
@@ -31,12 +31,14 @@
 //! - `forward`: local listeners, each local connection carried over its own channel.
 //! - `pool`: one connection per host (shared) or per port, lingering and status.
 //! - `requests`: background requests to a forward's remote port (liveness probes, signals).
+//! - `command_probe`: liveness polls by remote command (`kill -0 PID`), under `requests`' probe rule.
 //! - `check`: every stage of reaching a host, reported one by one (`python -m egtunnel check`).
 //! - `bindings`: the thin PyO3 layer (`egtunnel._native`), one file per concern (listed in `bindings/mod.rs`).
 
 pub mod algorithms;
 pub mod bindings;
 pub mod check;
+pub mod command_probe;
 pub mod config;
 pub mod connection;
 pub mod driver;

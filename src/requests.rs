@@ -56,16 +56,46 @@ fn probe_on_channel(fwd: Arc<Forward>, in_flight: ChannelGuard, data: Vec<u8>, t
     runtime::spawn(async move {
         let outcome = pool::finish_request(pending).await;
         drop(in_flight);
-        let live = &fwd.info.liveness;
-        let new = State::of(&outcome);
-        if new != live.get() {
-            let cause = outcome.as_ref().err().map(|e| format!(" ({e})")).unwrap_or_default();
-            let i = &fwd.info;
-            debug!("{} forward to {}:{}: {} -> {}{cause}", i.channel, i.remote_host, i.remote_port, live.get().as_str(), new.as_str());
-        }
-        live.set(new);
-        live.probe_done();
+        answer(&fwd, &outcome);
+        fwd.info.liveness.probe_done();
     });
+}
+
+/// `probe` for a caller that can wait (off the event loop): delivers `data`, records the answer and
+/// returns it. A terminated forward cannot be asked: its liveness is unknown.
+pub async fn probe_wait(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
+    let outcome = match fwd.begin_request() {
+        Some(in_flight) => {
+            let r = pool::send_request(fwd, data, timeout).await;
+            drop(in_flight);
+            r
+        }
+        None => Err(Error::Other { dest: fwd.conn.dest(), cause: format!("the {} tunnel was terminated", fwd.info.channel) }),
+    };
+    answer(fwd, &outcome)
+}
+
+/// Records what a probe of `fwd` found, logging a change and an unanswered poll.
+fn answer(fwd: &Forward, outcome: &Result<()>) -> State {
+    let live = &fwd.info.liveness;
+    let i = &fwd.info;
+    let new = State::of(outcome);
+    if new != live.get() {
+        let cause = outcome.as_ref().err().map(|e| format!(" ({e})")).unwrap_or_default();
+        debug!("{} forward to {}:{}: {} -> {}{cause}", i.channel, i.remote_host, i.remote_port, live.get().as_str(), new.as_str());
+    }
+    match outcome {
+        Err(e) if new == State::Unknown => {
+            let what = match &i.kernel_id {
+                Some(k) => format!("Poll through the {} tunnel for KernelID '{k}'", i.channel),
+                None => format!("Poll through the {} tunnel to {}:{}", i.channel, i.remote_host, i.remote_port),
+            };
+            live.no_answer(&what, e);
+        }
+        _ => live.answered(),
+    }
+    live.set(new);
+    new
 }
 
 /// How long a host's batch collects probes before its command runs: Enterprise Gateway's poll
@@ -165,6 +195,7 @@ impl Batch {
             if listening.contains(&w.fwd.info.remote_port) {
                 let live = &w.fwd.info.liveness;
                 live.set(State::Alive);
+                live.answered();
                 live.probe_done();
             } else {
                 probe_on_channel(w.fwd, w.in_flight, w.data, w.timeout);

@@ -9,7 +9,9 @@ proxies, which keep only EG's hook methods, each handing over to it:
   kernel is gone, a connection that is down means liveness unknown (the kernel is kept);
 - on the gateway's event loop nothing waits on the network: requests run on egtunnel's runtime and a
   poll answers from the kernel's last known liveness while one refresh per kernel is in flight.
-  Off the loop (a worker thread, the gateway's start-up revival) the same calls simply block;
+  Off the loop (a worker thread, the gateway's start-up revival) the same calls simply block.
+  The liveness record and its rules are native (the EG_COMM forward's own, and `_native.Liveness`
+  for polls by remote command); nothing here keeps a copy;
 - a start that fails after the launch command went out stops, on the kernel's host, every process
   whose arguments carry the kernel's id (`stop_launched`), in the background.
 
@@ -29,9 +31,9 @@ from typing import Any, Callable, Iterable, Optional
 
 from . import _native
 from .config import SshSettings, TunnelSettings
-from .errors import ConnectionDown, HostKeyError, SshAuthError, TunnelError
+from .errors import ConnectionDown, HostKeyError, SshAuthError
 
-__all__ = ["ALIVE", "DEAD", "UNKNOWN", "Forward", "KernelTunnels", "LivenessProbe", "on_event_loop"]
+__all__ = ["ALIVE", "DEAD", "UNKNOWN", "Forward", "KernelTunnels", "on_event_loop"]
 
 COMM = "EG_COMM"
 # EG's order of the five ZMQ forwards and the connection-info key of each remote port.
@@ -83,59 +85,6 @@ def http_status(exc: BaseException) -> int:
     return 403 if isinstance(exc, (SshAuthError, HostKeyError)) else 500
 
 
-class LivenessProbe:
-    """A kernel's last known liveness, refreshed by one request at a time.
-
-    `check(start)` is what a poll calls: off the event loop it runs `start()` to completion and
-    returns the fresh answer; on the loop it returns the last known state at once and, unless one is
-    already out, starts a refresh whose outcome the next poll sees. `start()` returns an awaitable
-    resolving to ALIVE, DEAD or UNKNOWN.
-    """
-
-    def __init__(self, what: str, log: logging.Logger) -> None:
-        self.what = what
-        self.state = ALIVE
-        self._log = log
-        self._in_flight: Optional[asyncio.Future] = None
-        self._unknown_logged = False
-
-    def check(self, start: Callable[[], Any], blocking: Callable[[], str]) -> str:
-        if on_event_loop() is None:
-            self._record(blocking())
-            return self.state
-        if self._in_flight is None or self._in_flight.done():
-            self._in_flight = asyncio.ensure_future(start())
-            self._in_flight.add_done_callback(self._refreshed)
-        return self.state
-
-    def _refreshed(self, future: asyncio.Future) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        self._record(UNKNOWN if exc is not None else future.result(), exc)
-
-    def _record(self, state: str, cause: object = None) -> None:
-        if state == UNKNOWN:
-            # Polls come every few seconds: say it once at warning, then at debug until the link answers.
-            message = f"{self.what} got no answer ({cause or 'connection down'}); liveness is unknown, so the kernel is treated as alive."
-            (self._log.debug if self._unknown_logged else self._log.warning)(message)
-            self._unknown_logged = True
-            if self.state == DEAD:
-                return
-            self.state = ALIVE
-            return
-        self._unknown_logged = False
-        self.state = state
-
-    def observe(self, state: str) -> None:
-        """Records a state found elsewhere (a native probe), logging an unknown one as `check` does."""
-        if state == UNKNOWN:
-            self._record(UNKNOWN)
-        else:
-            self._unknown_logged = False
-            self.state = state
-
-
 class KernelTunnels:
     """A kernel's forwards (kept in EG's `tunnel_processes` dict) and its comm-port requests."""
 
@@ -159,8 +108,9 @@ class KernelTunnels:
         # The name the kernel's host was given (an ssh_config alias) by the address EG resolved it to:
         # EG passes addresses to the hooks, and ssh_config's Host patterns match the name.
         self._names: dict[str, str] = {}
-        self.comm = LivenessProbe(f"Poll through the EG_COMM tunnel for KernelID '{kernel_id}'", log)
-        self.remote = LivenessProbe(f"Remote poll for KernelID '{kernel_id}'", log)
+        # The kernel's liveness as remote polls find it (a poll through the EG_COMM tunnel reads the
+        # forward's own record instead).
+        self.remote = _native.Liveness(f"Remote poll for KernelID '{kernel_id}'")
 
     # ------------------------------------------------------------------------------------------ settings
 
@@ -247,7 +197,7 @@ class KernelTunnels:
                 f"127.0.0.1:{tunnel.local_port} -> {forward.remote_host}:{forward.remote_port} via "
                 f"{tunnel.destination}, keep-alive {tunnel.keep_alive_interval} s, mode {tunnel.mode}"
             )
-        self.comm.state = ALIVE
+        # A forward just opened starts with a record of its own, alive.
         return opened
 
     def failure_reason(self, forwards: list[Forward], exc: BaseException) -> str:
@@ -279,8 +229,8 @@ class KernelTunnels:
             )
         data = json.dumps(request).encode("utf-8")
         if request.get("signum") == 0:
-            state = tunnel.probe(data, REQUEST_TIMEOUT) if on_event_loop() else self._probe_blocking(tunnel, data)
-            self.comm.observe(state)
+            # Unknown (no answer) is reported as alive; the native side logs it.
+            state = tunnel.probe(data, REQUEST_TIMEOUT) if on_event_loop() else tunnel.probe_blocking(data, REQUEST_TIMEOUT)
             if state == DEAD:
                 raise ConnectionRefusedError(errno.ECONNREFUSED, f"KernelID '{self.kernel_id}': no launcher listening")
             return
@@ -293,15 +243,6 @@ class KernelTunnels:
         target, command = fallback if fallback is not None else (None, None)
         tunnel.send_background(data, f"Request {request} for KernelID '{self.kernel_id}'", REQUEST_TIMEOUT,
                                target, command)  # fmt: skip
-
-    def _probe_blocking(self, tunnel: Any, data: bytes) -> str:
-        try:
-            tunnel.send_request(data, REQUEST_TIMEOUT)
-        except ConnectionRefusedError:
-            return DEAD
-        except (TunnelError, TimeoutError):
-            return UNKNOWN
-        return ALIVE
 
     # ------------------------------------------------------------------------------- failed starts
 
@@ -386,41 +327,26 @@ class KernelTunnels:
         """
         target = self.target(host)
         if signum == 0:
-            state = self.remote.check(lambda: self._remote_probe(target, command),
-                                      lambda: self._remote_outcome(lambda: target.exec(command, EXEC_TIMEOUT), 0))  # fmt: skip
+            # Unknown (no answer) is reported as alive; the native record logs it and never lets it
+            # override a kernel known dead.
+            if on_event_loop() is None:
+                state = self.remote.probe_command_blocking(target, command, EXEC_TIMEOUT)
+            else:
+                state = self.remote.probe_command(target, command, EXEC_TIMEOUT)
             return False if state == DEAD else None
         if on_event_loop() is None:
-            state = self._remote_outcome(lambda: target.exec(command, EXEC_TIMEOUT), signum)
-            return None if state == ALIVE else False
+            return None if self._signal_outcome(target, command, signum) else False
         future = asyncio.ensure_future(target.exec_async(command, EXEC_TIMEOUT))
         future.add_done_callback(lambda f: self._signal_done(f, target, signum))
         return None
 
-    async def _remote_probe(self, target: Any, command: str) -> str:
+    def _signal_outcome(self, target: Any, command: str, signum: int) -> bool:
+        """Runs a signal's command to completion: True when `kill` delivered it."""
         try:
-            result = await target.exec_async(command, EXEC_TIMEOUT)
-        except (SshAuthError, HostKeyError) as exc:
-            self.log.warning(f"Remote poll on {target.destination} failed with exception '{exc}'.")
-            return DEAD
-        except (TunnelError, TimeoutError):
-            return UNKNOWN
-        except Exception as exc:  # noqa: BLE001 - EG reports any other failure as a dead kernel
-            self.log.warning(f"Remote poll on {target.destination} failed with exception '{exc}'.")
-            return DEAD
-        return ALIVE if _delivered(result) else DEAD
-
-    def _remote_outcome(self, run: Callable[[], Any], signum: int) -> str:
-        try:
-            result = run()
-        except (TunnelError, TimeoutError) as exc:
-            if signum == 0 and not isinstance(exc, (SshAuthError, HostKeyError)):
-                return UNKNOWN
+            return _delivered(target.exec(command, EXEC_TIMEOUT))
+        except Exception as exc:  # noqa: BLE001 - EG reports any failed signal as undelivered
             self.log.warning(f"Remote signal({signum}) for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
-            return DEAD
-        except Exception as exc:  # noqa: BLE001
-            self.log.warning(f"Remote signal({signum}) for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
-            return DEAD
-        return ALIVE if _delivered(result) else DEAD
+            return False
 
     def _signal_done(self, future: asyncio.Future, target: Any, signum: int) -> None:
         if future.cancelled():
@@ -430,7 +356,7 @@ class KernelTunnels:
             self.log.warning(f"Remote signal({signum}) on {target.destination} for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
         elif not _delivered(future.result()):
             self.log.debug(f"Remote signal({signum}) for KernelID '{self.kernel_id}': no such process.")
-            self.remote.state = DEAD
+            self.remote.mark_dead()
         else:
             self.log.debug(f"Remote signal({signum}) delivered for KernelID '{self.kernel_id}'.")
 

@@ -13,6 +13,7 @@
 //! - `tunnel`: `Tunnel`, `open_tunnel`, `keep_alive_interval`.
 //! - `target`: `SshTarget` (remote commands and a kernel's forwards).
 //! - `exec`: `ExecResult`, `remote_exec`.
+//! - `liveness`: `Liveness`, a kernel's liveness as its remote-command polls find it.
 //! - `reports`: `status`, `metrics`, `explain`, `check_host`, and the metrics endpoint's start.
 //! - `logging`: Rust `log` into Python logging, and the atexit hook that closes the exit gate.
 
@@ -21,6 +22,7 @@ mod awaiting;
 mod classes;
 mod errors;
 mod exec;
+mod liveness;
 mod logging;
 mod options;
 mod reports;
@@ -61,5 +63,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<classes::Tunnel>()?;
     m.add_class::<exec::ExecResult>()?;
     m.add_class::<classes::SshTarget>()?;
+    m.add_class::<liveness::KernelLiveness>()?;
     Ok(())
 }

@@ -125,11 +125,19 @@ impl Tunnel {
 
     /// The last known liveness of what listens behind the tunnel ("alive", "dead" or "unknown") and,
     /// unless one is already out, a background probe delivering `data` whose answer the next call
-    /// returns. Never waits on the network.
+    /// returns. Never waits on the network. A probe without an answer is logged (see `Liveness::no_answer`).
     #[pyo3(signature = (data, timeout = 10.0))]
     fn probe(&self, data: Vec<u8>, timeout: f64) -> PyResult<&'static str> {
         let timeout = positive_duration(timeout, "timeout")?;
         Ok(requests::probe(&self.fwd, data, timeout).as_str())
+    }
+
+    /// The blocking form of `probe`, for callers off the event loop: delivers `data`, records the
+    /// answer and returns it (a terminated tunnel's is "unknown"). Blocks (GIL released).
+    #[pyo3(signature = (data, timeout = 10.0))]
+    fn probe_blocking(&self, py: Python<'_>, data: Vec<u8>, timeout: f64) -> PyResult<&'static str> {
+        let timeout = positive_duration(timeout, "timeout")?;
+        Ok(wait(py, requests::probe_wait(&self.fwd, data, timeout)).as_str())
     }
 
     /// Delivers `data` in the background and logs the outcome under `what`; never waits on the network.

@@ -763,7 +763,10 @@ impl Actor {
         let unread = chans.unread();
         if unread > 0 {
             self.shared.stats.unsettled_sleep();
-            warn!("SSH connection {}: going idle with {unread} channel(s) holding unread packets", self.shared.spec.dest());
+            let detail: Vec<String> = chans.forwards.values().filter(|f| f.has_unread()).map(|f| f.settle_report())
+                .chain(chans.execs.iter().filter(|x| x.has_unread()).map(|x| x.settle_report()))
+                .collect();
+            warn!("SSH connection {}: going idle with {unread} channel(s) holding unread packets: {}", self.shared.spec.dest(), detail.join("; "));
         }
     }
 }

@@ -86,6 +86,12 @@ impl ExecChannel {
         self.reply.is_some() && self.started && (self.ch.queued() > 0 || (self.out_eof && self.err_eof && self.ch.exit().is_some()))
     }
 
+    /// What the settle check reports of a command it found holding unread packets.
+    pub fn settle_report(&self) -> String {
+        format!("command started={} requested={} oeof={} eeof={} queued={} exit={:?} stdin_closed={}",
+            self.started, self.requested, self.out_eof, self.err_eof, self.ch.queued(), self.ch.exit(), self.stdin_closed)
+    }
+
     /// The `exec` request went out and its reply has not been read yet.
     pub fn awaiting_reply(&self) -> bool {
         self.requested && !self.started

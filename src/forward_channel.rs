@@ -256,6 +256,15 @@ impl ForwardChannel {
         open && !self.waiting_for_room && (self.held.is_some() || self.ch.has_inbound())
     }
 
+    /// What the settle check reports of a channel it found holding unread packets: enough to tell
+    /// which rule of `wants_step` left it alone.
+    pub fn settle_report(&self) -> String {
+        format!("forward held={} wfr={} rb={} busy={} reof={} leof={} cap={:?} inb={} unchecked={} pending={} fresh={}",
+            self.held.as_ref().map(|h| h.len()).unwrap_or(0), self.waiting_for_room, self.read_blocked, self.busy(), self.remote_eof,
+            self.local_eof, self.from_remote.as_ref().map(|t| t.capacity()), self.ch.has_inbound(), self.inbound_unchecked,
+            self.pending.is_some(), self.fresh)
+    }
+
     /// Reads nothing but makes libssh2 pull every packet the socket holds into its queue. Returns
     /// whether that happened (a channel already at EOF short-circuits without reading).
     pub fn drain(&mut self, io: &SshIo, want_write: &mut bool) -> std::result::Result<bool, String> {

@@ -671,6 +671,9 @@ impl Actor {
     /// has not queued), then steps every channel against that queue, and the pass counts as settled
     /// only if none of those steps received another byte (`transport_received`, counted in libssh2's
     /// receive callback) and no channel was added. Any byte received mid-pass means another pass.
+    /// Two waits are left to the socket: libssh2 waiting to send (writability wakes the actor), and a
+    /// key re-exchange, during which a read that must first enlarge its window is blocked until the
+    /// server's key packets arrive (readability wakes it; see `ForwardChannel::has_unread`).
     fn pump(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<bool, String> {
         for _ in 0..MAX_PASSES {
             let before = transport_received();

@@ -250,10 +250,14 @@ impl ForwardChannel {
     }
 
     /// Whether libssh2 holds something for this channel that nothing will wake the actor for: queued
-    /// bytes or the server's EOF, unless the channel is waiting for its local side to take a chunk.
+    /// bytes or the server's EOF, unless the channel is waiting for its local side to take a chunk, or
+    /// for libssh2 (`read_blocked`). Asked only when the session has nothing waiting to go out, so a
+    /// blocked read then means a key re-exchange: libssh2 sends the window adjustment that comes
+    /// before the read only once the new keys are in, and those come from the server, whose packets
+    /// the socket's readability announces. The channel is stepped on every pass until then (`busy`).
     pub fn has_unread(&self) -> bool {
         let open = self.from_remote.is_some() && !self.remote_eof && !self.local_gone;
-        open && !self.waiting_for_room && (self.held.is_some() || self.ch.has_inbound())
+        open && !self.waiting_for_room && !self.read_blocked && (self.held.is_some() || self.ch.has_inbound())
     }
 
     /// What the settle check reports of a channel it found holding unread packets: enough to tell

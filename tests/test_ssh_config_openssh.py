@@ -47,9 +47,9 @@ class Case:
 R = "{dir}"  # the case directory, for absolute Include paths and files
 
 CASES = [
-    Case("issue-match-adds-to-host", "Host bastion\n HostName 10.0.0.5\nMatch host *.lab\n StrictHostKeyChecking no\n"
+    Case("reported-match-adds-to-host", "Host bastion\n HostName 10.0.0.5\nMatch host *.lab\n StrictHostKeyChecking no\n"
          " UserKnownHostsFile /dev/null\n User labuser\n", ("bastion", "x.lab", "other")),
-    Case("issue-match-then-host-star", "Match host *.lab\n StrictHostKeyChecking no\nHost *\n StrictHostKeyChecking yes\n",
+    Case("reported-match-then-host-star", "Match host *.lab\n StrictHostKeyChecking no\nHost *\n StrictHostKeyChecking yes\n",
          ("a.lab", "b.example", "lab")),
     Case("match-all", "Host a\n User ua\nMatch all\n User everyone\n Port 2200\n", ("a", "b")),
     Case("match-all-first", "Match all\n Port 2201\nHost a\n Port 2202\n User ua\n", ("a", "b")),
@@ -236,18 +236,18 @@ def test_resolution_agrees_with_ssh_G_or_is_refused_at_a_line(case: Case, resolv
         RESULTS.append((resolver, case.name, host, "agrees"))
 
 
-def test_the_issue_examples_resolve_as_openssh(written: dict[str, Path]) -> None:
+def test_the_reported_examples_resolve_as_openssh(written: dict[str, Path]) -> None:
     """The two configurations of the report, stated outright: Match adds to the Host block above only
     where it matches, and a Match before `Host *` does not switch checking off for other hosts."""
-    ours = _ours(written["issue-match-adds-to-host"], "bastion")
+    ours = _ours(written["reported-match-adds-to-host"], "bastion")
     assert ours["stricthostkeychecking"] == "strict"
     assert ours["userknownhostsfile"] == f"{HOME}/.ssh/known_hosts {HOME}/.ssh/known_hosts2"
     assert ours["user"] == subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
-    lab = _ours(written["issue-match-adds-to-host"], "x.lab")
+    lab = _ours(written["reported-match-adds-to-host"], "x.lab")
     # `no` records unknown keys and refuses changed ones; it never turns the check off.
     assert (lab["stricthostkeychecking"], lab["userknownhostsfile"], lab["user"]) == ("accept-new", "/dev/null", "labuser")
-    assert _ours(written["issue-match-then-host-star"], "b.example")["stricthostkeychecking"] == "strict"
-    assert _ours(written["issue-match-then-host-star"], "a.lab")["stricthostkeychecking"] == "accept-new"
+    assert _ours(written["reported-match-then-host-star"], "b.example")["stricthostkeychecking"] == "strict"
+    assert _ours(written["reported-match-then-host-star"], "a.lab")["stricthostkeychecking"] == "accept-new"
 
 
 def test_enough_cases_and_a_summary(written: dict[str, Path]) -> None:

@@ -3,6 +3,7 @@
 //! Kept free of I/O beyond reading the current user's identity, so `cargo test` covers the parsing.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -82,6 +83,10 @@ pub struct ConnectSpec {
     pub jump: Option<Arc<ConnectSpec>>,
     /// Ciphers, MACs, KexAlgorithms and HostKeyAlgorithms as OpenSSH would offer them.
     pub algorithms: Vec<Algorithms>,
+    /// Where connections to the host's remote forward go (the gateway's response address): each
+    /// session asks the server, before anything else, for a listener on the host's loopback (see
+    /// `remote_listen`). Part of the pool key, so every kernel of a gateway shares one connection.
+    pub respond_to: Option<SocketAddr>,
 }
 
 /// Defaults of the two server budgets, with room below OpenSSH's stock limits.
@@ -102,6 +107,7 @@ impl fmt::Debug for ConnectSpec {
             .field("known_hosts", &self.known_hosts)
             .field("host_key_policy", &self.host_key_policy)
             .field("jump", &self.jump.as_ref().map(|j| j.dest()))
+            .field("respond_to", &self.respond_to)
             .finish()
     }
 }
@@ -372,6 +378,7 @@ impl ConnectSpec {
             max_startups: opts.max_startups.unwrap_or(DEFAULT_MAX_STARTUPS),
             jump,
             algorithms,
+            respond_to: None,
         };
         Ok((spec, rows))
     }
@@ -380,6 +387,22 @@ impl ConnectSpec {
     pub fn with_limits(mut self, max_sessions: i64, max_startups: i64) -> Result<Self> {
         self.max_sessions = check_budget("max_sessions", max_sessions)?;
         self.max_startups = check_budget("max_startups", max_startups)?;
+        Ok(self)
+    }
+
+    /// The same destination with remote forwarding back to `address` (`IP:PORT`, the gateway's
+    /// response address); an empty address turns it off. A name is refused rather than resolved: the
+    /// gateway's response address is an IP, and resolving would block.
+    pub fn responding_to(mut self, address: &str) -> Result<Self> {
+        self.respond_to = match address.trim() {
+            "" => None,
+            text => Some(text.parse().map_err(|_| {
+                Error::Invalid(format!("respond_to must be IP:PORT (the gateway's response address), got {text:?}"))
+            })?),
+        };
+        if self.respond_to.is_some_and(|a| a.port() == 0) {
+            return Err(Error::Invalid(format!("respond_to must name a port above 0, got {address:?}")));
+        }
         Ok(self)
     }
 

@@ -17,14 +17,15 @@ use std::time::Duration;
 
 use log::{debug, warn};
 use once_cell::sync::Lazy;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::{ConnectSpec, TunnelMode};
 use crate::driver::{is_fatal, transport_received, Attempt, SshIo, Step};
 use crate::error::{Error, Result};
 use crate::exec::{ExecChannel, ExecOutput};
-use crate::forward_channel::{DirectTcpip, ForwardChannel, CHUNK};
+use crate::forward_channel::{carry, DirectTcpip, ForwardChannel, CHUNK, QUEUE_DEPTH};
 use crate::idle_reader::{IdleReader, ReaderStep};
 use crate::jump::Hops;
 use crate::keepalive::{KeepAlive, ProbeAction, Schedule};
@@ -33,6 +34,7 @@ use crate::net;
 use crate::random;
 use crate::raw_channel::{self, RawChannel};
 use crate::ready::{Flag, Nudge, ReadyList};
+use crate::remote_listen::{ListenStep, Listening, RemoteListener};
 use crate::session;
 
 /// Where a new channel goes.
@@ -125,6 +127,10 @@ struct Shared {
     stopped: AtomicBool,
     /// This connection's counters, which its destination's totals include (see `metrics`).
     stats: ConnStats,
+    /// The remote listener's state, for callers waiting for its port (see `remote_listen`).
+    listening: watch::Sender<Listening>,
+    /// The channels connections to the remote listener ride on, counted like a forward's.
+    responses: Arc<ForwardStats>,
 }
 
 impl Shared {
@@ -166,6 +172,7 @@ impl Connection {
     pub async fn start(spec: ConnectSpec, mode: TunnelMode, keep_alive: KeepAlive, hops: Arc<dyn Hops>) -> Result<Arc<Connection>> {
         let max_sessions = spec.max_sessions;
         let stats = ConnStats::new(metrics::totals_for(&spec));
+        let responses = Arc::new(ForwardStats::new(stats.dest().clone()));
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             spec,
@@ -178,6 +185,8 @@ impl Connection {
             ready: Arc::new(ReadyList::default()),
             stopped: AtomicBool::new(false),
             stats,
+            listening: watch::Sender::new(Listening::Pending),
+            responses,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -189,6 +198,7 @@ impl Connection {
             hops: hops.clone(),
             stopped: None,
             session_retry_at: None,
+            listen_port: 0,
         };
         let task = spawn_actor(actor, ready_tx);
         let conn = Arc::new(Connection { shared, commands: tx, task: Mutex::new(Some(task)), hops });
@@ -301,6 +311,38 @@ impl Connection {
         (reply_rx, nudge)
     }
 
+    /// The port of the remote listener on the host's 127.0.0.1 (a connection with `respond_to`), once
+    /// the server has answered; waits through a reconnect until `deadline`.
+    pub async fn response_port(&self, deadline: Instant) -> Result<u16> {
+        if self.shared.spec.respond_to.is_none() {
+            return Err(Error::Invalid(format!("the connection to {} has no respond_to address", self.dest())));
+        }
+        let mut rx = self.shared.listening.subscribe();
+        let answer = tokio::time::timeout_at(deadline, async {
+            loop {
+                let state = rx.borrow_and_update().clone();
+                match state {
+                    Listening::Port(port) => return Ok(port),
+                    Listening::Refused(cause) => {
+                        return Err(Error::Prohibited { dest: self.dest(), target: crate::error::REMOTE_FORWARD.into(), cause })
+                    }
+                    Listening::Pending if self.is_stopped() => {
+                        return Err(Error::Down { dest: self.dest(), cause: self.last_error().unwrap_or_else(|| "stopped".into()) })
+                    }
+                    Listening::Pending => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Error::Other { dest: self.dest(), cause: "connection closed".into() });
+                }
+            }
+        })
+        .await;
+        answer.unwrap_or_else(|_| match self.last_error() {
+            Some(cause) if !self.is_alive() => Err(Error::Down { dest: self.dest(), cause }),
+            _ => Err(Error::Timeout { dest: self.dest(), what: "remote forward request".into(), secs: 0.0 }),
+        })
+    }
+
     /// Stops the actor (and any reconnecting) and waits until its socket is closed.
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
@@ -355,6 +397,8 @@ struct Actor {
     /// After the server refused a session channel while none of ours was open, the next try waits
     /// until then (the server may still be freeing a slot).
     session_retry_at: Option<Instant>,
+    /// The remote listener's port on the last session (0: none yet), asked for again after a reconnect.
+    listen_port: u16,
 }
 
 impl Actor {
@@ -383,6 +427,7 @@ impl Actor {
                     attempt = 0;
                     let exit = self.connected(io).await;
                     self.shared.alive.store(false, Ordering::Release);
+                    self.shared.listening.send_replace(Listening::Pending);
                     match exit {
                         Exit::Shutdown => break,
                         Exit::Dead(cause) if self.shared.users.load(Ordering::Acquire) == 0 => {
@@ -547,6 +592,10 @@ impl Actor {
     /// The connected phase: pump channels until shutdown or the session dies.
     async fn connected(&mut self, io: SshIo) -> Exit {
         let mut chans = Channels::default();
+        if self.shared.spec.respond_to.is_some() {
+            chans.listener = Some(RemoteListener::new(self.listen_port));
+            chans.listen_asked = Some(Instant::now());
+        }
         let mut schedule = Schedule::new(self.keep_alive);
         io.sess.set_keepalive(true, schedule.policy().native_interval());
         self.shared.stats.set_keepalives_unanswered(0);
@@ -567,6 +616,15 @@ impl Actor {
             }
             let keepalive_at = match schedule.action(|| io.idle(), now) {
                 ProbeAction::Dead => return Exit::Dead(schedule.dead_cause()),
+                // A probe's reply would pass for the listen request's (see `remote_listen`): it waits,
+                // but not longer than a connect may take.
+                ProbeAction::Probe if chans.listen_pending() => {
+                    let limit = chans.listen_asked.unwrap_or(now) + Duration::from_millis(self.shared.spec.connect_timeout_ms);
+                    if now >= limit {
+                        return Exit::Dead("no answer to the remote forward request".into());
+                    }
+                    limit
+                }
                 ProbeAction::Probe => match io.attempt_small(&mut want_write, |s: &mut &ssh2::Session| s.keepalive_send(), &mut &io.sess) {
                     Attempt::Done(next) => {
                         if schedule.probe_sent(next, now) {
@@ -684,13 +742,43 @@ impl Actor {
             // Channels first: a partly sent packet of theirs must be finished before anything new goes out.
             chans.step_all(io, &self.shared.ready, want_write)?;
             let added = self.open_queued(io, chans, want_write)?;
+            let accepted = self.step_listener(io, chans, want_write)?;
             let settled = transport_received() == mark;
             chans.rescan |= !settled;
-            if settled && !added {
+            if settled && !added && !accepted {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Continues the remote listener's request, or takes the connections the server opened to it and
+    /// carries each to `respond_to`; true if a channel was added (it is stepped on the next pass).
+    fn step_listener(&mut self, io: &SshIo, chans: &mut Channels, want_write: &mut bool) -> std::result::Result<bool, String> {
+        let Some(to) = self.shared.spec.respond_to else { return Ok(false) };
+        let mut added = false;
+        loop {
+            let Some(listener) = chans.listener.as_mut() else { return Ok(added) };
+            match listener.step(io, want_write) {
+                ListenStep::Idle => return Ok(added),
+                ListenStep::Fatal(cause) => return Err(cause),
+                ListenStep::Answered(state) => {
+                    match &state {
+                        Listening::Port(port) => {
+                            self.listen_port = *port;
+                            debug!("SSH connection {}: remote forward 127.0.0.1:{port} on the host -> {to}", self.shared.spec.dest());
+                        }
+                        Listening::Refused(cause) => warn!("SSH connection {}: {cause}", self.shared.spec.dest()),
+                        Listening::Pending => {}
+                    }
+                    self.shared.listening.send_replace(state);
+                }
+                ListenStep::Accepted(ch) => {
+                    chans.carry_response(ch, to, &self.shared);
+                    added = true;
+                }
+            }
+        }
     }
 
     /// Starts or continues channel opens; true if a channel was added (it is stepped on the next pass).
@@ -824,12 +912,47 @@ struct Channels {
     reader: Option<IdleReader>,
     /// Reused read buffer; channels copy out only what they read.
     scratch: Vec<u8>,
+    /// The remote listener back to the gateway, on a connection with `respond_to`.
+    listener: Option<RemoteListener>,
+    /// When the listener was asked for (a request unanswered past the connect timeout ends the session).
+    listen_asked: Option<Instant>,
     /// libssh2 received packets that no step has looked for yet: every forward's libssh2 queue is
     /// checked on the next pass. Otherwise only forwards with local work or something in progress are.
     rescan: bool,
 }
 
 impl Channels {
+    /// The listener's request is out and unanswered.
+    fn listen_pending(&self) -> bool {
+        self.listener.as_ref().is_some_and(RemoteListener::pending)
+    }
+
+    /// A connection the server opened to the remote listener: its channel joins the forwards, and a
+    /// local task connects to `to` and carries the bytes (one lightweight task, as a forward's local
+    /// connection). A gateway that refuses closes the channel, which the launcher sees as a refusal.
+    fn carry_response(&mut self, ch: RawChannel, to: std::net::SocketAddr, shared: &Shared) {
+        let (to_remote_tx, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
+        let (from_remote_tx, from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
+        let (nudge, flag) = shared.ready.pair();
+        let key = flag.key();
+        let guard = ChannelGuard::new(shared.responses.clone());
+        self.forwards.insert(key, ForwardChannel::new(ch, to_remote_rx, from_remote_tx, guard, flag));
+        self.active.push(key);
+        let dest = shared.spec.dest();
+        tokio::spawn(async move {
+            // An address, not a name: connecting never waits on a resolver thread.
+            match TcpStream::connect(to).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    let (rd, wr) = stream.into_split();
+                    carry(rd, wr, to_remote_tx, from_remote_rx, &nudge, || {}, || {}).await;
+                }
+                Err(e) => warn!("SSH connection {dest}: a connection to the remote forward could not reach {to}: {e}"),
+            }
+            drop(nudge);
+        });
+    }
+
     /// Session channels that may occupy one of the server's MaxSessions slots.
     fn sessions_open(&self) -> usize {
         self.execs.len() + usize::from(self.reader.as_ref().is_some_and(IdleReader::holds_session))

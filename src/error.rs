@@ -37,6 +37,9 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The `target` of a `Prohibited` error about the remote forward that carries connection info back.
+pub const REMOTE_FORWARD: &str = "a remote forward on the host's 127.0.0.1 back to the gateway";
+
 impl Error {
     /// A short tag used in status reports and tests.
     pub fn kind(&self) -> &'static str {
@@ -93,6 +96,12 @@ impl fmt::Display for Error {
             Error::Refused { dest, target, cause } => {
                 write!(f, "{target} refused the connection through {dest}: {cause}")
             }
+            Error::Prohibited { dest, target, cause } if target == REMOTE_FORWARD => write!(
+                f,
+                "the SSH server {dest} refuses {target} ({cause}): its sshd_config forbids it (AllowTcpForwarding \
+                 local or no, DisableForwarding or PermitListen); allow remote forwarding on the host's loopback, \
+                 or send the connection info directly (response: direct)"
+            ),
             Error::Prohibited { dest, target, cause } => write!(
                 f,
                 "the SSH server {dest} refuses to forward to {target} ({cause}): its sshd_config forbids it \

@@ -114,7 +114,8 @@ static SETS: Lazy<Mutex<HashMap<u64, Arc<Lanes>>>> = Lazy::new(Mutex::default);
 /// Gives the pool's new shared connection its lane set.
 pub fn register(primary: &Arc<Connection>, max: usize, keep_alive: KeepAlive, handshake: Duration) {
     let set = Arc::new(Lanes {
-        spec: primary.spec().clone(),
+        // Lanes carry channel opens only; the remote listener stays on the primary connection.
+        spec: ConnectSpec { respond_to: None, ..primary.spec().clone() },
         hops: primary.hops(),
         max,
         inner: Mutex::new(Inner {

@@ -23,6 +23,7 @@
 //! - `driver`: libssh2 in non-blocking mode driven by socket readiness.
 //! - `forward_channel`: one forwarded byte stream over a direct-tcpip channel, both halves.
 //! - `exec`: remote commands over the same connection.
+//! - `remote_listen`: a remote forward on the kernel host's loopback back to the gateway (tcpip-forward).
 //! - `idle_reader`: reads the transport of a connection with no channel (server keep-alives).
 //! - `jump`: sessions through a ProxyJump hop (a channel on the hop's pooled connection).
 //! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
@@ -60,6 +61,7 @@ pub mod pool;
 pub mod random;
 pub mod raw_channel;
 pub mod ready;
+pub mod remote_listen;
 pub mod requests;
 pub mod runtime;
 pub mod session;

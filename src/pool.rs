@@ -107,7 +107,9 @@ pub fn hops() -> Arc<dyn Hops> {
 /// Takes a user slot on a connection for `spec`, creating it if needed.
 async fn acquire(spec: &ConnectSpec, mode: TunnelMode, keep_alive: KeepAlive) -> Result<Arc<Connection>> {
     if mode == TunnelMode::PerPort {
-        let conn = Connection::start(spec.clone(), mode, keep_alive, hops()).await?;
+        // A forward's own connection: the remote listener lives on the host's shared one.
+        let own = ConnectSpec { respond_to: None, ..spec.clone() };
+        let conn = Connection::start(own, mode, keep_alive, hops()).await?;
         let mut pool = POOL.lock().unwrap();
         pool.entries.insert(conn.id(), Entry::new(conn.clone()));
         return Ok(conn);
@@ -222,6 +224,25 @@ pub async fn acquire_shared(spec: &ConnectSpec) -> Result<Arc<Connection>> {
 
 pub fn release_shared(conn: &Arc<Connection>) {
     release(conn, None);
+}
+
+/// A user slot on the shared connection for `spec` (which has `respond_to`) and the port of its
+/// remote listener on the host's loopback, within `timeout`; give the slot back with `release_shared`.
+pub async fn response_lease(spec: &ConnectSpec, timeout: Duration) -> Result<(Arc<Connection>, u16)> {
+    let deadline = Instant::now() + timeout;
+    let conn = tokio::time::timeout_at(deadline, acquire_shared(spec))
+        .await
+        .unwrap_or_else(|_| Err(Error::Timeout { dest: spec.dest(), what: "connecting".into(), secs: timeout.as_secs_f64() }))?;
+    match conn.response_port(deadline).await {
+        Ok(port) => Ok((conn, port)),
+        Err(e) => {
+            release_shared(&conn);
+            Err(match e {
+                Error::Timeout { dest, what, .. } => Error::Timeout { dest, what, secs: timeout.as_secs_f64() },
+                e => e,
+            })
+        }
+    }
 }
 
 /// Takes a user slot on the shared connection to a ProxyJump hop for one relayed session.

@@ -103,6 +103,17 @@ impl RawChannel {
         Self::opened(sess, ch)
     }
 
+    /// Takes a channel the server opened to a remote forward's listener (see `remote_listen`); Blocked
+    /// when none is waiting. The listener belongs to `sess`, which frees it with the session.
+    pub fn accept_forwarded(sess: &Session, listener: *mut raw::LIBSSH2_LISTENER) -> Rc<RawChannel> {
+        let ch = {
+            let _lock = sess.raw();
+            // SAFETY: the listener was returned by libssh2 for this live session, which is locked.
+            unsafe { raw::libssh2_channel_forward_accept(listener) }
+        };
+        Self::opened(sess, ch)
+    }
+
     fn opened(sess: &Session, ch: *mut raw::LIBSSH2_CHANNEL) -> Rc<RawChannel> {
         if !ch.is_null() {
             return Rc::Done(RawChannel { ch, sess: sess.clone() });

@@ -13,6 +13,7 @@
 //! - `tunnel`: `Tunnel`, `open_tunnel`, `keep_alive_interval`.
 //! - `target`: `SshTarget` (remote commands and a kernel's forwards).
 //! - `exec`: `ExecResult`, `remote_exec`.
+//! - `response`: `ResponseForward`, a kernel start's hold on the remote forward back to the gateway.
 //! - `liveness`: `Liveness`, a kernel's liveness as its remote-command polls find it.
 //! - `reports`: `status`, `metrics`, `explain`, `check_host`, and the metrics endpoint's start.
 //! - `logging`: Rust `log` into Python logging, and the atexit hook that closes the exit gate.
@@ -26,6 +27,7 @@ mod liveness;
 mod logging;
 mod options;
 mod reports;
+mod response;
 mod signatures;
 mod target;
 mod tunnel;
@@ -62,6 +64,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reports::check_host, m)?)?;
     m.add_class::<classes::Tunnel>()?;
     m.add_class::<exec::ExecResult>()?;
+    m.add_class::<response::ResponseForward>()?;
     m.add_class::<classes::SshTarget>()?;
     m.add_class::<liveness::KernelLiveness>()?;
     Ok(())

@@ -9,6 +9,7 @@ use super::arguments::{count_max, parse_channel, positive_duration, refused_wait
 use super::awaiting::Call;
 use super::errors::{invalid, to_py};
 use super::exec::ExecResult;
+use super::response::{response_call, ResponseForward};
 use super::signatures::signatures;
 use super::reports::metrics_hook;
 use super::classes::{tunnels, SshTarget, Tunnel};
@@ -161,6 +162,32 @@ signatures! {
                     counted(&spec, Operation::Forward, opened).await.map(tunnels)
                 },
             }
+        }
+
+        /// This destination with connection info carried back over SSH to `address` (the gateway's
+        /// response address, IP:PORT): its connection holds a remote forward on the host's 127.0.0.1.
+        /// An empty address gives the destination without one.
+        fn responding_to(&self, address: &str) -> PyResult<SshTarget> {
+            Ok(SshTarget { spec: self.spec.clone().responding_to(address).map_err(|e| to_py(e, ""))? })
+        }
+
+        /// Where the remote forward's connections go (IP:PORT), or None.
+        #[getter]
+        fn respond_to(&self) -> Option<String> {
+            self.spec.respond_to.map(|a| a.to_string())
+        }
+
+        /// The remote forward back to the gateway on the pooled connection (see `responding_to`),
+        /// once the server has answered for it; blocks. ForwardingProhibited if the server refuses.
+        #[pyo3(signature = (timeout = 30.0))]
+        fn response_forward(&self, py: Python<'_>, timeout: f64) -> PyResult<ResponseForward> {
+            response_call(&self.spec, timeout)?.block(py)
+        }
+
+        /// Awaitable form of `response_forward`.
+        #[pyo3(signature = (timeout = 30.0))]
+        fn response_forward_async<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
+            response_call(&self.spec, timeout)?.into_awaitable(py)
         }
 
         fn __repr__(&self) -> String {

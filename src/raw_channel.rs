@@ -105,10 +105,13 @@ impl RawChannel {
 
     /// Takes a channel the server opened to a remote forward's listener (see `remote_listen`); Blocked
     /// when none is waiting. The listener belongs to `sess`, which frees it with the session.
-    pub fn accept_forwarded(sess: &Session, listener: *mut raw::LIBSSH2_LISTENER) -> Rc<RawChannel> {
+    ///
+    /// # Safety
+    /// `listener` must have been returned by libssh2 for `sess`, which must still hold it.
+    pub unsafe fn accept_forwarded(sess: &Session, listener: *mut raw::LIBSSH2_LISTENER) -> Rc<RawChannel> {
         let ch = {
             let _lock = sess.raw();
-            // SAFETY: the listener was returned by libssh2 for this live session, which is locked.
+            // SAFETY: the caller's promise; the session is locked for the call.
             unsafe { raw::libssh2_channel_forward_accept(listener) }
         };
         Self::opened(sess, ch)

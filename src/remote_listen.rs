@@ -85,7 +85,8 @@ impl RemoteListener {
     pub fn step(&mut self, io: &SshIo, want_write: &mut bool) -> ListenStep {
         match self.state {
             State::Asking { port, .. } => self.ask(io, want_write, port),
-            State::Up { listener, .. } => match io.attempt_rc(want_write, RawChannel::accept_forwarded(&io.sess, listener)) {
+            // SAFETY: the listener came from this session, which frees listeners only when it goes.
+            State::Up { listener, .. } => match io.attempt_rc(want_write, unsafe { RawChannel::accept_forwarded(&io.sess, listener) }) {
                 Attempt::Done(ch) => ListenStep::Accepted(ch),
                 Attempt::Blocked => ListenStep::Idle,
                 Attempt::Failed(e) if is_fatal(&e) => ListenStep::Fatal(format!("remote forward: {}", e.message())),

@@ -8,6 +8,7 @@ A bad value raises `SettingError` naming the setting and the value; the proxies 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Mapping, Optional
 
 __all__ = [
     "ALLOWED_HOST_KEY_POLICIES",
+    "ALLOWED_RESPONSE_MODES",
     "ALLOWED_TUNNEL_MODES",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_KEEPALIVE_COUNT_MAX",
@@ -43,6 +45,13 @@ DEFAULT_MAX_STARTUPS = 8
 MAX_SERVER_BUDGET = 10_000
 ALLOWED_HOST_KEY_POLICIES = ("strict", "accept-new", "off")
 ALLOWED_TUNNEL_MODES = ("shared", "per-port")
+# How the launcher's connection info reaches the gateway: over a remote forward on the kernel host's
+# loopback ("ssh"), straight to EG's response address ("direct"), or over SSH where the server allows
+# remote forwarding and directly (with one warning) where it does not ("auto").
+ALLOWED_RESPONSE_MODES = ("auto", "ssh", "direct")
+# Where egtunnel's launcher binds the kernel's ports on its host when tunneling is on: the host's
+# loopback, which only the SSH server's forwards (and local users) reach.
+DEFAULT_KERNEL_IP = "127.0.0.1"
 
 # The native keep-alive timer is an unsigned 32-bit count of seconds; a margin up to EG's own maximum
 # interval (100 years) keeps culling timeout + margin inside it, and anything larger is a typo.
@@ -125,6 +134,8 @@ class TunnelSettings:
     keepalive_margin: int = DEFAULT_KEEPALIVE_MARGIN
     # None: ssh_config's ServerAliveCountMax for the host, else 3.
     keepalive_count_max: Optional[int] = None
+    response: str = "auto"
+    kernel_ip: str = DEFAULT_KERNEL_IP
 
 
 def _current_user() -> str:
@@ -297,7 +308,22 @@ def parse_tunnel_settings(
             expected=f"must be a positive integer (at most {MAX_KEEPALIVE_COUNT_MAX})",
         )
 
-    return TunnelSettings(mode=mode, keepalive_margin=margin, keepalive_count_max=count_max)
+    raw, setting = _pick(environ, "EG_SSH_RESPONSE", cfg, "response")
+    response = "auto" if raw is None else _choice(raw, setting, ALLOWED_RESPONSE_MODES)
+
+    raw, setting = _pick(environ, "EG_SSH_KERNEL_IP", cfg, "kernel_ip")
+    kernel_ip = DEFAULT_KERNEL_IP if raw is None else _ipv4(raw, setting)
+
+    return TunnelSettings(mode=mode, keepalive_margin=margin, keepalive_count_max=count_max,
+                          response=response, kernel_ip=kernel_ip)  # fmt: skip
+
+
+def _ipv4(raw: object, setting: str) -> str:
+    expected = "must be an IPv4 address the launcher binds the kernel's ports to (127.0.0.1, or 0.0.0.0 for every interface)"
+    try:
+        return str(ipaddress.IPv4Address(str(raw).strip()))
+    except ValueError:
+        raise SettingError(setting, raw, expected) from None
 
 
 def cull_idle_timeout_of(kernel_manager: object) -> int:

@@ -12,6 +12,8 @@ proxies, which keep only EG's hook methods, each handing over to it:
   Off the loop (a worker thread, the gateway's start-up revival) the same calls simply block.
   The liveness record and its rules are native (the EG_COMM forward's own, and `_native.Liveness`
   for polls by remote command); nothing here keeps a copy;
+- with tunneling on, the launcher's connection info can come back over the host's connection: a remote
+  forward on the host's loopback (`response_forward`), checked once per host to listen there only;
 - a start that fails after the launch command went out stops, on the kernel's host, every process
   whose arguments carry the kernel's id (`stop_launched`), in the background.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import json
 import logging
 import re
@@ -31,7 +34,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from . import _native
 from .config import SshSettings, TunnelSettings
-from .errors import ConnectionDown, HostKeyError, SshAuthError
+from .errors import ConnectionDown, ForwardingProhibited, HostKeyError, SshAuthError
 
 __all__ = ["ALIVE", "DEAD", "UNKNOWN", "Forward", "KernelTunnels", "on_event_loop"]
 
@@ -59,6 +62,11 @@ STOP_LAUNCHED_GRACE = 1
 STOP_LAUNCHED_LATE = 2
 # The background stops still running; asyncio keeps only weak references to tasks.
 _stopping: set[asyncio.Future] = set()
+# Per SSH destination and remote-forward port: where the server binds it beyond the host's loopback
+# ("" when nowhere), as `ss` on the host found it once.
+_EXPOSED: dict[tuple[str, int], str] = {}
+# Destinations whose fallback to the direct response address has been logged (once per destination).
+_direct_logged: set[str] = set()
 
 
 def on_event_loop() -> Optional[asyncio.AbstractEventLoop]:
@@ -104,6 +112,9 @@ class KernelTunnels:
         # EG's `tunnel_processes`: EG's own cleanup() and shutdown_listener() terminate what is here.
         self.store = store
         self._cull_idle_timeout = cull_idle_timeout
+        # The gateway's response address (IP:PORT) when connection info comes back over SSH (see
+        # `response_forward`); set before the first target is made, since it is part of the connection.
+        self.respond_to: Optional[str] = None
         self._targets: dict[tuple[str, Optional[int]], Any] = {}
         # The name the kernel's host was given (an ssh_config alias) by the address EG resolved it to:
         # EG passes addresses to the hooks, and ssh_config's Host patterns match the name.
@@ -133,7 +144,10 @@ class KernelTunnels:
         if found is None:
             kwargs = self.ssh.native_kwargs()
             kwargs["port"] = key[1]
-            found = self._targets[key] = _native.SshTarget(host, **kwargs)
+            found = _native.SshTarget(host, **kwargs)
+            if self.respond_to:
+                found = found.responding_to(self.respond_to)
+            self._targets[key] = found
         return found
 
     def keep_alive_interval(self, channel: str) -> int:
@@ -243,6 +257,56 @@ class KernelTunnels:
         target, command = fallback if fallback is not None else (None, None)
         tunnel.send_background(data, f"Request {request} for KernelID '{self.kernel_id}'", REQUEST_TIMEOUT,
                                target, command)  # fmt: skip
+
+    # ---------------------------------------------------------------------------- response over SSH
+
+    async def response_forward(self, host: str) -> Optional[Any]:
+        """The remote forward this start's connection info comes back over (`ResponseForward`; close it
+        once the info has arrived), or None when it goes to the gateway's response address directly.
+
+        Under response "auto" a server that refuses remote forwarding, or binds it beyond the host's
+        loopback (GatewayPorts yes), means direct, with one warning per host; under "ssh" the start fails.
+        """
+        if not self.respond_to:
+            return None
+        target = self.target(host)
+        try:
+            forward = await target.response_forward_async(EXEC_TIMEOUT)
+        except ForwardingProhibited as exc:
+            return self._direct(target, str(exc))
+        try:
+            exposed = await self._exposed_at(target, forward.port)
+        except BaseException:
+            forward.close()
+            raise
+        if exposed:
+            forward.close()
+            return self._direct(target, f"the SSH server {target.destination} binds the remote forward on "
+                                f"{exposed}, reachable from the network, not on the host's 127.0.0.1 only "
+                                "(its sshd_config sets GatewayPorts yes)")  # fmt: skip
+        return forward
+
+    async def _exposed_at(self, target: Any, port: int) -> str:
+        """Where, beyond the host's loopback, the server listens on `port` ("" if nowhere, or unknown)."""
+        key = (target.destination, port)
+        if key not in _EXPOSED:
+            result = await target.exec_async(f"ss -Hltn 'sport = :{int(port)}'", EXEC_TIMEOUT)
+            lines = result.stdout.decode(errors="replace").splitlines() if result.exit_status == 0 else []
+            if result.exit_status != 0:
+                self.log.debug(f"Cannot list listening sockets on {target.destination} (ss: {result.stderr!r}); "
+                               "assuming the remote forward listens on 127.0.0.1 as asked.")  # fmt: skip
+            _EXPOSED[key] = ", ".join(a for a in _listen_addresses(lines) if not _is_loopback_address(a))
+        return _EXPOSED[key]
+
+    def _direct(self, target: Any, why: str) -> None:
+        if self.settings.response == "ssh":
+            raise ForwardingProhibited(f"{why}; connection info cannot come back over SSH (response: ssh). "
+                                       "Allow remote forwarding on the host's loopback, or set response to auto or direct.")  # fmt: skip
+        if target.destination not in _direct_logged:
+            _direct_logged.add(target.destination)
+            self.log.warning(f"Kernels on {target.destination} send their connection info directly to the gateway's "
+                             f"response address {self.respond_to}, not over SSH: {why}")  # fmt: skip
+        return None
 
     # ------------------------------------------------------------------------------- failed starts
 
@@ -359,6 +423,19 @@ class KernelTunnels:
             self.remote.mark_dead()
         else:
             self.log.debug(f"Remote signal({signum}) delivered for KernelID '{self.kernel_id}'.")
+
+
+def _listen_addresses(lines: Iterable[str]) -> list[str]:
+    """The local addresses (ADDR:PORT) of `ss -Hltn` output lines."""
+    return [fields[3] for fields in (line.split() for line in lines) if len(fields) >= 4]
+
+
+def _is_loopback_address(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]").split("%")[0]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _delivered(result: Any) -> bool:

@@ -86,6 +86,7 @@ class NativeTunnelMixin:
                 settings = parse_tunnel_settings(os.environ, self.proxy_config) if self.native_tunneling else TunnelSettings()
                 self.egtunnel = KernelTunnels(self.kernel_id, self.log, ssh, settings, self.tunnel_processes,
                                               lambda: cull_idle_timeout_of(self.kernel_manager))  # fmt: skip
+                self.egtunnel.respond_to = self._egtunnel_respond_to(settings)
         except SettingError as exc:
             self.log_and_raise(http_status_code=500, reason=f"KernelID '{self.kernel_id}': {exc}")
         if self.native_tunneling and getattr(self, "use_gss", False):
@@ -94,6 +95,34 @@ class NativeTunnelMixin:
                 reason=f"KernelID '{self.kernel_id}': EG_REMOTE_GSS_SSH=true is not supported by "
                 "native SSH tunnels; use key or password authentication, or turn tunneling off.",
             )
+
+    def _egtunnel_respond_to(self, settings: TunnelSettings) -> Optional[str]:
+        """EG's response address, when this proxy's launches carry connection info back over SSH."""
+        if not (self.native_tunneling and self._egtunnel_remote_exec) or settings.response == "direct":
+            return None
+        address = str(getattr(self.kernel_manager, "response_address", None) or "")
+        host, _, port = address.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            return address if port.isdigit() else None
+        except ValueError:
+            pass
+        if settings.response == "ssh":
+            raise SettingError("response", settings.response,
+                               f"needs the gateway's response address as IP:PORT, got {address!r} (set EG_RESPONSE_IP)")  # fmt: skip
+        return None
+
+    def _egtunnel_launch_env(self, kwargs: dict) -> None:
+        """Tells egtunnel's launcher where to bind the kernel's ports: with tunneling on, the host's
+        loopback unless the kernelspec says otherwise (EG's launcher ignores it and binds 0.0.0.0)."""
+        env = kwargs.get("env")
+        if self.native_tunneling and isinstance(env, dict) and self.egtunnel is not None:
+            env["EGTUNNEL_KERNEL_IP"] = self.egtunnel.settings.kernel_ip
+
+    async def launch_process(self, kernel_cmd: Any, **kwargs: Any) -> Any:
+        """EG's launch, with the launcher told where to bind the kernel's ports."""
+        self._egtunnel_launch_env(kwargs)
+        return await super().launch_process(kernel_cmd, **kwargs)  # type: ignore[misc]
 
     def _get_keep_alive_interval(self, kernel_channel: Union["KernelChannel", str]) -> int:
         """EG's policy, with the margin configurable; the culling timeout is the mapping manager's."""
@@ -146,9 +175,12 @@ class NativeTunnelMixin:
     def _egtunnel_layout(self, connect_info: dict) -> list[Forward]:
         self.log.debug(f"Host assigned to the kernel is: '{self.assigned_host}' '{self.assigned_ip}'")
         self.egtunnel.name_host(self.assigned_ip, self.assigned_host)  # type: ignore[union-attr]
+        # A launcher that bound the host's loopback is reached there, through the host's sshd; the
+        # persisted copy keeps that address so a revived gateway forwards to it again.
+        kernel_ip = "127.0.0.1" if _is_loopback(connect_info.get("ip")) else self.assigned_ip
         connect_info["ip"] = self.assigned_ip
-        self.tunneled_connect_info = dict(connect_info)
-        return self.egtunnel.layout(connect_info, self.assigned_ip)  # type: ignore[union-attr]
+        self.tunneled_connect_info = dict(connect_info, ip=kernel_ip)
+        return self.egtunnel.layout({**connect_info, "ip": kernel_ip}, self.assigned_ip)  # type: ignore[union-attr]
 
     def _egtunnel_apply(self, connect_info: dict, opened: dict[str, Any]) -> None:
         """EG's rewrite of the connection info to the tunnels' local ends."""
@@ -329,6 +361,7 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
         EG wraps every launch failure into a 500; an SSH authentication or host-key refusal stays a 403.
         """
         env_dict = kwargs.get("env")
+        self._egtunnel_launch_env(kwargs)
         # EG's RemoteProcessProxy part (env, authorization); EG's own Distributed body is replaced below.
         await super(_EGDistributedProcessProxy, self).launch_process(kernel_cmd, **kwargs)
         self.assigned_host = self._determine_next_host(env_dict)
@@ -355,6 +388,10 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
             raise
         finally:
             self._egtunnel_starting = False
+            # The connection info has arrived (or never will): the remote forward may go.
+            if self._egtunnel_response is not None:
+                self._egtunnel_response.close()
+                self._egtunnel_response = None
         return self
 
     # The host the launch command went to, once it may have reached it; None before (or when local).
@@ -363,6 +400,8 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
     _egtunnel_starting = False
     _egtunnel_stop_fired = False
     _egtunnel_loop: Optional[asyncio.AbstractEventLoop] = None
+    # This start's remote forward back to the gateway, held until the connection info has arrived.
+    _egtunnel_response: Any = None
 
     def _egtunnel_stop_failed_start(self) -> None:
         """Once per start, in the background: stop on the host everything launched for this kernel
@@ -384,6 +423,7 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
             if not remote:
                 result_pid = self._launch_remote_process(kernel_cmd, **kwargs)  # EG's local Popen path
             else:
+                kernel_cmd = await self._egtunnel_response_over_ssh(kernel_cmd)
                 cmd = self._build_startup_command(kernel_cmd, **kwargs)
                 self.log.debug(f"Invoking cmd: '{cmd}' on host: {self.assigned_host}")
                 self._egtunnel_launch_host = self.ip
@@ -402,6 +442,29 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
         except Exception as exc:
             self.log_and_raise(http_status_code=500, reason=f"Failure occurred starting kernel on '{self.ip}' "
                                f"({self.egtunnel.destination(self.ip)}).  Returned result: {exc}")  # type: ignore[union-attr]  # fmt: skip
+
+    async def _egtunnel_response_over_ssh(self, kernel_cmd: Any) -> Any:
+        """The launch argv with EG's response address replaced by the remote forward's on the host's
+        loopback, so the host needs no route to the gateway (see `KernelTunnels.response_forward`)."""
+        if not self.native_tunneling:
+            return kernel_cmd
+        address = str(getattr(self.kernel_manager, "response_address", None) or "")
+        if not address or not any(address in str(arg) for arg in kernel_cmd):
+            return kernel_cmd
+        forward = await self.egtunnel.response_forward(self.ip)  # type: ignore[union-attr]
+        if forward is None:
+            return kernel_cmd
+        self._egtunnel_response = forward
+        self.log.debug(f"KernelID '{self.kernel_id}' sends its connection info to {forward.address} on "
+                       f"'{self.assigned_host}', carried over SSH to {address}.")  # fmt: skip
+        return [str(arg).replace(address, forward.address) if address in str(arg) else arg for arg in kernel_cmd]
+
+
+def _is_loopback(address: Any) -> bool:
+    try:
+        return ipaddress.ip_address(str(address)).is_loopback
+    except ValueError:
+        return False
 
 
 async def _resolve(target: Any) -> str:

@@ -129,8 +129,9 @@ struct Shared {
     stats: ConnStats,
     /// The remote listener's state, for callers waiting for its port (see `remote_listen`).
     listening: watch::Sender<Listening>,
-    /// The channels connections to the remote listener ride on, counted like a forward's.
-    responses: Arc<ForwardStats>,
+    /// The channels connections to the remote listener ride on, counted like a forward's (the
+    /// listener is one, remote), on a connection with `respond_to`.
+    responses: Option<Arc<ForwardStats>>,
 }
 
 impl Shared {
@@ -172,7 +173,7 @@ impl Connection {
     pub async fn start(spec: ConnectSpec, mode: TunnelMode, keep_alive: KeepAlive, hops: Arc<dyn Hops>) -> Result<Arc<Connection>> {
         let max_sessions = spec.max_sessions;
         let stats = ConnStats::new(metrics::totals_for(&spec));
-        let responses = Arc::new(ForwardStats::new(stats.dest().clone()));
+        let responses = spec.respond_to.map(|_| Arc::new(ForwardStats::new(stats.dest().clone())));
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             spec,
@@ -935,7 +936,8 @@ impl Channels {
         let (from_remote_tx, from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
         let (nudge, flag) = shared.ready.pair();
         let key = flag.key();
-        let guard = ChannelGuard::new(shared.responses.clone());
+        let stats = shared.responses.clone().expect("a connection with respond_to counts its responses");
+        let guard = ChannelGuard::new(stats);
         self.forwards.insert(key, ForwardChannel::new(ch, to_remote_rx, from_remote_tx, guard, flag));
         self.active.push(key);
         let dest = shared.spec.dest();

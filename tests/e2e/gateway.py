@@ -69,6 +69,8 @@ class GatewayConfig:
     remote_user: str = "root"
     tunneling: bool = True
     cull_idle_timeout: int = 300
+    # Culling must not act during most tests: only the timeout's value matters (keep-alive policy).
+    cull_interval: int = 86400
     launch_timeout: int = 60
     kernelspecs: list[KernelSpecDef] = field(default_factory=list)
     env: dict[str, Optional[str]] = field(default_factory=dict)  # last word over every default above; None unsets
@@ -246,8 +248,7 @@ class Gateway:
             self.python, str(GATEWAY_APP),
             f"--ip={cfg.ip}", f"--port={self.port}", "--port_retries=0",
             f"--MappingKernelManager.cull_idle_timeout={cfg.cull_idle_timeout}",
-            # Culling must not act during a test: only the timeout's value matters (keep-alive policy).
-            "--MappingKernelManager.cull_interval=86400",
+            f"--MappingKernelManager.cull_interval={cfg.cull_interval}",
             f"--log-level={cfg.log_level}",
         ]
 

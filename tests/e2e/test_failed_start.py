@@ -54,7 +54,9 @@ def gateway(gateway_factory: Callable[..., Gateway], eg_launcher: Path) -> Gatew
     # the command's stdout, so the command never ends and its pid never comes back.
     specs.append(KernelSpecDef("egt-hangs", argv_tail=["3>&1"]))
     specs.append(KernelSpecDef("egt-eglauncher-hangs", launcher=eg, argv_tail=["3>&1"]))
-    gw = gateway_factory("failed-start", kernelspecs=specs)
+    # Connection info goes straight to the response port here (not over SSH): the timeout case drops it
+    # on its way, and the frozen-gateway case watches it arrive in the gateway's socket.
+    gw = gateway_factory("failed-start", kernelspecs=specs, env={"EG_SSH_RESPONSE": "direct"})
     require_native(gw)
     return gw
 

@@ -165,7 +165,8 @@ def test_restarted_gateway_re_establishes_tunnels_of_persisted_kernels(
         for channel, tunnel in tunnels.items():
             assert tunnel["is_alive"] is True, (channel, tunnel)
             assert tunnel["local_port"] in listening, (channel, tunnel)
-            assert tunnel["remote_host"] == host.address, (channel, tunnel)
+            # The launcher bound the host's loopback; the revived forwards go there again.
+            assert tunnel["remote_host"] == "127.0.0.1", (channel, tunnel)
             assert tunnel["remote_port"] == int(persisted["tunneled_connect_info"][REMOTE_PORT_KEYS[channel]])
         connection = status["kernel_manager_connection"]
         assert connection["ip"] == "127.0.0.1"

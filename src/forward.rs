@@ -155,6 +155,7 @@ pub struct ForwardInfo {
     pub liveness: Liveness,
     /// The local port is reserved, never listening (see `LocalPort::Reserved`).
     pub reserved: bool,
+    /// Holds the forward to its `LocalLimits`.
     pub gate: LocalGate,
 }
 

@@ -1,16 +1,19 @@
 //! Local port forwarding: a listener on 127.0.0.1 whose every accepted connection gets its own
-//! direct-tcpip channel, with bytes pumped both ways and half-close carried across.
+//! direct-tcpip channel, with bytes pumped both ways and half-close carried across; or a local port
+//! only reserved, for a forward whose remote port egtunnel alone talks to (through requests).
 //!
 //! Each local connection is one lightweight task (no thread) running `forward_channel::carry`; the
 //! SSH side of it is a `ForwardChannel` stepped by the connection actor, which owns the session.
+//! A forward caps its local use (`LocalLimits`), so that a local flood costs a bounded number of
+//! descriptors and channel opens, on a connection other kernels of the host share.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{debug, warn};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -34,6 +37,98 @@ const REFUSED_RETRY_MAX: Duration = Duration::from_millis(200);
 /// After a forward is closed, how long its accepted bytes and requests in flight may take to reach
 /// the remote end before their channels are cut. This runs in the background: closing returns at once.
 const DRAIN_WAIT: Duration = Duration::from_secs(15);
+/// Default cap on the local connections a forward serves at once. A kernel's ZMQ sockets use a handful;
+/// the cap only bounds what a runaway or hostile local client can take (descriptors, channels).
+pub const MAX_LOCAL_CONNECTIONS: usize = 256;
+/// Default cap on a forward's local connections waiting for their channel open at once. libssh2 opens
+/// one channel at a time per connection, so every open queued delays the opens of the host's other
+/// kernels; past this, local connections wait their turn here instead.
+pub const MAX_QUEUED_OPENS: usize = 32;
+
+/// How much local use one forward takes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalLimits {
+    /// Local connections served at once; one more is closed as soon as it is accepted.
+    pub connections: usize,
+    /// Local connections waiting for a channel open at once; one more waits for a turn.
+    pub queued_opens: usize,
+}
+
+impl Default for LocalLimits {
+    fn default() -> Self {
+        LocalLimits { connections: MAX_LOCAL_CONNECTIONS, queued_opens: MAX_QUEUED_OPENS }
+    }
+}
+
+impl LocalLimits {
+    pub fn check(&self) -> Result<()> {
+        if self.connections == 0 || self.queued_opens == 0 {
+            return Err(Error::Invalid(format!("local limits must be positive, got {self:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// Which of a forward's caps was reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cap {
+    Connections,
+    QueuedOpens,
+}
+
+/// Enforces a forward's `LocalLimits`: permits for local connections and for channel opens.
+pub struct LocalGate {
+    limits: LocalLimits,
+    connections: Arc<Semaphore>,
+    opens: Semaphore,
+    /// Set when each cap is first reached, so that only that time is worth a warning.
+    connections_capped: AtomicBool,
+    opens_capped: AtomicBool,
+}
+
+impl LocalGate {
+    pub fn new(limits: LocalLimits) -> Self {
+        LocalGate {
+            limits,
+            connections: Arc::new(Semaphore::new(limits.connections)),
+            opens: Semaphore::new(limits.queued_opens),
+            connections_capped: AtomicBool::new(false),
+            opens_capped: AtomicBool::new(false),
+        }
+    }
+
+    pub fn limits(&self) -> LocalLimits {
+        self.limits
+    }
+
+    /// A slot for one more local connection, held while it is served; None at the cap.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// A turn to have one channel open queued; `on_cap` runs first when every turn is taken. The wait
+    /// ends only with a turn, or with the caller giving up.
+    pub async fn open_turn(&self, on_cap: impl FnOnce()) -> SemaphorePermit<'_> {
+        if let Ok(turn) = self.opens.try_acquire() {
+            return turn;
+        }
+        on_cap();
+        match self.opens.acquire().await {
+            Ok(turn) => turn,
+            // Never closed; were it, no turn would ever come.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// True the first time `cap` is reached, false on every later time.
+    pub fn first_hit(&self, cap: Cap) -> bool {
+        let flag = match cap {
+            Cap::Connections => &self.connections_capped,
+            Cap::QueuedOpens => &self.opens_capped,
+        };
+        !flag.swap(true, Ordering::Relaxed)
+    }
+}
 
 /// Identity and settings of one forward, shared with status().
 pub struct ForwardInfo {
@@ -58,6 +153,10 @@ pub struct ForwardInfo {
     pub failing: AtomicBool,
     /// What listens behind the forward, as the last request found it (see `requests`).
     pub liveness: Liveness,
+    /// The local port is reserved, never listening (see `LocalPort::Reserved`).
+    pub reserved: bool,
+    /// Holds the forward to its `LocalLimits`.
+    pub gate: LocalGate,
 }
 
 impl ForwardInfo {
@@ -65,9 +164,56 @@ impl ForwardInfo {
     pub fn direct_tcpip(&self, to_remote: mpsc::Receiver<Vec<u8>>, from_remote: mpsc::Sender<Vec<u8>>) -> DirectTcpip {
         DirectTcpip { host: self.remote_host.clone(), port: self.remote_port, to_remote, from_remote, stats: self.stats.clone() }
     }
+
+    /// Logs that a cap was reached: at warning the first time for this forward, which is what an
+    /// operator needs to see, and at debug afterwards, since a flood reaches it once per connection.
+    fn cap_reached(&self, cap: Cap) {
+        let kernel = self.kernel_id.as_deref().map(|k| format!(" of kernel {k}")).unwrap_or_default();
+        let limits = self.gate.limits();
+        let what = match cap {
+            Cap::Connections => format!(
+                "{} local connections at once, its cap: further ones are closed as they arrive",
+                limits.connections
+            ),
+            Cap::QueuedOpens => format!(
+                "{} local connections waiting for a channel open, its cap: further ones wait their turn",
+                limits.queued_opens
+            ),
+        };
+        let msg = format!("{} forward 127.0.0.1:{}{kernel} has {what}", self.channel, self.local_port);
+        if self.gate.first_hit(cap) {
+            warn!("{msg} (later hits of this cap are logged at debug)");
+        } else {
+            debug!("{msg}");
+        }
+    }
 }
 
-/// A listening forward. Closing it is two steps: `close_listener` (synchronous: the port is free when
+/// A forward's local end.
+pub enum LocalPort {
+    /// Accepts local connections, each carried over a channel of its own.
+    Listener(TcpListener),
+    /// Bound, so that the port number stays this forward's (Enterprise Gateway keeps it as the kernel's
+    /// comm_port), but never listening: a local connect is refused. For a forward whose remote port
+    /// only egtunnel's requests reach, on channels of their own: a listener would let any local user of
+    /// the gateway host talk to it (the launcher's port shuts down or kills its kernel).
+    Reserved(TcpSocket),
+}
+
+impl LocalPort {
+    pub fn port(&self) -> std::io::Result<u16> {
+        match self {
+            LocalPort::Listener(l) => l.local_addr().map(|a| a.port()),
+            LocalPort::Reserved(s) => s.local_addr().map(|a| a.port()),
+        }
+    }
+
+    pub fn is_reserved(&self) -> bool {
+        matches!(self, LocalPort::Reserved(_))
+    }
+}
+
+/// A forward. Closing it is two steps: `close_listener` (synchronous: the port is free when
 /// it returns, and nothing waits for the runtime or the network) and `finish` (drains in the background).
 pub struct Forward {
     pub info: Arc<ForwardInfo>,
@@ -76,17 +222,18 @@ pub struct Forward {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Shared with the accept loop, which polls it under the lock; closing takes it out and drops it
     /// on the caller's thread, so a busy runtime cannot delay freeing the port.
-    listener: Arc<Mutex<Option<TcpListener>>>,
+    listener: Arc<Mutex<Option<LocalPort>>>,
     terminated: AtomicBool,
 }
 
 impl Forward {
-    /// Starts serving an already bound listener over `conn`.
-    pub fn start(listener: TcpListener, conn: Arc<Connection>, info: Arc<ForwardInfo>) -> Forward {
+    /// Starts serving an already bound local port over `conn` (a reserved one has nothing to serve).
+    pub fn start(local: LocalPort, conn: Arc<Connection>, info: Arc<ForwardInfo>) -> Forward {
         let (stop, stop_rx) = watch::channel(false);
-        let listener = Arc::new(Mutex::new(Some(listener)));
-        let task = tokio::spawn(accept_loop(listener.clone(), conn.clone(), info.clone(), stop_rx));
-        Forward { info, conn, stop, task: Mutex::new(Some(task)), listener, terminated: AtomicBool::new(false) }
+        let serves = !local.is_reserved();
+        let listener = Arc::new(Mutex::new(Some(local)));
+        let task = serves.then(|| tokio::spawn(accept_loop(listener.clone(), conn.clone(), info.clone(), stop_rx)));
+        Forward { info, conn, stop, task: Mutex::new(task), listener, terminated: AtomicBool::new(false) }
     }
 
     /// Counts a request to the remote port as one of this forward's channels until the guard drops,
@@ -130,16 +277,22 @@ impl Forward {
     }
 }
 
-/// Binds 127.0.0.1:`port` (0 = any free port). Only loopback: the tunnel's far end is trusted only
-/// to the gateway process's host.
-pub async fn bind_local(port: u16) -> Result<TcpListener> {
-    TcpListener::bind(("127.0.0.1", port))
-        .await
-        .map_err(|e| Error::Bind { port, in_use: e.kind() == std::io::ErrorKind::AddrInUse, cause: e.to_string() })
+/// Binds 127.0.0.1:`port` (0 = any free port), listening unless `reserved`. Only loopback: the
+/// tunnel's far end is trusted only to the gateway process's host.
+pub async fn bind_local(port: u16, reserved: bool) -> Result<LocalPort> {
+    let bind_error = |e: std::io::Error| Error::Bind { port, in_use: e.kind() == std::io::ErrorKind::AddrInUse, cause: e.to_string() };
+    if !reserved {
+        return TcpListener::bind(("127.0.0.1", port)).await.map(LocalPort::Listener).map_err(bind_error);
+    }
+    // Without SO_REUSEADDR (a listener sets it), so that no other socket can bind the number either,
+    // and without listen(), so that the kernel refuses every connect.
+    let socket = TcpSocket::new_v4().map_err(bind_error)?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port))).map_err(bind_error)?;
+    Ok(LocalPort::Reserved(socket))
 }
 
 async fn accept_loop(
-    listener: Arc<Mutex<Option<TcpListener>>>,
+    listener: Arc<Mutex<Option<LocalPort>>>,
     conn: Arc<Connection>,
     info: Arc<ForwardInfo>,
     mut stop: watch::Receiver<bool>,
@@ -148,8 +301,8 @@ async fn accept_loop(
     // None once the forward was closed (the listener is gone).
     let accept = || {
         std::future::poll_fn(|cx| match listener.lock().unwrap().as_ref() {
-            Some(l) => l.poll_accept(cx).map(Some),
-            None => std::task::Poll::Ready(None),
+            Some(LocalPort::Listener(l)) => l.poll_accept(cx).map(Some),
+            _ => std::task::Poll::Ready(None),
         })
     };
     loop {
@@ -157,10 +310,19 @@ async fn accept_loop(
             _ = stop.changed() => break,
             r = accept() => match r {
                 None => break,
-                Some(Ok((stream, _))) => {
-                    let _ = stream.set_nodelay(true);
-                    tasks.spawn(serve_local(stream, conn.clone(), info.clone(), stop.clone()));
-                }
+                Some(Ok((stream, _))) => match info.gate.admit() {
+                    Some(slot) => {
+                        let _ = stream.set_nodelay(true);
+                        tasks.spawn(serve_local(stream, slot, conn.clone(), info.clone(), stop.clone()));
+                    }
+                    None => {
+                        // Closed before anything is read or opened: the client sees the end at once,
+                        // and the flood costs neither a task nor a channel.
+                        drop(stream);
+                        info.stats.reject();
+                        info.cap_reached(Cap::Connections);
+                    }
+                },
                 Some(Err(e)) => {
                     // Out of descriptors and the like: back off briefly instead of spinning.
                     warn!("{} forward on 127.0.0.1:{}: accept failed: {e}", info.channel, info.local_port);
@@ -183,15 +345,34 @@ async fn accept_loop(
 
 /// Asks for a channel to the forward's target on one of its destination's lanes (see `lanes`); on
 /// success returns the lane (whose nudge the local side raises) and this connection's queues.
+///
+/// The open waits for a turn first (see `LocalLimits::queued_opens`), held until the open is answered;
+/// the turn and the open share the connection's `OPEN_WAIT`.
 async fn open_channel(conn: &Arc<Connection>, info: &ForwardInfo) -> Result<(LaneUse, mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>)> {
+    let deadline = Instant::now() + OPEN_WAIT;
+    let turn = tokio::time::timeout_at(deadline, info.gate.open_turn(|| info.cap_reached(Cap::QueuedOpens))).await;
+    let Ok(_turn) = turn else {
+        return Err(Error::Timeout {
+            dest: conn.dest(),
+            what: format!("a turn to open a channel to {}:{}", info.remote_host, info.remote_port),
+            secs: OPEN_WAIT.as_secs_f64(),
+        });
+    };
     let (to_remote_tx, to_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
     let (from_remote_tx, from_remote_rx) = mpsc::channel::<Vec<u8>>(QUEUE_DEPTH);
-    let opening = crate::lanes::open_channel(conn, info.direct_tcpip(to_remote_rx, from_remote_tx), Instant::now() + OPEN_WAIT);
+    let opening = crate::lanes::open_channel(conn, info.direct_tcpip(to_remote_rx, from_remote_tx), deadline);
     let lane = opening.wait().await?;
     Ok((lane, to_remote_tx, from_remote_rx))
 }
 
-async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<ForwardInfo>, mut stop: watch::Receiver<bool>) {
+/// Serves one local connection, holding its `slot` among the forward's local connections throughout.
+async fn serve_local(
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    conn: Arc<Connection>,
+    info: Arc<ForwardInfo>,
+    mut stop: watch::Receiver<bool>,
+) {
     let _active = ActiveGuard::new(info.stats.clone());
     // Until the channel is open nothing is read from the local socket: whatever the client sent
     // waits in the kernel's buffer and goes out on the channel that finally opens.
@@ -245,4 +426,88 @@ async fn serve_local(stream: TcpStream, conn: Arc<Connection>, info: Arc<Forward
         _ = stop.changed() => {}
     }
     // Dropping the queues and then the nudge lets the actor finish the channel.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::ErrorKind;
+
+    fn connect(port: u16) -> std::io::Result<std::net::TcpStream> {
+        std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5))
+    }
+
+    #[test]
+    fn a_reserved_port_refuses_connects_and_stays_taken_until_dropped() {
+        crate::runtime::block_on(async {
+            let local = bind_local(0, true).await.unwrap();
+            let port = local.port().unwrap();
+            assert!(local.is_reserved() && port > 0);
+            assert_eq!(connect(port).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+            // Nobody else gets the number meanwhile: not a listener (which sets SO_REUSEADDR), not the
+            // all-interfaces probe with which a kernel's port range is searched.
+            assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+            assert!(std::net::TcpListener::bind(("0.0.0.0", port)).is_err());
+            assert!(matches!(bind_local(port, true).await, Err(Error::Bind { in_use: true, .. })));
+            drop(local);
+            assert_eq!(connect(port).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+            assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+        });
+    }
+
+    #[test]
+    fn a_listening_port_accepts() {
+        crate::runtime::block_on(async {
+            let local = bind_local(0, false).await.unwrap();
+            assert!(!local.is_reserved());
+            assert!(connect(local.port().unwrap()).is_ok());
+        });
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_are_not_admitted_until_one_ends() {
+        let gate = LocalGate::new(LocalLimits { connections: 2, queued_opens: 1 });
+        let (a, b) = (gate.admit().unwrap(), gate.admit().unwrap());
+        assert!(gate.admit().is_none());
+        drop(a);
+        assert!(gate.admit().is_some());
+        drop(b);
+    }
+
+    #[test]
+    fn opens_beyond_the_cap_wait_for_a_turn_and_say_so_once_per_wait() {
+        crate::runtime::block_on(async {
+            let gate = LocalGate::new(LocalLimits { connections: 8, queued_opens: 2 });
+            let capped = std::cell::Cell::new(0);
+            let on_cap = || capped.set(capped.get() + 1);
+            let first = gate.open_turn(on_cap).await;
+            let _second = gate.open_turn(on_cap).await;
+            assert_eq!(capped.get(), 0);
+            let third = gate.open_turn(on_cap);
+            tokio::pin!(third);
+            // The third waits while both turns are held...
+            assert!(tokio::time::timeout(Duration::from_millis(50), &mut third).await.is_err());
+            // ...and goes as soon as one is given back (its open answered).
+            drop(first);
+            let _turn = tokio::time::timeout(Duration::from_secs(5), third).await.expect("a turn after one was given back");
+            assert_eq!(capped.get(), 1);
+        });
+    }
+
+    #[test]
+    fn each_cap_counts_as_first_hit_once() {
+        let gate = LocalGate::new(LocalLimits::default());
+        assert!(gate.first_hit(Cap::Connections));
+        assert!(!gate.first_hit(Cap::Connections));
+        assert!(gate.first_hit(Cap::QueuedOpens));
+        assert!(!gate.first_hit(Cap::QueuedOpens));
+    }
+
+    #[test]
+    fn limits_must_be_positive() {
+        assert_eq!(LocalLimits::default(), LocalLimits { connections: 256, queued_opens: 32 });
+        assert!(LocalLimits::default().check().is_ok());
+        assert!(LocalLimits { connections: 0, queued_opens: 1 }.check().is_err());
+        assert!(LocalLimits { connections: 1, queued_opens: 0 }.check().is_err());
+    }
 }

@@ -29,7 +29,8 @@
 //! - `session`: connect (directly or through ProxyJump hops), host-key check, authentication, backoff.
 //! - `connection`: the actor owning one SSH session: channel opens, pumping, keep-alive, reconnects.
 //! - `lanes`: extra connections to a shared host that take channel opens while they queue up.
-//! - `forward`: local listeners, each local connection carried over its own channel.
+//! - `forward`: local listeners (or reserved local ports), each local connection carried over its own
+//!   channel, within the forward's caps on local use.
 //! - `pool`: one connection per host (shared) or per port, lingering and status.
 //! - `requests`: background requests to a forward's remote port (liveness probes, signals).
 //! - `command_probe`: liveness polls by remote command (`kill -0 PID`), under `requests`' probe rule.

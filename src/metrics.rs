@@ -362,6 +362,8 @@ pub struct ForwardStats {
     connections: AtomicU64,
     /// Local connections currently being served.
     active: AtomicU64,
+    /// Local connections closed at once because the forward served its cap of them.
+    rejected: AtomicU64,
     channels_closed: Notify,
     /// The destination the forward's counts add to; None (the default) for channels counted nowhere
     /// else (a session's channel through its hop, a diagnostic's test channel).
@@ -375,6 +377,7 @@ pub struct ForwardCounts {
     pub bytes_out: u64,
     pub connections: u64,
     pub active: u64,
+    pub rejected: u64,
 }
 
 impl ForwardStats {
@@ -386,6 +389,7 @@ impl ForwardStats {
             tally,
             connections: AtomicU64::new(0),
             active: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
             channels_closed: Notify::new(),
             dest: Some(dest),
         }
@@ -404,6 +408,11 @@ impl ForwardStats {
         self.tally.open_channels.load(Ordering::Acquire)
     }
 
+    /// A local connection was closed at once, over the forward's cap.
+    pub fn reject(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Local connections being served right now.
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Acquire)
@@ -415,6 +424,7 @@ impl ForwardStats {
             bytes_out: self.tally.bytes_out.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::config::{ConnectSpec, TunnelMode};
 use crate::connection::{Connection, OpenRequest, Target};
 use crate::error::{Error, Result};
 use crate::exec::ExecOutput;
-use crate::forward::{bind_local, Forward, ForwardInfo};
+use crate::forward::{bind_local, Forward, ForwardInfo, LocalGate, LocalLimits};
 use crate::forward_channel::DirectTcpip;
 use crate::jump::{HopConnection, Hops};
 use crate::keepalive::{Channel, KeepAlive};
@@ -283,10 +283,14 @@ pub struct ForwardRequest {
     /// Prove before returning that the server forwards to the target (see `verify_forward`).
     pub verify: bool,
     pub refused_wait: Duration,
+    /// Reserve the local port instead of listening on it (see `LocalPort::Reserved`): for a forward
+    /// whose remote port only egtunnel's requests reach.
+    pub reserved: bool,
+    pub limits: LocalLimits,
 }
 
-/// Opens a forward; returns once it listens and its connection is authenticated. On failure
-/// nothing stays bound or running.
+/// Opens a forward; returns once its local port is bound (and listens, unless reserved) and its
+/// connection is authenticated. On failure nothing stays bound or running.
 pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequest) -> Result<Arc<Forward>> {
     if req.remote_host.is_empty() {
         return Err(Error::Invalid("remote_host must not be empty".into()));
@@ -294,11 +298,9 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
     if req.keep_alive.count_max == 0 {
         return Err(Error::Invalid("keepalive_count_max must be a positive integer, got 0".into()));
     }
-    let listener = bind_local(req.local_port).await?;
-    let local_port = listener
-        .local_addr()
-        .map_err(|e| Error::Bind { port: req.local_port, in_use: false, cause: e.to_string() })?
-        .port();
+    req.limits.check()?;
+    let local = bind_local(req.local_port, req.reserved).await?;
+    let local_port = local.port().map_err(|e| Error::Bind { port: req.local_port, in_use: false, cause: e.to_string() })?;
     let conn = acquire(spec, mode, req.keep_alive).await?;
     let info = Arc::new(ForwardInfo {
         id: NEXT_FORWARD.fetch_add(1, Ordering::Relaxed),
@@ -313,6 +315,8 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         stats: Arc::new(ForwardStats::new(conn.totals().clone())),
         failing: AtomicBool::new(false),
         liveness: Default::default(),
+        reserved: local.is_reserved(),
+        gate: LocalGate::new(req.limits),
     });
     {
         let mut pool = POOL.lock().unwrap();
@@ -322,7 +326,7 @@ pub async fn open_forward(spec: &ConnectSpec, mode: TunnelMode, req: ForwardRequ
         }
     }
     let verify = req.verify;
-    let fwd = Arc::new(Forward::start(listener, conn, info));
+    let fwd = Arc::new(Forward::start(local, conn, info));
     if verify {
         if let Err(e) = verify_forward(&fwd, VERIFY_WAIT).await {
             close_forward(&fwd);

@@ -1,5 +1,5 @@
 # Type stubs for the Rust extension egtunnel._native: the whole surface the Python package builds on.
-from typing import Awaitable, Callable, Optional, TypedDict, final
+from typing import Awaitable, Callable, Optional, Sequence, TypedDict, final
 
 __all__ = [
     "MAX_KEEP_ALIVE_INTERVAL",
@@ -31,6 +31,7 @@ class _TunnelStats(TypedDict):
     bytes_out: int
     connections: int
     active_connections: int
+    rejected_connections: int  # closed at once: the forward already served its cap of connections
     keepalives_sent: int
 
 @final
@@ -178,6 +179,7 @@ class SshTarget:
         kernel_id: Optional[str] = None,
         verify: bool = True,
         refused_wait: float = 30.0,
+        reserved: Sequence[str] = (),
     ) -> list[Tunnel]: ...
     def open_forwards_async(
         self,
@@ -192,6 +194,7 @@ class SshTarget:
         kernel_id: Optional[str] = None,
         verify: bool = True,
         refused_wait: float = 30.0,
+        reserved: Sequence[str] = (),
     ) -> Awaitable[list[Tunnel]]: ...
 
 @final

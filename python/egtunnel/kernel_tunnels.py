@@ -5,6 +5,8 @@ kernel's launcher through its communication port. `KernelTunnels` does that work
 proxies, which keep only EG's hook methods, each handing over to it:
 
 - opening a kernel's forwards is one native call, all or nothing, awaited by coroutines (no thread);
+  the EG_COMM forward's local port is reserved, never listening: only egtunnel's requests reach the
+  launcher's port, which can shut down or kill the kernel;
 - comm-port requests and remote signals follow EG's liveness rule: a refused comm port means the
   kernel is gone, a connection that is down means liveness unknown (the kernel is kept);
 - on the gateway's event loop nothing waits on the network: requests run on egtunnel's runtime and a
@@ -184,6 +186,10 @@ class KernelTunnels:
             "kernel_id": self.kernel_id,
             # A server that forbids forwarding fails the start here, not the kernel's first message.
             "verify": True,
+            # The launcher's port shuts down or kills the kernel, and egtunnel's requests reach it on
+            # channels of their own: its local port is only reserved (EG keeps the number as comm_port),
+            # so that no local user of the gateway host can connect to it.
+            "reserved": [f.channel for f in forwards if f.channel == COMM],
         }
         return self.target(server, port), spec, kwargs
 

@@ -280,8 +280,9 @@ class NativeTunnelMixin:
     def _send_listener_request(self, request: dict, shutdown_socket: bool = False) -> None:
         """EG's comm-port request, through the EG_COMM tunnel's connection to the remote port.
 
-        A local connection to a forward always succeeds, so EG's refusal test would never fire through a
-        tunnel; asking the remote end restores it (see `KernelTunnels.request`).
+        The EG_COMM forward's local port never listens (no local user may reach the launcher's port), and
+        a local connection to a forward would say nothing about the launcher anyway; the request goes to
+        the remote end on a channel of its own, which restores EG's refusal test (see `KernelTunnels.request`).
         """
         if not self.native_tunneling or self.comm_port <= 0:
             return super()._send_listener_request(request, shutdown_socket)  # type: ignore[misc]

@@ -70,6 +70,8 @@ pub(super) fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
             fd.set_item("bytes_out", s.bytes_out)?;
             fd.set_item("connections", s.connections)?;
             fd.set_item("active_connections", s.active)?;
+            fd.set_item("rejected_connections", s.rejected)?;
+            fd.set_item("reserved", f.reserved)?;
             forwards.append(fd)?;
         }
         d.set_item("forwards", forwards)?;

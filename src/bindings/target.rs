@@ -15,6 +15,7 @@ use super::reports::metrics_hook;
 use super::classes::{tunnels, SshTarget, Tunnel};
 use crate::config::{check_port, TunnelMode};
 use crate::error::Result;
+use crate::forward::LocalLimits;
 use crate::keepalive::KeepAlive;
 use crate::metrics::{counted, Operation};
 use crate::pool::{self, ForwardRequest};
@@ -37,6 +38,7 @@ fn plan_args(
     kernel_id: Option<String>,
     verify: bool,
     refused_wait: f64,
+    reserved: Vec<String>,
 ) -> PyResult<PlanArgs> {
     let mode: TunnelMode = mode.parse().map_err(|e| to_py(e, ""))?;
     if !(1..=10_000).contains(&bind_attempts) {
@@ -48,6 +50,7 @@ fn plan_args(
     if forwards.is_empty() {
         return Err(invalid("forwards must name at least one (channel, remote_host, remote_port)".into()));
     }
+    let reserved = reserved.iter().map(|c| parse_channel(c)).collect::<PyResult<Vec<_>>>()?;
     let mut reqs = Vec::with_capacity(forwards.len());
     for (channel, remote_host, remote_port) in forwards {
         let ch = parse_channel(&channel)?;
@@ -67,7 +70,12 @@ fn plan_args(
             kernel_id: kernel_id.clone(),
             verify: false,
             refused_wait,
+            reserved: reserved.contains(&ch),
+            limits: LocalLimits::default(),
         });
+    }
+    if let Some(ch) = reserved.iter().find(|ch| !reqs.iter().any(|r| r.channel == **ch)) {
+        return Err(invalid(format!("reserved names {ch}, which is not among the forwards")));
     }
     let plan = pool::KernelPlan { forwards: reqs, port_range: (lo, hi), bind_attempts: bind_attempts as u32, verify };
     Ok(PlanArgs { mode, plan })
@@ -135,6 +143,7 @@ signatures! {
         }
 
         /// Opens a kernel's forwards, all or nothing; returns the tunnels in the order given. Blocks.
+        /// The channels named in `reserved` get a local port that is bound but never listens.
         fn open_forwards
         /// Awaitable form of `open_forwards`; cancelling it closes whatever it had opened.
         async fn open_forwards_async
@@ -148,11 +157,12 @@ signatures! {
             keepalive_count_max: Option<i64> = None,
             kernel_id: Option<String> = None,
             verify: bool = true => "True",
-            refused_wait: f64 = 30.0
+            refused_wait: f64 = 30.0,
+            reserved: Vec<String> = (Vec::new()) => "()"
         ) -> Vec<Tunnel> {
             let count = count_max(keepalive_count_max, &self.spec)?;
             let args = plan_args(forwards, port_range, bind_attempts, mode, cull_idle_timeout.0, keepalive_margin,
-                                 count, kernel_id, verify, refused_wait)?;
+                                 count, kernel_id, verify, refused_wait, reserved)?;
             let spec = self.spec.clone();
             metrics_hook(py);
             Call {

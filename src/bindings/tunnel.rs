@@ -14,7 +14,7 @@ use super::reports::metrics_hook;
 use super::classes::{SshTarget, Tunnel};
 use crate::config::{check_port, TunnelMode};
 use crate::error::Error;
-use crate::forward::Forward;
+use crate::forward::{Forward, LocalLimits};
 use crate::keepalive::{self, KeepAlive};
 use crate::metrics::{counted, Operation};
 use crate::pool::{self, ForwardRequest};
@@ -106,6 +106,7 @@ impl Tunnel {
         d.set_item("bytes_out", s.bytes_out)?;
         d.set_item("connections", s.connections)?;
         d.set_item("active_connections", s.active)?;
+        d.set_item("rejected_connections", s.rejected)?;
         d.set_item("keepalives_sent", self.fwd.conn.snapshot().counts.keepalives_sent)?;
         Ok(d)
     }
@@ -183,9 +184,10 @@ impl Tunnel {
     fn __repr__(&self) -> String {
         let i = &self.fwd.info;
         format!(
-            "<Tunnel {} 127.0.0.1:{} -> {}:{} via {} ({})>",
+            "<Tunnel {} 127.0.0.1:{}{} -> {}:{} via {} ({})>",
             i.channel,
             i.local_port,
+            if i.reserved { " (reserved)" } else { "" },
             i.remote_host,
             i.remote_port,
             self.fwd.conn.dest(),
@@ -245,6 +247,8 @@ signatures! {
             kernel_id,
             verify,
             refused_wait,
+            reserved: false,
+            limits: LocalLimits::default(),
         };
         let fwd = wait(py, counted(&spec, Operation::Forward, pool::open_forward(&spec, mode, req))).map_err(|e| to_py(e, &ctx))?;
         Ok(Tunnel { fwd })

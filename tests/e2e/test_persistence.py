@@ -77,7 +77,9 @@ def test_local_tunnel_ports_honour_the_port_range(
             local = _local_ports(status)
             assert all(lo <= port <= hi for port in local.values()), (spec, lo, hi, local)
             assert len(set(local.values())) == len(CHANNELS), local
-            assert set(local.values()) <= gw.listening_ports()
+            # The comm port's is reserved, never listening: only the gateway's own requests reach the launcher.
+            assert {p for ch, p in local.items() if ch != "EG_COMM"} <= gw.listening_ports()
+            assert local["EG_COMM"] not in gw.listening_ports()
             assert all(t["is_alive"] for t in status["tunnels"].values()), status["tunnels"]
             # The gateway's ZMQ sockets and comm requests go to those same in-range ports.
             connection = status["kernel_manager_connection"]
@@ -164,7 +166,7 @@ def test_restarted_gateway_re_establishes_tunnels_of_persisted_kernels(
         listening = second.listening_ports()
         for channel, tunnel in tunnels.items():
             assert tunnel["is_alive"] is True, (channel, tunnel)
-            assert tunnel["local_port"] in listening, (channel, tunnel)
+            assert (tunnel["local_port"] in listening) == (channel != "EG_COMM"), (channel, tunnel)
             # The launcher bound the host's loopback; the revived forwards go there again.
             assert tunnel["remote_host"] == "127.0.0.1", (channel, tunnel)
             assert tunnel["remote_port"] == int(persisted["tunneled_connect_info"][REMOTE_PORT_KEYS[channel]])

@@ -86,7 +86,8 @@ def launch(options: LaunchOptions) -> int:
     pid = os.getpid()
 
     # All six sockets are held together so that the six ports differ; the five kernel ports are
-    # released only just before the kernel binds them.
+    # released only just before the kernel binds them. All bind options.ip, which the connection info
+    # reports, so the gateway learns whether the kernel is reachable from other hosts at all.
     reservations = [bind_in_range(options.ip, options.port_range, options.port_retries) for _ in KERNEL_PORT_NAMES]
     comm_sock = bind_in_range(options.ip, options.port_range, options.port_retries)
     comm_sock.listen(16)
@@ -101,7 +102,7 @@ def launch(options: LaunchOptions) -> int:
     connection_file = write_connection_file(options.connection_file, options.kernel_id, connection_info)
     namespace: dict[str, Any] = {}
     on_interrupt = init_cluster(options.cluster_type, options.spark_init_mode, namespace)
-    listener = CommListener(comm_sock, control_channel_shutdown(connection_info), on_interrupt)
+    listener = CommListener(comm_sock, control_channel_shutdown(connection_info), on_interrupt, options.alternate_sigint)
     listener.start()
     log.info(
         "kernel %s: pid %d, ports %s, communication port %d",

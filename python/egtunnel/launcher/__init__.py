@@ -42,6 +42,7 @@ from .cli import main, parse_args
 from .cluster import init_cluster
 from .comm import (
     ACCEPT_POLL_INTERVAL,
+    LISTEN_BACKLOG,
     MAX_OPEN_CONNECTIONS,
     MAX_REQUEST_BYTES,
     REQUEST_READ_TIMEOUT,

@@ -30,6 +30,9 @@ MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_READ_TIMEOUT = 5.0
 # Connections served at once; the gateway has at most a few in flight per kernel.
 MAX_OPEN_CONNECTIONS = 16
+# Connections the kernel queues until this thread accepts them. Beyond it a client's connection
+# attempt is dropped and retried only a second later, so a burst must not fill it.
+LISTEN_BACKLOG = 128
 # How often the listener rechecks whether it should stop while no request arrives.
 ACCEPT_POLL_INTERVAL = 0.5
 # After a shutdown request the kernel gets this long to stop on its own before its process group is
@@ -140,17 +143,25 @@ class CommListener(threading.Thread):
         return max(0.0, min(ACCEPT_POLL_INTERVAL, nearest - time.monotonic()))
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            # Taken or reset before this thread got to it; nothing to serve.
-            return
-        except OSError as exc:
-            if not self._stopping.is_set():
-                log.warning("accepting on the communication port failed: %s", exc)
-                # Out of file descriptors, say: the port stays ready, and retrying at once would spin.
-                time.sleep(ACCEPT_POLL_INTERVAL)
-            return
+        # A burst is taken a round at a time rather than one per wake-up, so that it does not sit in
+        # the backlog; the bound leaves the open connections their turn in between.
+        for _ in range(MAX_OPEN_CONNECTIONS):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                # Reset before this thread got to it; nothing to serve.
+                continue
+            except OSError as exc:
+                if not self._stopping.is_set():
+                    log.warning("accepting on the communication port failed: %s", exc)
+                    # Out of file descriptors, say: the port stays ready, and retrying at once would spin.
+                    time.sleep(ACCEPT_POLL_INTERVAL)
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         if len(self._conns) >= MAX_OPEN_CONNECTIONS:
             self._make_room()

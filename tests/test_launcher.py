@@ -3,11 +3,13 @@
 The launcher runs as a real subprocess and reports to a real response listener built from Enterprise
 Gateway 3.3's own ResponseManager, so the payload is proven to decode the way the gateway decodes it.
 The kernel is then driven with jupyter_client and the communication port the way the gateway drives
-them. Everything listens on 127.0.0.1, and every wait is bounded.
+them. Everything listens on 127.0.0.1 but the kernel of the one test of the default bind address,
+and every wait is bounded.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -159,6 +161,7 @@ class Kernel:
         extra_args: tuple[str, ...] = (),
         env: Optional[dict[str, str]] = None,
         via_nohup_shell: bool = False,
+        ip: Optional[str] = "127.0.0.1",
     ) -> None:
         self.kernel_id = str(uuid.uuid4())
         self.tmp_path = tmp_path
@@ -167,6 +170,7 @@ class Kernel:
         self.log_path = tmp_path / "launcher.log"
         self.env = dict(os.environ, TMPDIR=str(tmp_path), **(env or {}))
         self.via_nohup_shell = via_nohup_shell
+        self.ip_args = ("--ip", ip) if ip is not None else ()
         self.gateway: Optional[Gateway] = None
         self.proc: Optional[subprocess.Popen] = None
         self.pid: Optional[int] = None
@@ -181,7 +185,7 @@ class Kernel:
             "--RemoteProcessProxy.public-key", self.gateway.public_key,
             "--RemoteProcessProxy.port-range", "%d..%d" % self.port_range,
             "--RemoteProcessProxy.spark-context-initialization-mode", "none",
-            "--ip", "127.0.0.1",
+            *self.ip_args,
             *self.extra_args,
         ]  # fmt: skip
         if self.via_nohup_shell:
@@ -370,6 +374,86 @@ def test_request_is_served_before_the_sender_closes(kernel):
     with socket.create_connection(("127.0.0.1", kernel.comm_port)) as sender:
         sender.sendall(json.dumps({"signum": signal.SIGINT}).encode())
         assert kernel.reply_to(msg_id, timeout=launcher.REQUEST_READ_TIMEOUT - 1)["ename"] == "KeyboardInterrupt"
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    return {
+        (conn.laddr.ip, conn.laddr.port)
+        for conn in psutil.Process(pid).net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN
+    }
+
+
+def kernel_ports(kernel: Kernel) -> set[int]:
+    return {kernel.info[name] for name in launcher.KERNEL_PORT_NAMES} | {kernel.comm_port}
+
+
+@pytest.mark.parametrize(("env", "bound"), [({"EGTUNNEL_KERNEL_IP": "127.0.0.1"}, "127.0.0.1"), ({}, "0.0.0.0")])
+def test_bind_address_follows_the_gateways_variable(start_kernel, monkeypatch, env, bound):
+    # Without --ip, as the gateway launches it: a tunneling gateway sets the variable, so the kernel is
+    # reachable from its own host only; without it, from everywhere, as with EG's own launcher.
+    monkeypatch.delenv("EGTUNNEL_KERNEL_IP", raising=False)
+    kernel = start_kernel(ip=None, env=env)
+    assert kernel.info["ip"] == bound
+    kernel.client  # the kernel has bound its five ports once it answers
+    listening = listening_addresses(kernel.pid)
+    ports = {(bound, port) for port in kernel_ports(kernel)}
+    assert ports <= listening, sorted(listening)
+    # Nothing else listens beyond the host (ipykernel binds its IOPub pipe to 127.0.0.1 itself).
+    exposed = {(ip, port) for ip, port in listening if not ipaddress.ip_address(ip).is_loopback}
+    assert exposed == (set() if bound == "127.0.0.1" else ports), sorted(listening)
+
+
+def test_idle_connections_do_not_delay_the_gateways_requests(kernel):
+    msg_id = kernel.start_cell("import time; time.sleep(30)")
+    idle = [socket.create_connection(("127.0.0.1", kernel.comm_port)) for _ in range(launcher.MAX_OPEN_CONNECTIONS)]
+    try:
+        started = time.monotonic()
+        send_request(kernel.comm_port, {"signum": 0})
+        send_request(kernel.comm_port, {"signum": signal.SIGINT})
+        assert kernel.reply_to(msg_id, timeout=3)["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - started < 1.0
+        for _ in range(5):
+            send_request(kernel.comm_port, {"signum": 0})
+        reply, output = kernel.run("print('served')")
+        assert output.strip() == "served"
+    finally:
+        for sock in idle:
+            sock.close()
+    # One warning for the whole episode, however many connections it turned away.
+    assert kernel.log().count("connections are open on the communication port") == 1, kernel.log()
+
+
+def install_signal_recorder(kernel: Kernel, *signums: int) -> None:
+    # A handler for each, so that a delivered signal is recorded instead of ending the kernel.
+    numbers = [int(signum) for signum in signums]
+    code = f"import signal\nreceived = []\nfor s in {numbers}:\n    signal.signal(s, lambda n, f: received.append(n))"
+    assert kernel.run(code)[0]["status"] == "ok"
+
+
+def received_signals(kernel: Kernel) -> list[int]:
+    return json.loads(kernel.run("print(received)")[1])
+
+
+def test_signals_the_gateway_does_not_send_are_refused(kernel):
+    install_signal_recorder(kernel, signal.SIGHUP, signal.SIGUSR2)
+    for signum in (signal.SIGHUP, signal.SIGSTOP, signal.SIGUSR2, 64):
+        send_request(kernel.comm_port, {"signum": signum})
+    assert wait_until(lambda: kernel.log().count("refusing signal") == 4, 5), kernel.log()
+    assert psutil.Process(kernel.pid).status() != psutil.STATUS_STOPPED
+    assert received_signals(kernel) == []
+    assert kernel.proc.poll() is None
+
+
+@pytest.mark.parametrize("value", ["SIGUSR2", "12"])
+def test_alternate_sigint_is_delivered(start_kernel, value):
+    kernel = start_kernel(env={"EG_ALTERNATE_SIGINT": value})
+    install_signal_recorder(kernel, signal.SIGUSR1, signal.SIGUSR2)
+    send_request(kernel.comm_port, {"signum": signal.SIGUSR1})
+    send_request(kernel.comm_port, {"signum": signal.SIGUSR2})
+    assert wait_until(lambda: "signal 12 requested by the gateway" in kernel.log(), 5), kernel.log()
+    assert wait_until(lambda: received_signals(kernel) == [signal.SIGUSR2], 5)
+    assert "refusing signal 10" in kernel.log()
 
 
 def test_shutdown_request_ends_launcher_kernel_and_children(kernel):
@@ -625,7 +709,9 @@ def parse_error(argv: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_defaults():
+def test_defaults(monkeypatch):
+    monkeypatch.delenv("EGTUNNEL_KERNEL_IP", raising=False)
+    monkeypatch.delenv("EG_ALTERNATE_SIGINT", raising=False)
     options = launcher.parse_args(BASE)
     assert options.ip == "0.0.0.0"
     assert options.port_range == (0, 0)
@@ -634,6 +720,7 @@ def test_defaults():
     assert options.kernel_class_name == "ipykernel.ipkernel.IPythonKernel"
     assert options.response_address is None
     assert options.connection_file is None
+    assert options.alternate_sigint is None
 
 
 def test_both_spellings_are_accepted():
@@ -703,6 +790,42 @@ def test_take_up_timeout_follows_the_launch_timeout(monkeypatch, capsys):
     assert "--take-up-timeout='soon' is not a non-negative number" in parse_error(BASE + ["--take-up-timeout", "soon"], capsys)
     monkeypatch.setenv("KERNEL_LAUNCH_TIMEOUT", "-1")
     assert "KERNEL_LAUNCH_TIMEOUT='-1' is not a non-negative number" in parse_error(BASE, capsys)
+
+
+def test_bind_address_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("EGTUNNEL_KERNEL_IP", "127.0.0.1")
+    assert launcher.parse_args(BASE).ip == "127.0.0.1"
+    # An explicit --ip wins, and is the only one checked.
+    assert launcher.parse_args(BASE + ["--ip", "10.0.0.7"]).ip == "10.0.0.7"
+    monkeypatch.setenv("EGTUNNEL_KERNEL_IP", "localhost")
+    assert launcher.parse_args(BASE + ["--ip", "0.0.0.0"]).ip == "0.0.0.0"
+    assert "invalid environment variable EGTUNNEL_KERNEL_IP 'localhost'" in parse_error(BASE, capsys)
+    monkeypatch.setenv("EGTUNNEL_KERNEL_IP", "")
+    assert launcher.parse_args(BASE).ip == "0.0.0.0"
+
+
+def test_bad_kernel_ip_variable_stops_the_launch(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "egtunnel.launcher", "--kernel-id", "k4"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, TMPDIR=str(tmp_path), EGTUNNEL_KERNEL_IP="10.0.0.300"),
+    )
+    assert result.returncode == 2
+    assert "invalid environment variable EGTUNNEL_KERNEL_IP '10.0.0.300'" in result.stderr
+    assert not list(tmp_path.glob("kernel-k4*")), "connection file left behind"
+
+
+@pytest.mark.parametrize(
+    ("value", "signum"),
+    [("SIGUSR2", signal.SIGUSR2), ("12", 12), (" SIGQUIT ", signal.SIGQUIT), ("", None), ("USR2", None),
+     ("SIG_IGN", None), ("NSIG", None), ("signal", None), ("0", None), ("4096", None)],
+)  # fmt: skip
+def test_alternate_sigint_follows_eg(monkeypatch, value, signum):
+    # EG converts the name with getattr(signal, name); anything else leaves interrupts to SIGINT.
+    monkeypatch.setenv("EG_ALTERNATE_SIGINT", value)
+    assert launcher.parse_args(BASE).alternate_sigint == signum
 
 
 def test_empty_port_range_means_any_port():

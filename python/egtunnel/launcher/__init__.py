@@ -7,6 +7,13 @@ AES-128-ECB under a fresh key, that key encrypted with the gateway's RSA public 
 gateway's ``{"signum": N}`` and ``{"shutdown": 1}`` requests on the communication port, and runs an
 IPython kernel in this same process.
 
+Exposure: all six ports bind ``--ip``, else the address in ``EGTUNNEL_KERNEL_IP``, else 0.0.0.0 (EG's
+default). A gateway that reaches the kernel through SSH tunnels exports ``EGTUNNEL_KERNEL_IP=127.0.0.1``
+into the launch environment, so the kernel is reachable from its own host only, and the ``ip`` of the
+connection info tells the gateway so. The communication port serves several connections at once, so
+idle ones cannot hold the gateway's requests back, and delivers only the signals EG sends: 0 (a poll),
+SIGINT, SIGTERM, SIGKILL and the kernelspec's ``EG_ALTERNATE_SIGINT``.
+
 Process layout: the kernel runs on the main thread and the communication listener is a thread of the
 same process, and the launcher makes itself the leader of its own process group. So the reported
 ``pid`` is the kernel's, ``pgid`` equals it, and EG's ``kill -SIG -<pgid>`` reaches the kernel and
@@ -35,6 +42,8 @@ from .cli import main, parse_args
 from .cluster import init_cluster
 from .comm import (
     ACCEPT_POLL_INTERVAL,
+    LISTEN_BACKLOG,
+    MAX_OPEN_CONNECTIONS,
     MAX_REQUEST_BYTES,
     REQUEST_READ_TIMEOUT,
     SHUTDOWN_GRACE,
@@ -54,13 +63,22 @@ from .kernel import _parent_handle, control_channel_shutdown, launch, resolve_ke
 from .logs import log
 from .options import (
     CLUSTER_TYPES,
+    DEFAULT_IP,
     DEFAULT_KERNEL_CLASS_NAME,
     DEFAULT_LAUNCH_TIMEOUT,
+    KERNEL_IP_VARIABLE,
     SPARK_INIT_MODES,
     TAKE_UP_MARGIN,
     LaunchOptions,
 )
 from .ports import KERNEL_PORT_NAMES, bind_in_range, write_connection_file
-from .process import EXIT_DEADLINE, lead_process_group, send_signal
+from .process import (
+    ALTERNATE_SIGINT_VARIABLE,
+    EXIT_DEADLINE,
+    GATEWAY_SIGNALS,
+    alternate_sigint,
+    lead_process_group,
+    send_signal,
+)
 
 __all__ = ["main", "parse_args", "LaunchOptions", "LaunchError", "encrypt_connection_info"]

@@ -1,8 +1,10 @@
 """The command line of ``python -m egtunnel.launcher``: EG's launcher arguments, checked, and `main`.
 
 Arguments are those of EG's ``launch_ipykernel.py`` (both spellings), read with the settings EG
-exports into the launch command (port range size, port retries, launch timeout). Bad input exits
-with status 2 and a message naming the argument, before anything is bound or started.
+exports into the launch command (port range size, port retries, launch timeout) and the bind address
+the gateway asks for (``EGTUNNEL_KERNEL_IP``, loopback when it reaches the ports through SSH tunnels).
+Bad input exits with status 2 and a message naming the argument or variable, before anything is bound
+or started.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from .kernel import launch
 from .logs import log, log_level, log_to_original_stderr
 from .options import (
     CLUSTER_TYPES,
+    DEFAULT_IP,
     DEFAULT_KERNEL_CLASS_NAME,
     DEFAULT_LAUNCH_TIMEOUT,
+    KERNEL_IP_VARIABLE,
     SPARK_INIT_MODES,
     TAKE_UP_MARGIN,
     LaunchOptions,
 )
-from .process import exit_deadline
+from .process import alternate_sigint, exit_deadline
 
 
 # Arguments EG's launch_ipykernel.py accepts under two spellings: `--NAME` and the older
@@ -69,8 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ip",
-        default="0.0.0.0",
-        help="IPv4 address the kernel and communication ports bind to (default 0.0.0.0)",
+        help="IPv4 address the kernel and communication ports bind to (default: the environment "
+        f"variable {KERNEL_IP_VARIABLE}, which the gateway sets to 127.0.0.1 when it tunnels to the "
+        f"kernel, else {DEFAULT_IP})",
     )
     parser.add_argument(
         "--take-up-timeout",
@@ -133,6 +138,19 @@ def _take_up_timeout(text: Optional[str], parser: argparse.ArgumentParser) -> fl
         if raw:
             return _seconds(raw, f"environment variable {name}", parser) + TAKE_UP_MARGIN
     return DEFAULT_LAUNCH_TIMEOUT + TAKE_UP_MARGIN
+
+
+def _bind_ip(text: Optional[str], parser: argparse.ArgumentParser) -> str:
+    what = "--ip"
+    if text is None:
+        # The gateway exports this into the launch environment when it reaches the kernel through
+        # SSH tunnels: the ports then need not, and should not, be reachable from the network.
+        text = os.environ.get(KERNEL_IP_VARIABLE) or DEFAULT_IP
+        what = f"environment variable {KERNEL_IP_VARIABLE}"
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        parser.error(f"invalid {what} {text!r}: expected an IPv4 address such as 127.0.0.1 or 0.0.0.0")
 
 
 def _parse_port_range(text: Optional[str], parser: argparse.ArgumentParser) -> tuple[int, int]:
@@ -213,11 +231,7 @@ def parse_args(argv: Optional[list[str]] = None) -> LaunchOptions:
     if cluster_type == "spark" and spark_init_mode == "none":
         cluster_type = "none"
 
-    try:
-        ip = str(ipaddress.IPv4Address(args.ip))
-    except ValueError:
-        parser.error(f"invalid --ip {args.ip!r}: expected an IPv4 address such as 0.0.0.0")
-
+    ip = _bind_ip(args.ip, parser)
     if not args.kernel_class_name or "." not in args.kernel_class_name:
         parser.error(f"invalid --kernel-class-name {args.kernel_class_name!r}: expected module.Class")
 
@@ -233,6 +247,7 @@ def parse_args(argv: Optional[list[str]] = None) -> LaunchOptions:
         connection_file=args.connection_file,
         port_retries=_env_int(("MAX_PORT_RANGE_RETRIES", "EG_MAX_PORT_RANGE_RETRIES"), 5, parser),
         take_up_timeout=_take_up_timeout(args.take_up_timeout, parser),
+        alternate_sigint=alternate_sigint(os.environ),
     )
 
 

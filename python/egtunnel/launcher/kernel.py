@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Callable
 
 from .cluster import init_cluster
-from .comm import ACCEPT_POLL_INTERVAL, CommListener
+from .comm import ACCEPT_POLL_INTERVAL, LISTEN_BACKLOG, CommListener
 from .connection_info import encrypt_connection_info, send_to_gateway
 from .errors import LaunchError
 from .logs import log
@@ -86,10 +86,11 @@ def launch(options: LaunchOptions) -> int:
     pid = os.getpid()
 
     # All six sockets are held together so that the six ports differ; the five kernel ports are
-    # released only just before the kernel binds them.
+    # released only just before the kernel binds them. All bind options.ip, which the connection info
+    # reports, so the gateway learns whether the kernel is reachable from other hosts at all.
     reservations = [bind_in_range(options.ip, options.port_range, options.port_retries) for _ in KERNEL_PORT_NAMES]
     comm_sock = bind_in_range(options.ip, options.port_range, options.port_retries)
-    comm_sock.listen(16)
+    comm_sock.listen(LISTEN_BACKLOG)
     connection_info: dict[str, Any] = {
         **{name: sock.getsockname()[1] for name, sock in zip(KERNEL_PORT_NAMES, reservations)},
         "ip": options.ip,
@@ -101,7 +102,9 @@ def launch(options: LaunchOptions) -> int:
     connection_file = write_connection_file(options.connection_file, options.kernel_id, connection_info)
     namespace: dict[str, Any] = {}
     on_interrupt = init_cluster(options.cluster_type, options.spark_init_mode, namespace)
-    listener = CommListener(comm_sock, control_channel_shutdown(connection_info), on_interrupt)
+    listener = CommListener(
+        comm_sock, control_channel_shutdown(connection_info), on_interrupt, options.alternate_sigint
+    )
     listener.start()
     log.info(
         "kernel %s: pid %d, ports %s, communication port %d",

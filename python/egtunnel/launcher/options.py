@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 DEFAULT_KERNEL_CLASS_NAME = "ipykernel.ipkernel.IPythonKernel"
+# The bind address when `--ip` is not given: the variable's value, else every interface (EG's default).
+KERNEL_IP_VARIABLE = "EGTUNNEL_KERNEL_IP"
+DEFAULT_IP = "0.0.0.0"
 SPARK_INIT_MODES = ("none", "lazy", "eager")
 CLUSTER_TYPES = ("spark", "dask", "none")
 # EG's default launch timeout (EG_KERNEL_LAUNCH_TIMEOUT unset), and what the take-up timeout adds to
@@ -33,3 +36,5 @@ class LaunchOptions:
     port_retries: int = 5
     # Seconds after the report within which the gateway's first request must arrive; 0 waits forever.
     take_up_timeout: float = DEFAULT_LAUNCH_TIMEOUT + TAKE_UP_MARGIN
+    # The kernelspec's EG_ALTERNATE_SIGINT: the signal EG interrupts this kernel with instead of SIGINT.
+    alternate_sigint: Optional[int] = None

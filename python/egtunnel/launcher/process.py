@@ -2,15 +2,27 @@
 
 The kernel runs in the launcher's process, which leads its own process group: the reported ``pid``
 and ``pgid`` are equal, so EG's ``kill -SIG -<pgid>`` reaches the kernel and whatever it started and
-nothing else.
+nothing else. Of the signals asked for on the communication port, only those the gateway sends are
+delivered (`GATEWAY_SIGNALS` and the kernelspec's ``EG_ALTERNATE_SIGINT``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
+from collections.abc import Mapping
+from typing import Optional
 
 from .logs import log
+
+# What EG sends to the communication port: 0 polls, SIGINT interrupts, SIGTERM then SIGKILL end the
+# kernel. Anyone who can connect could otherwise stop the kernel while it still answers polls
+# (SIGSTOP), or end it in ways the gateway does not expect (SIGHUP, SIGUSR1 and the like).
+GATEWAY_SIGNALS = frozenset({0, int(signal.SIGINT), int(signal.SIGKILL), int(signal.SIGTERM)})
+# EG interrupts with this signal instead of SIGINT when the kernelspec's env sets it; EG puts that env
+# into the launch environment, so the launcher sees the same value.
+ALTERNATE_SIGINT_VARIABLE = "EG_ALTERNATE_SIGINT"
 
 # Once the kernel has stopped, interpreter exit must not hang on threads started by user code.
 EXIT_DEADLINE = 5.0
@@ -27,6 +39,22 @@ def reap_exited_children() -> None:
             return
         if pid == 0:
             return
+
+
+def alternate_sigint(environ: Mapping[str, str]) -> Optional[int]:
+    """The kernelspec's interrupt signal (``EG_ALTERNATE_SIGINT``) as a number; None when unset or unusable.
+
+    EG converts a name such as ``SIGUSR2`` with ``getattr(signal, name)``; a number is taken too.
+    """
+    raw = environ.get(ALTERNATE_SIGINT_VARIABLE, "").strip()
+    if not raw:
+        return None
+    value = int(raw) if raw.isdigit() else getattr(signal, raw, None)
+    # Only a real signal: the module also holds SIG_IGN, NSIG and functions under such names.
+    if (isinstance(value, signal.Signals) or type(value) is int) and value in signal.valid_signals():
+        return int(value)
+    log.warning("%s=%r names no signal; interrupts arrive as SIGINT only", ALTERNATE_SIGINT_VARIABLE, raw)
+    return None
 
 
 def send_signal(signum: int) -> None:

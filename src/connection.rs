@@ -154,6 +154,8 @@ pub struct ConnectionSnapshot {
     pub last_error: Option<String>,
     pub session_budget: usize,
     pub counts: ConnCounts,
+    /// The remote listener's port on the host (a connection with `respond_to`, once listening).
+    pub remote_forward: Option<u16>,
 }
 
 /// A handle on the actor; dropping the last handle does not stop it, `shutdown` does.
@@ -286,6 +288,10 @@ impl Connection {
             last_error: s.last_error(),
             session_budget: s.session_budget.load(Ordering::Relaxed),
             counts: s.stats.snapshot(),
+            remote_forward: match *s.listening.borrow() {
+                Listening::Port(port) if alive => Some(port),
+                _ => None,
+            },
         }
     }
 

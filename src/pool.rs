@@ -658,6 +658,10 @@ pub struct ConnectionStatus {
     pub via: Option<String>,
     /// Sessions relayed through this connection (it is their hop).
     pub relays: usize,
+    /// Forwards, commands in flight and other holds keeping the connection open (0: it lingers).
+    pub users: usize,
+    /// The remote forward back to the gateway: its port on the host's 127.0.0.1, once listening.
+    pub remote_forward: Option<u16>,
     pub forwards: Vec<Arc<ForwardInfo>>,
 }
 
@@ -717,6 +721,8 @@ fn connection_status(conn: &Connection, lane: usize, relays: usize, forwards: Ve
         unsettled_sleeps: s.counts.unsettled_sleeps,
         via: spec.jump.as_ref().map(|j| j.dest()),
         relays,
+        users: conn.users(),
+        remote_forward: s.remote_forward,
         forwards,
     }
 }

@@ -38,6 +38,8 @@ def test_defaults(tmp_path, capsys):
     spec = install(tmp_path, "--name", "remote_py")
     assert spec["argv"][:3] == [sys.executable, "-m", "egtunnel.launcher"]
     assert spec["metadata"]["process_proxy"]["class_name"] == "egtunnel.DistributedProcessProxy"
+    # No bind address written: the proxy's default (the host's loopback with tunneling on) applies.
+    assert "config" not in spec["metadata"]["process_proxy"]
     assert spec["display_name"] == "Python 3 (egtunnel)"
     assert spec["language"] == "python"
     for placeholder in ("{kernel_id}", "{response_address}", "{public_key}", "{port_range}"):
@@ -53,8 +55,10 @@ def test_options_are_honoured(tmp_path):
         "--python", "/opt/conda/bin/python",
         "--display-name", "Python on the cluster",
         "--class-name", "egtunnel.YarnClusterProcessProxy",
+        "--kernel-ip", "0.0.0.0",
     )  # fmt: skip
     assert spec["argv"][0] == "/opt/conda/bin/python"
+    assert spec["metadata"]["process_proxy"]["config"] == {"kernel_ip": "0.0.0.0"}
     assert spec["display_name"] == "Python on the cluster"
     assert spec["metadata"]["process_proxy"]["class_name"] == "egtunnel.YarnClusterProcessProxy"
 
@@ -106,6 +110,7 @@ def test_default_location_is_the_user_data_dir(tmp_path, monkeypatch):
         (["--name", "ok", "--class-name", "DistributedProcessProxy"], "expected a dotted module.Class path"),
         (["--name", "ok", "--class-name", "egtunnel.Distributed-Proxy"], "invalid --class-name"),
         (["--name", "ok", "--display-name", "  "], "--display-name: it must not be empty"),
+        (["--name", "ok", "--kernel-ip", "localhost"], "invalid --kernel-ip 'localhost'"),
     ],
 )
 def test_bad_input_is_rejected(tmp_path, capsys, args, message):

@@ -97,6 +97,11 @@ def test_tunneling_rejects_non_booleans(value):
         ({"EG_SSH_KEEPALIVE_COUNT_MAX": "1"}, {"keepalive_count_max": 5}, TunnelSettings("shared", 60, 5)),
         ({"EG_SSH_KEEPALIVE_MARGIN": "", "EG_SSH_KEEPALIVE_COUNT_MAX": " "}, {}, TunnelSettings("shared", 60, None)),
         ({}, {"keepalive_margin": None}, TunnelSettings("shared", 60, None)),
+        ({}, {}, TunnelSettings(response="auto", kernel_ip="127.0.0.1")),
+        ({"EG_SSH_RESPONSE": " SSH "}, {}, TunnelSettings(response="ssh")),
+        ({"EG_SSH_RESPONSE": "ssh"}, {"response": "direct"}, TunnelSettings(response="direct")),
+        ({"EG_SSH_KERNEL_IP": "0.0.0.0"}, {}, TunnelSettings(kernel_ip="0.0.0.0")),
+        ({"EG_SSH_KERNEL_IP": "0.0.0.0"}, {"kernel_ip": "127.0.0.1"}, TunnelSettings(kernel_ip="127.0.0.1")),
     ],
 )
 def test_tunnel_settings(env, proxy_config, expected):
@@ -128,6 +133,10 @@ KS = "kernelspec process_proxy.config."
         ({"EG_SSH_TUNNEL_MODE": "per_port"}, {}, "EG_SSH_TUNNEL_MODE", "per_port"),
         ({}, {"tunnel_mode": "perport"}, KS + "tunnel_mode", "perport"),
         ({}, {"tunnel_mode": 1}, KS + "tunnel_mode", 1),
+        ({"EG_SSH_RESPONSE": "tunnel"}, {}, "EG_SSH_RESPONSE", "tunnel"),
+        ({}, {"response": True}, KS + "response", True),
+        ({"EG_SSH_KERNEL_IP": "localhost"}, {}, "EG_SSH_KERNEL_IP", "localhost"),
+        ({}, {"kernel_ip": "::1"}, KS + "kernel_ip", "::1"),
     ],
 )
 def test_tunnel_settings_name_the_setting_and_the_value(env, proxy_config, setting, value):
@@ -140,6 +149,10 @@ def test_tunnel_settings_name_the_setting_and_the_value(env, proxy_config, setti
         assert "'shared'" in message and "'per-port'" in message
     elif "COUNT" in setting.upper():
         assert "positive integer" in message
+    elif "RESPONSE" in setting.upper():
+        assert "'auto', 'ssh', 'direct'" in message
+    elif "KERNEL_IP" in setting.upper():
+        assert "IPv4 address" in message
     else:
         assert "non-negative integer" in message
 

@@ -4,6 +4,8 @@ gateway can still send its connection info."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import socket
 import threading
@@ -13,6 +15,8 @@ import pytest
 
 import egtunnel
 import harness
+from egtunnel.config import SshSettings, TunnelSettings
+from egtunnel.kernel_tunnels import KernelTunnels
 
 
 def target(server: harness.SshServer, **kw: object) -> egtunnel.SshTarget:
@@ -88,6 +92,8 @@ def test_connection_info_reaches_the_gateway_from_a_host_without_a_route_to_it(r
         # A second start on the same host shares the listener and the connection.
         again = t.response_forward(10)
         assert again.port == forward.port
+        mine = [c for c in egtunnel.status() if c["host"] == remote_host.sshd.host and c["port"] == remote_host.sshd.port]
+        assert [(c["users"], c["remote_forward"]) for c in mine] == [(2, forward.port)]
         again.close()
         assert len([c for c in egtunnel.status() if c["host"] == remote_host.sshd.host and c["port"] == remote_host.sshd.port]) == 1
     finally:
@@ -136,3 +142,52 @@ def test_bad_addresses_are_refused_before_any_network(sshd: harness.SshServer) -
     with pytest.raises(ValueError, match="no respond_to"):
         base.response_forward(5)
     assert sshd.log_count("Connection from") == 0
+
+
+# -- KernelTunnels: the proxies' choice between SSH and the direct address ---------------------------
+
+
+def kernel_tunnels(server: harness.SshServer, response: str, respond_to: str) -> KernelTunnels:
+    kw = server.connect_kwargs()
+    ssh = SshSettings(port=kw["port"], user=kw["user"], identity_file=kw["identity_file"], known_hosts=kw["known_hosts"])
+    tunnels = KernelTunnels("k-response", logging.getLogger("egtunnel.test.response"), ssh,
+                            TunnelSettings(response=response), {}, lambda: 0)  # fmt: skip
+    tunnels.respond_to = respond_to
+    return tunnels
+
+
+def test_the_kernel_gets_the_remote_forward_when_the_server_allows_it(sshd: harness.SshServer,
+                                                                       response_port: ResponsePort) -> None:
+    tunnels = kernel_tunnels(sshd, "auto", f"127.0.0.1:{response_port.port}")
+    forward = asyncio.run(tunnels.response_forward(sshd.host))
+    try:
+        assert forward is not None and forward.address.startswith("127.0.0.1:")
+        assert tunnels.target(sshd.host).respond_to == f"127.0.0.1:{response_port.port}"
+    finally:
+        forward.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "why"),
+    [
+        # sshd binds remote forwards on every address whatever the client asks: the host would expose it.
+        ("GatewayPorts yes", "GatewayPorts yes"),
+        # Remote forwarding refused outright.
+        ("AllowTcpForwarding local", "remote forward"),
+    ],
+)
+def test_auto_falls_back_to_the_direct_address_with_one_warning_and_ssh_refuses(
+        sshd_factory, response_port: ResponsePort, caplog: pytest.LogCaptureFixture, setting: str, why: str) -> None:
+    server = sshd_factory(extra_config=[setting])
+    caplog.set_level(logging.WARNING, logger="egtunnel.test.response")
+    auto = kernel_tunnels(server, "auto", f"127.0.0.1:{response_port.port}")
+    assert asyncio.run(auto.response_forward(server.host)) is None
+    assert asyncio.run(auto.response_forward(server.host)) is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "egtunnel.test.response"]
+    assert len(warnings) == 1, warnings
+    assert why in warnings[0] and f"127.0.0.1:{response_port.port}" in warnings[0] and "directly" in warnings[0]
+    strict = kernel_tunnels(server, "ssh", f"127.0.0.1:{response_port.port}")
+    with pytest.raises(egtunnel.ForwardingProhibited, match=why):
+        asyncio.run(strict.response_forward(server.host))
+    # Whatever the choice, no hold on the connection is left behind.
+    harness.wait_until(lambda: not [c for c in egtunnel.status() if c["port"] == server.port and c["users"]], 10)

@@ -3,12 +3,15 @@
 `python -m egtunnel kernelspec install --name NAME` writes NAME/kernel.json whose argv runs
 `python -m egtunnel.launcher` with the placeholders EG substitutes at launch ({kernel_id},
 {response_address}, {public_key}, {port_range}) and whose process proxy is one of egtunnel's
-drop-ins. Pure Python, so it works wherever the package is installed.
+drop-ins. With tunneling on, the proxy tells that launcher to bind the kernel's ports on its host's
+loopback; `--kernel-ip 0.0.0.0` writes a kernelspec whose kernels stay reachable from the network.
+Pure Python, so it works wherever the package is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -64,18 +67,32 @@ def _check_class_name(class_name: str) -> str:
     return class_name
 
 
+def _check_kernel_ip(kernel_ip: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(kernel_ip))
+    except ValueError:
+        raise KernelspecError(
+            f"invalid --kernel-ip {kernel_ip!r}: expected the IPv4 address the launcher binds the kernel's "
+            "ports to with tunneling on, such as 127.0.0.1 (the default) or 0.0.0.0"
+        ) from None
+
+
 def kernel_json(
     python: str,
     display_name: str = DEFAULT_DISPLAY_NAME,
     class_name: str = DEFAULT_CLASS_NAME,
+    kernel_ip: Optional[str] = None,
 ) -> dict[str, Any]:
     """The kernel.json content, after validating every input."""
     if not display_name.strip():
         raise KernelspecError("invalid --display-name: it must not be empty")
+    proxy: dict[str, Any] = {"class_name": _check_class_name(class_name)}
+    if kernel_ip is not None:
+        proxy["config"] = {"kernel_ip": _check_kernel_ip(kernel_ip)}
     return {
         "display_name": display_name,
         "language": "python",
-        "metadata": {"process_proxy": {"class_name": _check_class_name(class_name)}},
+        "metadata": {"process_proxy": proxy},
         "argv": [
             _check_python(python),
             "-m",
@@ -113,10 +130,11 @@ def install(
     python: Optional[str] = None,
     display_name: str = DEFAULT_DISPLAY_NAME,
     class_name: str = DEFAULT_CLASS_NAME,
+    kernel_ip: Optional[str] = None,
 ) -> Path:
     """Write NAME/kernel.json and return its path; an existing kernel.json there is replaced."""
     directory = kernels_dir(prefix) / _check_name(name)
-    spec = kernel_json(python if python is not None else sys.executable, display_name, class_name)
+    spec = kernel_json(python if python is not None else sys.executable, display_name, class_name, kernel_ip)
     if directory.exists() and not directory.is_dir():
         raise KernelspecError(f"cannot install into {directory}: it exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,12 +176,17 @@ def register(subcommands: Any) -> None:
         default=DEFAULT_CLASS_NAME,
         help="process proxy class for metadata.process_proxy.class_name (default: %(default)s)",
     )
+    parser.add_argument(
+        "--kernel-ip",
+        help="where the launcher binds the kernel's ports with tunneling on (default: the host's loopback, "
+        "127.0.0.1, which only the SSH server's forwards reach; 0.0.0.0 keeps them reachable from the network)",
+    )
     parser.set_defaults(handler=_run_install, parser=parser)
 
 
 def _run_install(args: argparse.Namespace) -> int:
     try:
-        path = install(args.name, args.prefix, args.python, args.display_name, args.class_name)
+        path = install(args.name, args.prefix, args.python, args.display_name, args.class_name, args.kernel_ip)
     except KernelspecError as exc:
         args.parser.error(str(exc))
     except OSError as exc:

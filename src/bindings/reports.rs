@@ -56,6 +56,8 @@ pub(super) fn status<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         d.set_item("unsettled_sleeps", c.unsettled_sleeps)?;
         d.set_item("via", &c.via)?;
         d.set_item("relays", c.relays)?;
+        d.set_item("users", c.users)?;
+        d.set_item("remote_forward", c.remote_forward)?;
         let forwards = PyList::empty(py);
         for f in &c.forwards {
             let fd = PyDict::new(py);

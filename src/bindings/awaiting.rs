@@ -46,8 +46,14 @@ where
     F: Future<Output = crate::error::Result<T>> + Send + 'static,
     T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
+    // The work runs on egtunnel's runtime; the bridge only waits for it (and cancels it by dropping
+    // the wait).
+    let work = Spawned(runtime::handle().spawn(fut));
     pyo3_async_runtimes::tokio::future_into_py(py, async move {
-        let r = fut.await;
+        let r = match work.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         let Some(entry) = exit_gate::enter() else {
             return std::future::pending().await;
         };
@@ -56,6 +62,24 @@ where
             Err(e) => Err(to_py_gated(e, &context, Some(entry))),
         }
     })
+}
+
+/// A task on egtunnel's runtime that is aborted when whoever waits for it stops waiting (an awaitable
+/// cancelled from Python).
+struct Spawned<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Spawned<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for Spawned<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 /// The network part of a call that Python can make blocking or awaitable: what to name in errors,

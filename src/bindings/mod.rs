@@ -43,8 +43,8 @@ use crate::runtime;
 // needs the GIL, as its exit gate and GIL-holding calls were reasoned about with one.
 #[pymodule(gil_used = true)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // Awaitables run on egtunnel's one runtime rather than a second one of the bridge's.
-    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::handle());
+    // The bridge's own bookkeeping runs on its small runtime; the work itself on egtunnel's (see `runtime`).
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime::bridge());
     logging::install(m.py())?;
     // Closes the exit gate before the interpreter finalizes (atexit runs its handlers last registered
     // first, so the gateway's own handlers, which may still close tunnels and log, run before this one).

@@ -194,7 +194,9 @@ def test_launcher_stops_when_its_gateway_died_before_taking_the_kernel_up(
 
     Killing the gateway before the report arrives would test something else: the launcher's connect is
     refused and it stops the kernel at once, which says nothing about its take-up timeout."""
-    gw = gateway_factory("dies-after-report", kernelspecs=[s for s in MAIN_SPECS if s.name == "egt"])
+    # The report goes straight to the response port, where the frozen gateway's socket holds it.
+    gw = gateway_factory("dies-after-report", kernelspecs=[s for s in MAIN_SPECS if s.name == "egt"],
+                         env={"EG_SSH_RESPONSE": "direct"})
     require_native(gw)
     host = e2e_hosts.a
     kernel_id = str(uuid.uuid4())

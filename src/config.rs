@@ -403,7 +403,19 @@ impl ConnectSpec {
         if self.respond_to.is_some_and(|a| a.port() == 0) {
             return Err(Error::Invalid(format!("respond_to must name a port above 0, got {address:?}")));
         }
-        Ok(self)
+        let respond_to = self.respond_to;
+        Ok(self.with_hops_responding(respond_to))
+    }
+
+    /// The ProxyJump hops carry the same `respond_to`: a hop that also runs kernels is then one
+    /// connection for both (the spec is the pool's key), at the cost of an unused listener on a hop
+    /// that runs none.
+    fn with_hops_responding(mut self, respond_to: Option<SocketAddr>) -> Self {
+        self.respond_to = respond_to;
+        if let Some(jump) = self.jump.take() {
+            self.jump = Some(Arc::new(Arc::unwrap_or_clone(jump).with_hops_responding(respond_to)));
+        }
+        self
     }
 
     /// user@host:port, as every message names the destination.
@@ -509,6 +521,21 @@ mod tests {
 
     fn spec(policy: &str) -> Result<ConnectSpec> {
         ConnectSpec::new("h", 2222, Some("alice"), None, Some("s3cret"), Some("/k"), policy, 10.0)
+    }
+
+    #[test]
+    fn respond_to_is_an_address_carried_by_every_hop_and_part_of_the_key() {
+        let hop = spec("strict").unwrap();
+        let inner = ConnectSpec { jump: Some(Arc::new(ConnectSpec { jump: Some(Arc::new(hop.clone())), ..hop.clone() })), ..hop.clone() };
+        let responding = inner.clone().responding_to("10.0.0.1:8877").unwrap();
+        let chain: Vec<_> = responding.route().iter().map(|s| s.respond_to).collect();
+        assert_eq!(chain, vec![Some("10.0.0.1:8877".parse().unwrap()); 3]);
+        assert_ne!(responding, inner);
+        assert_eq!(responding.clone().responding_to("").unwrap(), inner);
+        for bad in ["gateway:8877", "10.0.0.1", "10.0.0.1:0", "10.0.0.1:70000"] {
+            let err = inner.clone().responding_to(bad).unwrap_err().to_string();
+            assert!(err.contains("respond_to"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -165,9 +165,14 @@ impl ForwardInfo {
         DirectTcpip { host: self.remote_host.clone(), port: self.remote_port, to_remote, from_remote, stats: self.stats.clone() }
     }
 
-    /// Logs that a cap was reached: at warning the first time for this forward, which is what an
-    /// operator needs to see, and at debug afterwards, since a flood reaches it once per connection.
+    /// Logs that a cap was reached, at warning and once per forward: what an operator needs to see.
+    /// Later hits are only counted (`rejected_connections`): a flood reaches the cap once per
+    /// connection, and a log record per connection would hand the flood the GIL (records go to
+    /// Python's logging) on the gateway's event loop.
     fn cap_reached(&self, cap: Cap) {
+        if !self.gate.first_hit(cap) {
+            return;
+        }
         let kernel = self.kernel_id.as_deref().map(|k| format!(" of kernel {k}")).unwrap_or_default();
         let limits = self.gate.limits();
         let what = match cap {
@@ -180,12 +185,7 @@ impl ForwardInfo {
                 limits.queued_opens
             ),
         };
-        let msg = format!("{} forward 127.0.0.1:{}{kernel} has {what}", self.channel, self.local_port);
-        if self.gate.first_hit(cap) {
-            warn!("{msg} (later hits of this cap are logged at debug)");
-        } else {
-            debug!("{msg}");
-        }
+        warn!("{} forward 127.0.0.1:{}{kernel} has {what} (logged once per forward; see rejected_connections)", self.channel, self.local_port);
     }
 }
 

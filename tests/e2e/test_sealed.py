@@ -313,6 +313,8 @@ def test_before_and_after_what_the_network_reaches(gateway_factory: Callable[...
             # OpenSSH): its kernel is probed once the launcher has reported, without running a cell.
             if name != "reach-eg":
                 assert kernel.execute("1 + 1").result == "2"
+            else:
+                time.sleep(2)  # long enough for EG's ssh processes to connect, or to reject their options
             status = kernel_status(gw, kernel)
             ports = remote_ports(status)
             assert len(ports) == 6, status

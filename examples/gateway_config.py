@@ -37,8 +37,17 @@ os.environ here would come too late for those.
                                 "keepalive_margin".
   EG_SSH_KEEPALIVE_COUNT_MAX=3  unanswered keep-alive probes before a connection counts as dead.
                                 Kernelspec key "keepalive_count_max".
+  EG_SSH_RESPONSE=auto          how that connection info comes back with tunneling on: ssh (over a
+                                remote forward on the kernel host's 127.0.0.1, through the host's
+                                SSH connection), direct (to EG_RESPONSE_IP:PORT), or auto (ssh where
+                                the server allows it). Kernelspec key "response".
+  EG_SSH_KERNEL_IP=127.0.0.1    where egtunnel's launcher binds a kernel's ports on its host with
+                                tunneling on (0.0.0.0: reachable from the network). Kernelspec key
+                                "kernel_ip".
   EG_RESPONSE_IP, EG_RESPONSE_PORT=8877
                                 address the kernel launchers report their connection info to.
+                                With response over SSH, EG_RESPONSE_IP=127.0.0.1 keeps the gateway
+                                from accepting anything from the network.
   EG_KERNEL_LAUNCH_TIMEOUT=30   seconds to wait for that report.
   EG_PORT_RANGE=40000..41999    ports for the kernels and the tunnels' local ends (or `port_range`).
   EG_MIN_PORT_RANGE_SIZE=1000   smallest accepted port range; passed on to the launcher.

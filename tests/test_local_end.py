@@ -69,16 +69,6 @@ def refused(port: int) -> bool:
     return False
 
 
-def bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def forward_status(port: int) -> dict:
     return next(f for c in egtunnel.status() for f in c["forwards"] if f["local_port"] == port)
 
@@ -97,7 +87,7 @@ def test_the_comm_port_is_reserved_and_requests_still_reach_the_launcher(
         assert launcher.requests == [b'{"signum": 0}']
         assert refused(comm.local_port)
         # The number stays the forward's: nobody else can bind it while the kernel lives.
-        assert not bindable(comm.local_port)
+        assert not harness.port_is_free(comm.local_port)
         comm.send_request(b'{"signum": 15}', timeout=5)
         assert launcher.requests[-1] == b'{"signum": 15}'
         assert comm.probe_blocking(b'{"signum": 0}') == "alive"
@@ -110,7 +100,7 @@ def test_the_comm_port_is_reserved_and_requests_still_reach_the_launcher(
     finally:
         for t in tunnels:
             t.terminate()
-    assert bindable(comm.local_port)
+    assert harness.port_is_free(comm.local_port)
 
 
 def test_kernel_tunnels_reserve_the_comm_port_and_poll_and_signal_through_the_tunnel(

@@ -20,20 +20,6 @@ def open_to(server: harness.SshServer, remote_host: str, remote_port: int, **kw:
     return egtunnel.open_tunnel(**{**server.connect_kwargs(), **kw}, remote_host=remote_host, remote_port=remote_port)
 
 
-def port_is_free(port: int) -> bool:
-    """Nothing listens there and a server could bind it again (with SO_REUSEADDR, as servers do:
-    connections the tunnel closed may linger in TIME_WAIT on that port)."""
-    if port in listening_ports():
-        return False
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 # Below Linux's minimum delayed-ACK time (40 ms); see test_round_trips_have_no_delayed_ack_stalls.
 DELAYED_ACK_BAR = 0.032
 
@@ -173,7 +159,7 @@ def test_terminate_frees_port_and_returns_fds_and_threads_to_baseline(
     t.terminate()
     elapsed = time.monotonic() - start
     t.terminate()  # idempotent
-    assert port_is_free(t.local_port)
+    assert harness.port_is_free(t.local_port)
     for s in held:
         s.close()
     assert elapsed < 0.02, f"terminate took {elapsed * 1000:.1f} ms"
@@ -270,7 +256,7 @@ def test_unknown_host_key_under_strict_binds_nothing(sshd: harness.SshServer, ec
     with pytest.raises(egtunnel.HostKeyError, match=re.escape(f"[127.0.0.1]:{sshd.port}")):
         open_to(sshd, "127.0.0.1", echo_server.port, known_hosts=str(sshd.empty_known_hosts()), local_port=port)
     assert listening_ports() == before
-    assert port_is_free(port)
+    assert harness.port_is_free(port)
 
 
 @pytest.mark.parametrize("policy", ["strict", "accept-new"])

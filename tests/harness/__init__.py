@@ -41,7 +41,7 @@ from .echo import EchoServer
 from .netns import NetnsUnavailable, netns_unavailable_reason
 from .openssh import OpenSshForward, openssh_forward
 from .owner import OWNER_ENV, new_mark, reap_stale, tagged_env
-from .ports import free_port, is_listening, port_accepts, wait_port
+from .ports import free_port, is_listening, port_accepts, port_is_free, wait_port
 from .procs import descendant_pids, fd_count, stop_popen, thread_count
 from .remote_host import RemoteHost, live_hosts
 from .shell_lock import clear_stale_shell_lock
@@ -67,6 +67,7 @@ __all__ = [
     "free_port",
     "wait_port",
     "port_accepts",
+    "port_is_free",
     "is_listening",
     "wait_until",
     "fd_count",

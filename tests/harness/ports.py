@@ -51,3 +51,17 @@ def _proc_net_tcp_listening(port: int, pid: str = "self") -> bool:
 def is_listening(port: int, *, in_netns_of: Optional[int] = None) -> bool:
     """Whether some socket listens on TCP port, without connecting to it (in the namespace of pid)."""
     return _proc_net_tcp_listening(port, str(in_netns_of) if in_netns_of else "self")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens there and a server could bind it again (with SO_REUSEADDR, as servers do:
+    connections closed on that port may linger in TIME_WAIT)."""
+    if is_listening(port):
+        return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

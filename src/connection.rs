@@ -601,7 +601,6 @@ impl Actor {
         let mut chans = Channels::default();
         if self.shared.spec.respond_to.is_some() {
             chans.listener = Some(RemoteListener::new(self.listen_port));
-            chans.listen_asked = Some(Instant::now());
         }
         let mut schedule = Schedule::new(self.keep_alive);
         io.sess.set_keepalive(true, schedule.policy().native_interval());
@@ -625,8 +624,9 @@ impl Actor {
                 ProbeAction::Dead => return Exit::Dead(schedule.dead_cause()),
                 // A probe's reply would pass for the listen request's (see `remote_listen`): it waits,
                 // but not longer than a connect may take.
-                ProbeAction::Probe if chans.listen_pending() => {
-                    let limit = chans.listen_asked.unwrap_or(now) + Duration::from_millis(self.shared.spec.connect_timeout_ms);
+                ProbeAction::Probe if chans.listen_pending_since().is_some() => {
+                    let asked = chans.listen_pending_since().unwrap_or(now);
+                    let limit = asked + Duration::from_millis(self.shared.spec.connect_timeout_ms);
                     if now >= limit {
                         return Exit::Dead("no answer to the remote forward request".into());
                     }
@@ -921,17 +921,15 @@ struct Channels {
     scratch: Vec<u8>,
     /// The remote listener back to the gateway, on a connection with `respond_to`.
     listener: Option<RemoteListener>,
-    /// When the listener was asked for (a request unanswered past the connect timeout ends the session).
-    listen_asked: Option<Instant>,
     /// libssh2 received packets that no step has looked for yet: every forward's libssh2 queue is
     /// checked on the next pass. Otherwise only forwards with local work or something in progress are.
     rescan: bool,
 }
 
 impl Channels {
-    /// The listener's request is out and unanswered.
-    fn listen_pending(&self) -> bool {
-        self.listener.as_ref().is_some_and(RemoteListener::pending)
+    /// Since when the listener's request has been out unanswered.
+    fn listen_pending_since(&self) -> Option<Instant> {
+        self.listener.as_ref().and_then(RemoteListener::pending_since)
     }
 
     /// A connection the server opened to the remote listener: its channel joins the forwards, and a

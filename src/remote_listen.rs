@@ -10,6 +10,8 @@
 
 use std::os::raw::{c_char, c_int};
 
+use tokio::time::Instant;
+
 use libssh2_sys as raw;
 use ssh2::Session;
 
@@ -46,8 +48,9 @@ pub enum ListenStep {
 }
 
 enum State {
-    /// To ask for the port (0: any) on the next step; the request goes out in pieces if the socket is full.
-    Asking { port: u16, sent: bool },
+    /// To ask for the port (0: any) on the next step; the request goes out in pieces if the socket is
+    /// full. `since`: when the first piece went out (None before).
+    Asking { port: u16, since: Option<Instant> },
     Up { listener: *mut raw::LIBSSH2_LISTENER, port: u16 },
     Refused,
 }
@@ -66,12 +69,16 @@ impl RemoteListener {
     /// A listener to ask for on a new session: on the port a previous session had, so launchers told
     /// that port before a reconnect still reach the gateway, or any port.
     pub fn new(previous_port: u16) -> Self {
-        RemoteListener { state: State::Asking { port: previous_port, sent: false } }
+        RemoteListener { state: State::Asking { port: previous_port, since: None } }
     }
 
-    /// A request is out and its reply not in: keep-alive probes must wait (see the module comment).
-    pub fn pending(&self) -> bool {
-        matches!(self.state, State::Asking { sent: true, .. })
+    /// Since when a request has been out without a reply: keep-alive probes must wait meanwhile (see
+    /// the module comment).
+    pub fn pending_since(&self) -> Option<Instant> {
+        match self.state {
+            State::Asking { since, .. } => since,
+            _ => None,
+        }
     }
 
     pub fn port(&self) -> Option<u16> {
@@ -84,7 +91,7 @@ impl RemoteListener {
     /// Continues the request, or takes one connection the server opened to the listener.
     pub fn step(&mut self, io: &SshIo, want_write: &mut bool) -> ListenStep {
         match self.state {
-            State::Asking { port, .. } => self.ask(io, want_write, port),
+            State::Asking { port, since } => self.ask(io, want_write, port, since),
             // SAFETY: the listener came from this session, which frees listeners only when it goes.
             State::Up { listener, .. } => match io.attempt_rc(want_write, unsafe { RawChannel::accept_forwarded(&io.sess, listener) }) {
                 Attempt::Done(ch) => ListenStep::Accepted(ch),
@@ -96,8 +103,8 @@ impl RemoteListener {
         }
     }
 
-    fn ask(&mut self, io: &SshIo, want_write: &mut bool, port: u16) -> ListenStep {
-        self.state = State::Asking { port, sent: true };
+    fn ask(&mut self, io: &SshIo, want_write: &mut bool, port: u16, since: Option<Instant>) -> ListenStep {
+        self.state = State::Asking { port, since: Some(since.unwrap_or_else(Instant::now)) };
         let mut bound: c_int = 0;
         let listener = {
             let mut guard = io.sess.raw();
@@ -121,8 +128,7 @@ impl RemoteListener {
             _ if is_fatal(&e) => ListenStep::Fatal(format!("remote forward request: {}", e.message())),
             // The port a previous session held may still be taken on the host: any port will do.
             _ if port != 0 => {
-                self.state = State::Asking { port: 0, sent: false };
-                self.ask(io, want_write, 0)
+                self.ask(io, want_write, 0, None)
             }
             _ => {
                 self.state = State::Refused;

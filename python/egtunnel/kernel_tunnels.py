@@ -38,7 +38,7 @@ from . import _native
 from .config import SshSettings, TunnelSettings
 from .errors import ConnectionDown, ForwardingProhibited, HostKeyError, SshAuthError
 
-__all__ = ["ALIVE", "DEAD", "UNKNOWN", "Forward", "KernelTunnels", "on_event_loop"]
+__all__ = ["ALIVE", "DEAD", "UNKNOWN", "Forward", "KernelTunnels", "is_loopback", "on_event_loop"]
 
 COMM = "EG_COMM"
 # EG's order of the five ZMQ forwards and the connection-info key of each remote port.
@@ -279,7 +279,8 @@ class KernelTunnels:
         try:
             forward = await target.response_forward_async(EXEC_TIMEOUT)
         except ForwardingProhibited as exc:
-            return self._direct(target, str(exc))
+            self._direct(target, str(exc))
+            return None
         try:
             exposed = await self._exposed_at(target, forward.port)
         except BaseException:
@@ -287,9 +288,10 @@ class KernelTunnels:
             raise
         if exposed:
             forward.close()
-            return self._direct(target, f"the SSH server {target.destination} binds the remote forward on "
+            self._direct(target, f"the SSH server {target.destination} binds the remote forward on "
                                 f"{exposed}, reachable from the network, not on the host's 127.0.0.1 only "
                                 "(its sshd_config sets GatewayPorts yes)")  # fmt: skip
+            return None
         return forward
 
     async def _exposed_at(self, target: Any, port: int) -> str:
@@ -305,6 +307,7 @@ class KernelTunnels:
         return _EXPOSED[key]
 
     def _direct(self, target: Any, why: str) -> None:
+        """Connection info goes directly after all: logged once per host, or refused under "ssh"."""
         if self.settings.response == "ssh":
             raise ForwardingProhibited(f"{why}; connection info cannot come back over SSH (response: ssh). "
                                        "Allow remote forwarding on the host's loopback, or set response to auto or direct.")  # fmt: skip
@@ -312,7 +315,6 @@ class KernelTunnels:
             _direct_logged.add(target.destination)
             self.log.warning(f"Kernels on {target.destination} send their connection info directly to the gateway's "
                              f"response address {self.respond_to}, not over SSH: {why}")  # fmt: skip
-        return None
 
     # ------------------------------------------------------------------------------- failed starts
 
@@ -436,12 +438,17 @@ def _listen_addresses(lines: Iterable[str]) -> list[str]:
     return [fields[3] for fields in (line.split() for line in lines) if len(fields) >= 4]
 
 
-def _is_loopback_address(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]").split("%")[0]
+def is_loopback(host: Any) -> bool:
+    """Whether `host` is a loopback IP address (anything else, names included, is not)."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(str(host)).is_loopback
     except ValueError:
         return False
+
+
+def _is_loopback_address(address: str) -> bool:
+    """The same for `ss`'s ADDR:PORT, [v6]:PORT or addr%iface:PORT."""
+    return is_loopback(address.rsplit(":", 1)[0].strip("[]").split("%")[0])
 
 
 def _delivered(result: Any) -> bool:

@@ -42,7 +42,16 @@ from .config import (
     parse_tunneling,
 )
 from .errors import HostKeyError, SshAuthError, SshConnectError
-from .kernel_tunnels import COMM, EXEC_TIMEOUT, KERNEL_PORTS, Forward, KernelTunnels, http_status, on_event_loop
+from .kernel_tunnels import (
+    COMM,
+    EXEC_TIMEOUT,
+    KERNEL_PORTS,
+    Forward,
+    KernelTunnels,
+    http_status,
+    is_loopback,
+    on_event_loop,
+)
 
 __all__ = [
     "NativeTunnelMixin",
@@ -52,6 +61,8 @@ __all__ = [
 ]
 
 KernelChannel = _pp.KernelChannel
+# Response addresses that cannot be carried over SSH, already logged (once per address).
+_unusable_response_logged: set[str] = set()
 
 
 def _channel_name(kernel_channel: Union["KernelChannel", str]) -> str:
@@ -110,6 +121,10 @@ class NativeTunnelMixin:
         if settings.response == "ssh":
             raise SettingError("response", settings.response,
                                f"needs the gateway's response address as IP:PORT, got {address!r} (set EG_RESPONSE_IP)")  # fmt: skip
+        if address not in _unusable_response_logged:
+            _unusable_response_logged.add(address)
+            self.log.warning(f"Connection info goes directly to the gateway's response address {address!r}, not over "
+                             "SSH: a remote forward needs it as IP:PORT (set EG_RESPONSE_IP).")  # fmt: skip
         return None
 
     def _egtunnel_launch_env(self, kwargs: dict) -> None:
@@ -177,7 +192,7 @@ class NativeTunnelMixin:
         self.egtunnel.name_host(self.assigned_ip, self.assigned_host)  # type: ignore[union-attr]
         # A launcher that bound the host's loopback is reached there, through the host's sshd; the
         # persisted copy keeps that address so a revived gateway forwards to it again.
-        kernel_ip = "127.0.0.1" if _is_loopback(connect_info.get("ip")) else self.assigned_ip
+        kernel_ip = "127.0.0.1" if is_loopback(connect_info.get("ip")) else self.assigned_ip
         connect_info["ip"] = self.assigned_ip
         self.tunneled_connect_info = dict(connect_info, ip=kernel_ip)
         return self.egtunnel.layout({**connect_info, "ip": kernel_ip}, self.assigned_ip)  # type: ignore[union-attr]
@@ -447,9 +462,8 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
     async def _egtunnel_response_over_ssh(self, kernel_cmd: Any) -> Any:
         """The launch argv with EG's response address replaced by the remote forward's on the host's
         loopback, so the host needs no route to the gateway (see `KernelTunnels.response_forward`)."""
-        if not self.native_tunneling:
-            return kernel_cmd
-        address = str(getattr(self.kernel_manager, "response_address", None) or "")
+        # EG's response address, set only when this start's connection info may come back over SSH.
+        address = self.egtunnel.respond_to  # type: ignore[union-attr]
         if not address or not any(address in str(arg) for arg in kernel_cmd):
             return kernel_cmd
         forward = await self.egtunnel.response_forward(self.ip)  # type: ignore[union-attr]
@@ -459,13 +473,6 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
         self.log.debug(f"KernelID '{self.kernel_id}' sends its connection info to {forward.address} on "
                        f"'{self.assigned_host}', carried over SSH to {address}.")  # fmt: skip
         return [str(arg).replace(address, forward.address) if address in str(arg) else arg for arg in kernel_cmd]
-
-
-def _is_loopback(address: Any) -> bool:
-    try:
-        return ipaddress.ip_address(str(address)).is_loopback
-    except ValueError:
-        return False
 
 
 async def _resolve(target: Any) -> str:

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use log::{debug, warn};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -224,6 +224,38 @@ pub struct Forward {
     /// on the caller's thread, so a busy runtime cannot delay freeing the port.
     listener: Arc<Mutex<Option<LocalPort>>>,
     terminated: AtomicBool,
+    requests: RequestQueue,
+}
+
+/// Requests taking turns: each waits until the one taken before it has finished.
+#[derive(Default)]
+pub struct RequestQueue {
+    /// Ends when the turn taken last has finished.
+    last: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl RequestQueue {
+    pub fn turn(&self) -> RequestTurn {
+        let (mine, done) = oneshot::channel();
+        let before = self.last.lock().unwrap().replace(done);
+        RequestTurn { before, _mine: mine }
+    }
+}
+
+/// One request's place in its queue: `wait` returns once every request taken before it has
+/// finished; dropping it lets the next one go.
+pub struct RequestTurn {
+    before: Option<oneshot::Receiver<()>>,
+    _mine: oneshot::Sender<()>,
+}
+
+impl RequestTurn {
+    pub async fn wait(&mut self) {
+        if let Some(before) = self.before.take() {
+            // A sender dropped without sending is the predecessor finishing, too.
+            let _ = before.await;
+        }
+    }
 }
 
 impl Forward {
@@ -233,7 +265,23 @@ impl Forward {
         let serves = !local.is_reserved();
         let listener = Arc::new(Mutex::new(Some(local)));
         let task = serves.then(|| tokio::spawn(accept_loop(listener.clone(), conn.clone(), info.clone(), stop_rx)));
-        Forward { info, conn, stop, task: Mutex::new(task), listener, terminated: AtomicBool::new(false) }
+        Forward {
+            info,
+            conn,
+            stop,
+            task: Mutex::new(task),
+            listener,
+            terminated: AtomicBool::new(false),
+            requests: RequestQueue::default(),
+        }
+    }
+
+    /// The next place among this forward's requests, taken on the caller's thread so that requests
+    /// reach the remote port one at a time, in the order they were sent. A launcher serving one
+    /// connection at a time (Enterprise Gateway's listens with a queue of one) then never has more
+    /// than one of ours waiting, and each request is acted on before the next arrives.
+    pub fn request_turn(&self) -> RequestTurn {
+        self.requests.turn()
     }
 
     /// Counts a request to the remote port as one of this forward's channels until the guard drops,
@@ -432,6 +480,34 @@ async fn serve_local(
 mod tests {
     use super::*;
     use std::io::ErrorKind;
+
+    #[tokio::test]
+    async fn requests_take_turns_in_the_order_they_were_queued() {
+        let queue = RequestQueue::default();
+        let (first, second, third) = (queue.turn(), queue.turn(), queue.turn());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        // Started in reverse: each still runs only after the one queued before it has finished.
+        let mut tasks = JoinSet::new();
+        for (n, mut turn) in [(3, third), (2, second), (1, first)] {
+            let order = order.clone();
+            tasks.spawn(async move {
+                turn.wait().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                order.lock().unwrap().push(n);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        assert_eq!(*order.lock().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_turn_dropped_unused_lets_the_next_go() {
+        let queue = RequestQueue::default();
+        let abandoned = queue.turn();
+        let mut next = queue.turn();
+        drop(abandoned);
+        tokio::time::timeout(Duration::from_secs(1), next.wait()).await.expect("the next turn comes");
+    }
 
     fn connect(port: u16) -> std::io::Result<std::net::TcpStream> {
         std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5))

@@ -51,6 +51,11 @@ pub struct Liveness {
     direct_until: AtomicU64,
     /// A poll without an answer was logged at warning; cleared by the next answer.
     unknown_told: AtomicBool,
+    /// The remote end took a request's connection and never answered it: no channel goes to it any
+    /// more. Each would wait in its listen queue, and once that is full the server's connect, and with
+    /// it every channel open of the connection (libssh2 opens one at a time), waits for as long as
+    /// TCP retries, minutes.
+    stalled: AtomicBool,
 }
 
 impl Liveness {
@@ -101,6 +106,15 @@ impl Liveness {
         self.unknown_told.store(false, Ordering::Release);
     }
 
+    /// Marks the remote end as taking connections without answering; true the first time.
+    pub fn stall(&self) -> bool {
+        !self.stalled.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
+    }
+
     pub fn probe_directly_for(&self, span: Duration) {
         self.direct_until.store(clock() + span.as_millis() as u64, Ordering::Release);
     }
@@ -128,6 +142,15 @@ mod tests {
         assert!(!live.start_probe(), "one probe out at a time");
         live.probe_done();
         assert!(live.start_probe());
+    }
+
+    #[test]
+    fn a_stall_is_reported_once_and_stays() {
+        let live = Liveness::default();
+        assert!(!live.is_stalled());
+        assert!(live.stall(), "the first stall is news");
+        assert!(!live.stall(), "and only the first");
+        assert!(live.is_stalled());
     }
 
     #[test]

@@ -412,16 +412,7 @@ pub async fn exec(spec: &ConnectSpec, command: &str, timeout: Duration) -> Resul
     out
 }
 
-/// Sends one request to the forward's remote port on a fresh channel and waits until the remote end
-/// has closed its side: by then the request was delivered. A refusal is reported as `Refused`.
-///
-/// The caller holds the forward's `begin_request` guard (taken before the forward could be closed), so
-/// closing the forward meanwhile lets this request finish first.
-pub async fn send_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
-    start_request(fwd, data, timeout)?.finish().await
-}
-
-/// `send_request` for a forward not handed out yet: no other request to its port can be under way, so
+/// A request (see `requests::deliver`) for a forward not handed out yet: no other request to its port can be under way, so
 /// there is no order to keep and any lane will do (see `lanes`).
 async fn first_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<()> {
     let conn = &fwd.conn;
@@ -459,9 +450,11 @@ pub struct PendingRequest {
     timeout: Duration,
 }
 
-/// Queues the request's channel open now, on the caller's thread: requests to one remote port reach
-/// it in the order they were started (the connection opens channels first come, first served, and
-/// the data and EOF go out as soon as each channel is open), while their round trips overlap.
+/// Queues the request's channel open now, on the caller's thread (the connection opens channels first
+/// come, first served, and the data and EOF go out as soon as the channel is open); `finish` waits
+/// until the remote end has closed its side: by then the request was delivered. A refusal is reported
+/// as `Refused`. The caller holds the forward's `begin_request` guard, so closing the forward
+/// meanwhile lets the request finish first.
 pub fn start_request(fwd: &Forward, data: Vec<u8>, timeout: Duration) -> Result<PendingRequest> {
     let conn = fwd.conn.clone();
     if !conn.is_alive() {
@@ -492,28 +485,32 @@ fn open_to_target(
     opened
 }
 
-/// The outcome of a request started with `start_request` (or the reason it could not start).
-pub async fn finish_request(started: Result<PendingRequest>) -> Result<()> {
-    match started {
-        Ok(pending) => pending.finish().await,
-        Err(e) => Err(e),
-    }
-}
-
 impl PendingRequest {
     pub async fn finish(self) -> Result<()> {
+        self.finish_reporting().await.0
+    }
+
+    /// `finish`, and whether the remote end took the connection but never answered: the channel
+    /// opened, the timeout came before the remote close.
+    pub async fn finish_reporting(self) -> (Result<()>, bool) {
         let PendingRequest { conn, reply, mut from_remote, nudge, deadline, target, timeout } = self;
+        let opened = AtomicBool::new(false);
         let work = async {
             reply.await.map_err(|_| Error::Other { dest: conn.dest(), cause: "connection closed".into() })??;
+            opened.store(true, Ordering::Relaxed);
             // Drain until the remote end closes; the launcher closes after handling the request.
             while from_remote.recv().await.is_some() {
                 nudge.raise();
             }
             Ok(())
         };
-        tokio::time::timeout_at(deadline, work).await.unwrap_or_else(|_| {
-            Err(Error::Timeout { dest: conn.dest(), what: format!("request to {target}"), secs: timeout.as_secs_f64() })
-        })
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(outcome) => (outcome, false),
+            Err(_) => {
+                let what = format!("request to {target}");
+                (Err(Error::Timeout { dest: conn.dest(), what, secs: timeout.as_secs_f64() }), opened.load(Ordering::Relaxed))
+            }
+        }
     }
 }
 

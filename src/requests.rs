@@ -6,6 +6,7 @@
 //! runtime: no thread, no Python future, and nothing that wakes the event loop when the answer comes.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -50,23 +51,49 @@ pub fn probe(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
     state
 }
 
-/// The probe proper: `data` delivered on a channel of its own, the answer recorded.
+/// The probe proper: `data` delivered on a channel of its own, the answer recorded. A remote end that
+/// stalled is not asked again (see `Liveness::stall`); its liveness stays what the host's batch says.
 fn probe_on_channel(fwd: Arc<Forward>, in_flight: ChannelGuard, data: Vec<u8>, timeout: Duration) {
+    if fwd.info.liveness.is_stalled() {
+        fwd.info.liveness.probe_done();
+        return;
+    }
     let pending = pool::start_request(&fwd, data, timeout);
     runtime::spawn(async move {
-        let outcome = pool::finish_request(pending).await;
+        let outcome = finish(&fwd, pending).await;
         drop(in_flight);
         answer(&fwd, &outcome);
         fwd.info.liveness.probe_done();
     });
 }
 
+/// Waits for a request's outcome; a remote end that took the connection and never answered is marked
+/// stalled, and said so once.
+async fn finish(fwd: &Forward, pending: Result<pool::PendingRequest>) -> Result<()> {
+    let pending = match pending {
+        Ok(p) => p,
+        Err(e) => return Err(e),
+    };
+    let (outcome, unanswered) = pending.finish_reporting().await;
+    if unanswered && fwd.info.liveness.stall() {
+        let i = &fwd.info;
+        let whose = i.kernel_id.as_ref().map(|k| format!(" of KernelID '{k}'")).unwrap_or_default();
+        warn!(
+            "{} forward{whose}: {}:{} took a request's connection and did not answer it; no more requests go \
+             to it (signals are sent by the fallback command, where there is one)",
+            i.channel, i.remote_host, i.remote_port
+        );
+    }
+    outcome
+}
+
 /// `probe` for a caller that can wait (off the event loop): delivers `data`, records the answer and
 /// returns it. A terminated forward cannot be asked: its liveness is unknown.
 pub async fn probe_wait(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> State {
     let outcome = match fwd.begin_request() {
+        Some(_) if fwd.info.liveness.is_stalled() => return fwd.info.liveness.get(),
         Some(in_flight) => {
-            let r = pool::send_request(fwd, data, timeout).await;
+            let r = finish(fwd, pool::start_request(fwd, data, timeout)).await;
             drop(in_flight);
             r
         }
@@ -219,6 +246,25 @@ fn parse_listening(stdout: &[u8]) -> Vec<u16> {
     String::from_utf8_lossy(stdout).lines().filter_map(|l| u16::from_str_radix(l.trim(), 16).ok()).collect()
 }
 
+/// Delivers `data` on a channel of its own and waits for the remote end to close, in turn with the
+/// forward's other requests (see `Forward::request_turn`): the turn is taken now, on the caller's
+/// thread; `timeout` counts from when it comes. A stalled remote end is not asked.
+pub fn deliver(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration) -> impl Future<Output = Result<()>> + Send + 'static {
+    let mut turn = fwd.request_turn();
+    let fwd = fwd.clone();
+    async move {
+        turn.wait().await;
+        if fwd.info.liveness.is_stalled() {
+            let i = &fwd.info;
+            return Err(Error::Other {
+                dest: fwd.conn.dest(),
+                cause: format!("{}:{} took an earlier request without answering it", i.remote_host, i.remote_port),
+            });
+        }
+        finish(&fwd, pool::start_request(&fwd, data, timeout)).await
+    }
+}
+
 /// A command to run on the host when the remote port cannot take a request (Enterprise Gateway's
 /// own fallback for signals: `kill` through a remote shell).
 pub struct Fallback {
@@ -227,20 +273,21 @@ pub struct Fallback {
     pub timeout: Duration,
 }
 
-/// Delivers `data` in the background; closing the forward meanwhile lets it finish first. The channel
-/// open is queued before this returns, so sends to one forward reach the remote end in the order they
-/// were made, as Enterprise Gateway sends them (a launcher told to shut down before it got SIGTERM
-/// stops its kernel the slow way). `what` names the request in the log line that reports its outcome.
-/// A refusal marks the remote end dead; a failure other than a down connection runs `fallback`.
+/// Delivers `data` in the background; closing the forward meanwhile lets it finish first. Sends to one
+/// forward go one at a time, in the order they were made (`Forward::request_turn`), as Enterprise
+/// Gateway sends them (a launcher told to shut down before it got SIGTERM stops its kernel the slow
+/// way), each with `timeout` from its turn. `what` names the request in the log line that reports its
+/// outcome. A refusal marks the remote end dead; a failure other than a down connection, a stalled
+/// remote end included, runs `fallback`.
 pub fn send(fwd: &Arc<Forward>, data: Vec<u8>, timeout: Duration, what: String, fallback: Option<Fallback>) -> Result<()> {
     let in_flight = fwd.begin_request().ok_or_else(|| Error::Other {
         dest: fwd.conn.dest(),
         cause: format!("the {} tunnel was terminated", fwd.info.channel),
     })?;
-    let pending = pool::start_request(fwd, data, timeout);
+    let delivery = deliver(fwd, data, timeout);
     let fwd = fwd.clone();
     runtime::spawn(async move {
-        let outcome = pool::finish_request(pending).await;
+        let outcome = delivery.await;
         drop(in_flight);
         match outcome {
             Ok(()) => {

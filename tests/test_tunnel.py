@@ -444,6 +444,30 @@ def test_taken_local_port_is_oserror_eaddrinuse(sshd: harness.SshServer) -> None
     assert f"127.0.0.1:{port}" in str(info.value)
 
 
+def test_a_port_that_takes_requests_without_answering_holds_up_no_other_channel(
+        sshd: harness.SshServer, echo_server: harness.EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    # A launcher's listener that hangs: it listens with a queue of one (as EG's does) and never accepts.
+    # Each request beyond its queue would leave the server's connect, and every channel open of the
+    # shared connection behind it, waiting for as long as TCP retries.
+    caplog.set_level(logging.WARNING, logger="egtunnel")
+    with socket.socket() as hung, open_to(sshd, "127.0.0.1", echo_server.port) as echo:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(1)
+        with open_to(sshd, "127.0.0.1", hung.getsockname()[1], channel="EG_COMM") as comm:
+            for signum in (2, 15, 0, 9):
+                comm.send_background(f'{{"signum": {signum}}}'.encode(), f"signal {signum}", timeout=1.0)
+            started = time.monotonic()
+            for _ in range(3):
+                assert harness.echo_once("127.0.0.1", echo.local_port, b"still served\n") == b"still served\n"
+            assert time.monotonic() - started < 2.0
+            harness.wait_until(lambda: sum("did not answer it" in r.getMessage() for r in caplog.records) == 1, 5,
+                               what="the stalled port to be named once")
+            # The requests queued behind the first fail at once instead of queueing at the port.
+            harness.wait_until(lambda: sum("took an earlier request without answering it" in r.getMessage()
+                                           for r in caplog.records) == 3, 5, what="the three later requests to fail")
+            assert harness.echo_once("127.0.0.1", echo.local_port, b"after\n") == b"after\n"
+
+
 def test_send_request_delivers_then_reports_refusal(sshd: harness.SshServer) -> None:
     import errno
 

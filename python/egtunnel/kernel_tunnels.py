@@ -62,6 +62,10 @@ _KERNEL_ID = re.compile(r"[A-Za-z0-9_-]+")
 # first signals went out (a launch command that timed out may yet run).
 STOP_LAUNCHED_GRACE = 1
 STOP_LAUNCHED_LATE = 2
+# After a kernel's shutdown, how long the processes of its launch get to exit on their own before what
+# is left of them is killed: longer than egtunnel's launcher takes to escalate a shutdown request to
+# SIGKILL (5 s, then 2 s), so a kernel that stops on its own is never killed.
+LEFTOVER_GRACE = 10
 # The background stops still running; asyncio keeps only weak references to tasks.
 _stopping: set[asyncio.Future] = set()
 # Per SSH destination and remote-forward port: where the server binds it beyond the host's loopback
@@ -318,6 +322,14 @@ class KernelTunnels:
 
     # ------------------------------------------------------------------------------- failed starts
 
+    def _id_pattern(self) -> Optional[str]:
+        """The shell-quoted pkill pattern of this kernel's processes, or None when the id cannot be put
+        in a command safely (see `stop_launched_command`)."""
+        if not _KERNEL_ID.fullmatch(self.kernel_id):
+            return None
+        # The id ends at a blank or the end of the arguments: another id that merely starts with it is spared.
+        return shlex.quote(f"kernel-id[ =]{self.kernel_id}([[:space:]]|$)")
+
     def stop_launched_command(self) -> Optional[str]:
         """The remote command that stops every process started for this kernel, or None when the id
         cannot be put in a command safely.
@@ -328,10 +340,9 @@ class KernelTunnels:
         process group misses some of those, and before the connection info arrives EG knows neither. The
         bracket keeps the pattern from matching the shell that runs it; pkill excludes itself.
         """
-        if not _KERNEL_ID.fullmatch(self.kernel_id):
+        pattern = self._id_pattern()
+        if pattern is None:
             return None
-        # The id ends at a blank or the end of the arguments: another id that merely starts with it is spared.
-        pattern = shlex.quote(f"kernel-id[ =]{self.kernel_id}([[:space:]]|$)")
         return (f"p={pattern}; pkill -TERM -f -- \"$p\"; found=$?; sleep {STOP_LAUNCHED_GRACE}; "
                 f"pkill -KILL -f -- \"$p\"; sleep {STOP_LAUNCHED_LATE}; pkill -KILL -f -- \"$p\"; echo $found")
 
@@ -352,25 +363,34 @@ class KernelTunnels:
             self.log.warning(f"Cannot stop KernelID '{self.kernel_id}' on {host} after its failed start: {exc}")
             return
         self.log.info(f"Stopping processes of KernelID '{self.kernel_id}' on {target.destination} after its failed start.")
+        self._in_background(target, command, self._stopped, self._stop_failed)
+
+    def _in_background(self, target: Any, command: str, done: Callable[[Any, Any], None],
+                       failed: Callable[[Any, BaseException], None]) -> None:
+        """Runs `command` on `target` natively and hands its result to `done` (or the exception to
+        `failed`): in the background on the event loop, to completion off it."""
         if on_event_loop() is None:
             try:
-                self._stopped(target, target.exec(command, EXEC_TIMEOUT))
-            except Exception as exc:  # noqa: BLE001
-                self._stop_failed(target, exc)
+                result = target.exec(command, EXEC_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - reported by `failed`
+                failed(target, exc)
+            else:
+                done(target, result)
             return
         future = asyncio.ensure_future(target.exec_async(command, EXEC_TIMEOUT))
         _stopping.add(future)
-        future.add_done_callback(lambda f: self._stop_done(f, target))
 
-    def _stop_done(self, future: asyncio.Future, target: Any) -> None:
-        _stopping.discard(future)
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            self._stop_failed(target, exc)
-        else:
-            self._stopped(target, future.result())
+        def finished(f: asyncio.Future) -> None:
+            _stopping.discard(f)
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None:
+                failed(target, exc)
+            else:
+                done(target, f.result())
+
+        future.add_done_callback(finished)
 
     def _stopped(self, target: Any, result: Any) -> None:
         lines = [line.strip() for line in result.lines()]
@@ -386,6 +406,59 @@ class KernelTunnels:
     def _stop_failed(self, target: Any, exc: BaseException) -> None:
         self.log.warning(f"Stopping KernelID '{self.kernel_id}' on {target.destination} after its failed start "
                          f"failed: {type(exc).__name__}: {exc}")  # fmt: skip
+
+    # ------------------------------------------------------------------------------- after shutdown
+
+    def leftovers_command(self, pgid: int) -> Optional[str]:
+        """The remote command that gives the processes of one launch of this kernel (its process group,
+        and the id in their arguments) `LEFTOVER_GRACE` seconds to exit, then kills what is left and
+        prints one `... killed (pid N)` line per process; None when the id or group cannot be used.
+
+        The group is the launch's own (sshd starts each command in a session of its own), so a restart's
+        new launch is never touched; the id keeps a reused group number from matching anything else.
+        pidwait sleeps on the processes themselves; a host without it waits on each pid with tail.
+        """
+        pattern = self._id_pattern()
+        if pattern is None or pgid <= 0:
+            return None
+        grace = LEFTOVER_GRACE
+        return (f"p={pattern}; g={int(pgid)}; pids=$(pgrep -g \"$g\" -f -- \"$p\") || exit 0; "
+                f"if command -v pidwait >/dev/null 2>&1; then timeout {grace} pidwait -g \"$g\" -f -- \"$p\"; "
+                f"else timeout {grace} sh -c 'for q; do tail -s 0.2 --pid=\"$q\" -f /dev/null; done' sh $pids; fi; "
+                f"pkill -KILL -e -g \"$g\" -f -- \"$p\"; exit 0")
+
+    def remove_leftovers(self, host: str, pgid: int) -> None:
+        """After the kernel's shutdown, makes sure nothing of its launch `pgid` stays on `host`.
+
+        EG takes a kernel for gone once its communication port stops answering, which its launcher
+        closes before the kernel process itself has exited; a kernel that then misses its shutdown (a
+        lost control message, a listener that hangs) would run on unseen. Without waiting: what had to
+        be killed is logged as a warning.
+        """
+        command = self.leftovers_command(pgid)
+        if command is None:
+            return
+        try:
+            target = self.target(host)
+        except Exception as exc:  # noqa: BLE001 - the shutdown itself has succeeded
+            self.log.warning(f"Cannot check KernelID '{self.kernel_id}' left nothing on {host}: {exc}")
+            return
+        self._in_background(target, command, self._leftovers_done, self._leftovers_failed)
+
+    def _leftovers_done(self, target: Any, result: Any) -> None:
+        killed = [line.strip() for line in result.lines() if "killed (pid" in line]
+        if killed:
+            self.log.warning(f"KernelID '{self.kernel_id}': {len(killed)} process(es) of it still ran on "
+                             f"{target.destination} {LEFTOVER_GRACE} s after its shutdown; killed: {'; '.join(killed)}")  # fmt: skip
+        elif result.exit_status != 0:
+            self.log.warning(f"Checking that KernelID '{self.kernel_id}' left nothing on {target.destination} "
+                             f"failed (exit {result.exit_status}): {result.stderr.decode(errors='replace').strip()!r}")  # fmt: skip
+        else:
+            self.log.debug(f"KernelID '{self.kernel_id}' left nothing running on {target.destination}.")
+
+    def _leftovers_failed(self, target: Any, exc: BaseException) -> None:
+        self.log.warning(f"Checking that KernelID '{self.kernel_id}' left nothing on {target.destination} failed: "
+                         f"{type(exc).__name__}: {exc}")  # fmt: skip
 
     # ------------------------------------------------------------------------------------- remote signals
 

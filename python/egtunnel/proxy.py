@@ -371,6 +371,20 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
             self.log.debug(f"KernelID '{self.kernel_id}' still alive after SIGTERM; sending SIGKILL.")
             self.send_signal(9)  # type: ignore[attr-defined]
 
+    def cleanup(self) -> None:
+        """EG's cleanup, then a check on the kernel's host that nothing of this launch runs on unseen
+        (see `KernelTunnels.remove_leftovers`); a restart's new launch is a group of its own."""
+        host, pgid = self.ip, self.pgid
+        super().cleanup()  # type: ignore[misc]
+        if (self._egtunnel_stop_fired or not host or pgid <= 0 or pgid == self._egtunnel_checked_pgid
+                or _pp.BaseProcessProxyABC.ip_is_local(host) or getattr(self, "use_gss", False)):
+            return
+        self._egtunnel_checked_pgid = pgid
+        self.egtunnel.remove_leftovers(host, pgid)  # type: ignore[union-attr]
+
+    # The process group whose leftovers were last looked for (EG may clean up one launch twice).
+    _egtunnel_checked_pgid = 0
+
     async def launch_process(self, kernel_cmd: str, **kwargs: Any) -> "DistributedProcessProxy":
         """EG's launch with the remote command awaited on the host's pooled connection.
 

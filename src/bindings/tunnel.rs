@@ -42,10 +42,11 @@ impl Tunnel {
         let Some(in_flight) = fwd.begin_request() else {
             return Err(to_py(terminated(&fwd), &context));
         };
+        let delivery = requests::deliver(&fwd, data, timeout);
         Ok(Call {
             context,
             work: async move {
-                let r = pool::send_request(&fwd, data, timeout).await;
+                let r = delivery.await;
                 drop(in_flight);
                 // Resolves to None, as a Python function without a result: a bare `()` would become an empty tuple.
                 r.map(|()| None::<()>)

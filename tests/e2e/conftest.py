@@ -253,19 +253,32 @@ def pytest_runtest_makereport(
     if not report.failed or report.when == "teardown":
         return
     offsets = getattr(item, "_gateway_log_offsets", {})
-    for gw in _active_gateways:
-        text = gw.log_text(since=offsets.get(id(gw), 0))
-        report.sections.append((f"gateway log {gw.workdir.name} (this test, last {LOG_TAIL_CHARS} chars)",
-                                text[-LOG_TAIL_CHARS:]))
+    funcargs = getattr(item, "funcargs", {})
+
+    def gateway_sections(gw: Gateway) -> None:
         kernel_logs = gw.kernel_logs()
         if kernel_logs:
             report.sections.append((f"kernel logs {gw.workdir.name}", kernel_logs[-LOG_TAIL_CHARS:]))
-    e2e = getattr(item, "funcargs", {}).get("e2e_hosts")
+        text = gw.log_text(since=offsets.get(id(gw), 0))
+        report.sections.append((f"gateway log {gw.workdir.name} (this test, last {LOG_TAIL_CHARS} chars)",
+                                text[-LOG_TAIL_CHARS:]))
+
+    # The test's own gateways come last: a long report is cut in its middle, and its end stays read.
+    used = {id(v) for v in funcargs.values() if isinstance(v, Gateway)}
+    for gw in [g for g in _active_gateways if id(g) not in used]:
+        gateway_sections(gw)
+    hosts: list[tuple[str, harness.RemoteHost]] = []
+    e2e = funcargs.get("e2e_hosts")
     if isinstance(e2e, E2EHosts):
-        for name, host in (("a", e2e.a), ("b", e2e.b), ("c", e2e.c)):
-            if host.sshd is not None:
-                tail = "\n".join(host.sshd.log_text().splitlines()[-SSHD_LOG_TAIL_LINES:])
-                report.sections.append((f"sshd log of host {name} {host.address} (last lines)", tail))
+        hosts += [("a", e2e.a), ("b", e2e.b), ("c", e2e.c)]
+    # Hosts a test made for itself (a module fixture) tell the server's side of its own failure.
+    hosts += [(name, v) for name, v in funcargs.items() if isinstance(v, harness.RemoteHost)]
+    for name, host in hosts:
+        if host.sshd is not None:
+            tail = "\n".join(host.sshd.log_text().splitlines()[-SSHD_LOG_TAIL_LINES:])
+            report.sections.append((f"sshd log of host {name} {host.address} (last lines)", tail))
+    for gw in [g for g in _active_gateways if id(g) in used]:
+        gateway_sections(gw)
 
 
 # -- hosts ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 import harness
 
-from .conftest import MAIN_SPECS, E2EHosts
+from .conftest import MAIN_SPECS, E2EHosts, stop_gateway
 from .gateway import Gateway, KernelSpecDef
 from .kernel_client import GatewayClient, GatewayError, Kernel
 from .support import kernel_side_procs, report, require_native, wait_for
@@ -90,4 +90,4 @@ def test_bad_keepalive_margin_env_fails_with_500_naming_it(
         report("EG_SSH_KEEPALIVE_MARGIN=abc", status=error.status, reason=error.reason[:200])
     finally:
         client.close()
-        gateway.stop()
+        stop_gateway(gateway, e2e_hosts)

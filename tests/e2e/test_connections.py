@@ -27,6 +27,10 @@ def test_shared_mode_one_connection_for_three_kernels(
         gateway: Gateway, client: GatewayClient, e2e_hosts: E2EHosts) -> None:
     require_native(gateway)
     host = e2e_hosts.a
+    # Start from no connection at all (an earlier test's may still be closing), so that every one
+    # counted belongs to these kernels.
+    wait_for(lambda: host.sshd.established_connections() == 0 and not connections_to(gateway, host), 30,
+             what="earlier connections to close")
     kernels = _start(client, "egt")
     established = host.sshd.established_connections()
     conns = connections_to(gateway, host)

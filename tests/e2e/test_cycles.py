@@ -139,18 +139,25 @@ def _concurrent_starts(gateway: Gateway, spec: str, host: harness.RemoteHost) ->
 
 
 def test_twenty_concurrent_starts(gateway: Gateway, sequential: Cycles, e2e_hosts: E2EHosts) -> None:
-    # Tunneling off first, under whatever else this machine is running at the time: its event-loop
-    # latency is the floor. An idle machine is held to the absolute budget; a loaded one to the floor
-    # it measured plus the same margin, since both figures then include the same CPU contention.
-    floor = _concurrent_starts(gateway, "egt-notunnel", e2e_hosts.a)
+    # Tunneling off before and after, under whatever else this machine is running at the time: its
+    # event-loop latency is the floor. An idle machine is held to the absolute budget; a loaded one to
+    # the floor plus the same margin. A p99 of a few hundred samples is a burst's second-worst stall,
+    # and on a loaded machine the stalls drift from one burst to the next: the floor is the worse of the
+    # two bursts around egtunnel's, so both figures include the same period's CPU contention.
+    before = _concurrent_starts(gateway, "egt-notunnel", e2e_hosts.a)
     wait_for(lambda: not kernel_side_procs(e2e_hosts.a), 20, what="nothing left on the remote host")
     burst = _concurrent_starts(gateway, "egt", e2e_hosts.a)
-    p99, floor_p99 = harness.percentile(burst.samples, 99), harness.percentile(floor.samples, 99)
+    wait_for(lambda: not kernel_side_procs(e2e_hosts.a), 20, what="nothing left on the remote host")
+    after = _concurrent_starts(gateway, "egt-notunnel", e2e_hosts.a)
+    p99 = harness.percentile(burst.samples, 99)
+    floor_p99s = [harness.percentile(b.samples, 99) for b in (before, after)]
+    floor_p99 = max(floor_p99s)
     sequential_total = sum(sequential.start_seconds)
     report("concurrent", wall=burst.wall, sequential_total=sequential_total, kernelspecs_p99=p99,
            kernelspecs_p50=harness.percentile(burst.samples, 50), kernelspecs_max=max(burst.samples),
-           samples=len(burst.samples), slowest_start=burst.slowest_start, tunneling_off_wall=floor.wall,
-           tunneling_off_kernelspecs_p99=floor_p99, tunneling_off_kernelspecs_max=max(floor.samples))
-    assert p99 < max(KERNELSPECS_P99_BUDGET, floor_p99 + KERNELSPECS_P99_MARGIN), (p99, floor_p99)
+           samples=len(burst.samples), slowest_start=burst.slowest_start, tunneling_off_wall=before.wall,
+           tunneling_off_kernelspecs_p99=floor_p99s,
+           tunneling_off_kernelspecs_max=[max(b.samples) for b in (before, after)])  # fmt: skip
+    assert p99 < max(KERNELSPECS_P99_BUDGET, floor_p99 + KERNELSPECS_P99_MARGIN), (p99, floor_p99s)
     assert burst.wall < sequential_total
     wait_for(lambda: not kernel_side_procs(e2e_hosts.a), 20, what="nothing left on the remote host")

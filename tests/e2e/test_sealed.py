@@ -140,6 +140,15 @@ def gone_from_host(host: harness.RemoteHost, kernel_id: str) -> bool:
     return not [p for p in kernel_side_procs(host) if kernel_id in p.cmdline]
 
 
+def wait_gone(host: harness.RemoteHost, kernel_id: str, what: str) -> None:
+    """Waits up to 20 s for the kernel's processes to leave the host; a timeout names those that stayed."""
+    try:
+        wait_for(lambda: gone_from_host(host, kernel_id), 20, what=what)
+    except TimeoutError as exc:
+        stayed = [f"{p.pid} {p.cmdline}" for p in kernel_side_procs(host) if kernel_id in p.cmdline]
+        raise AssertionError(f"{exc}; still running: {stayed}") from None
+
+
 @pytest.mark.parametrize("launcher", ["egtunnel", "eg"])
 def test_a_kernel_on_a_sealed_host_lives_through_ssh_alone(gateway: Gateway, client: GatewayClient,
                                                            sealed_host: harness.RemoteHost,
@@ -186,7 +195,7 @@ def test_a_kernel_on_a_sealed_host_lives_through_ssh_alone(gateway: Gateway, cli
         assert not any(reachable(outsider, ports).values())
 
     kernel.delete()
-    wait_for(lambda: gone_from_host(sealed_host, kernel.id), 20, what="the kernel's processes to go")
+    wait_gone(sealed_host, kernel.id, "the kernel's processes to go")
 
 
 def test_sealed_kernels_are_culled(gateway: Gateway, client: GatewayClient, sealed_host: harness.RemoteHost) -> None:
@@ -199,7 +208,28 @@ def test_sealed_kernels_are_culled(gateway: Gateway, client: GatewayClient, seal
              what="the culler to take both kernels")  # fmt: skip
     report("culled", seconds=round(time.monotonic() - started, 1))
     for kernel in kernels:
-        wait_for(lambda: gone_from_host(sealed_host, kernel.id), 20, what="the culled kernel's processes to go")
+        wait_gone(sealed_host, kernel.id, "the culled kernel's processes to go")
+
+
+def test_a_kernel_whose_listener_hangs_is_removed_from_the_host(gateway: Gateway, client: GatewayClient,
+                                                               sealed_host: harness.RemoteHost) -> None:
+    # EG's launcher forks a listener that the kernel's process waits for at exit, and EG takes the
+    # kernel for gone as soon as the communication port stops answering. A listener that takes no
+    # request (stopped here) must not leave the kernel running on the host.
+    kernel = client.start_kernel(SPECS["eg"])
+    assert kernel.execute("1 + 1").result == "2"
+    mine = [p for p in kernel_side_procs(sealed_host) if kernel.id in p.cmdline]
+    pids = {p.pid for p in mine}
+    listeners = [p for p in mine if p.ppid in pids]
+    assert len(listeners) == 1, mine
+    sealed_host.run(["kill", "-STOP", str(listeners[0].pid)], check=True)
+    mark = gateway.log_size()
+    deleted = time.monotonic()
+    kernel.delete()
+    wait_gone(sealed_host, kernel.id, "the kernel's processes to go")
+    report("hung listener", seconds_to_gone=round(time.monotonic() - deleted, 1))
+    log = gateway.log_text(mark)
+    assert f"KernelID '{kernel.id}': " in log and "after its shutdown; killed" in log, log[-3000:]
 
 
 def test_a_direct_response_cannot_leave_a_sealed_host(gateway: Gateway, client: GatewayClient,

@@ -422,10 +422,11 @@ class KernelTunnels:
         if pattern is None or pgid <= 0:
             return None
         grace = LEFTOVER_GRACE
-        return (f"p={pattern}; g={int(pgid)}; pids=$(pgrep -g \"$g\" -f -- \"$p\") || exit 0; "
+        # Exit status: pkill's (0: killed some, 1: nothing left), or pgrep's when nothing ran at all.
+        return (f"p={pattern}; g={int(pgid)}; pids=$(pgrep -g \"$g\" -f -- \"$p\") || exit; "
                 f"if command -v pidwait >/dev/null 2>&1; then timeout {grace} pidwait -g \"$g\" -f -- \"$p\"; "
                 f"else timeout {grace} sh -c 'for q; do tail -s 0.2 --pid=\"$q\" -f /dev/null; done' sh $pids; fi; "
-                f"pkill -KILL -e -g \"$g\" -f -- \"$p\"; exit 0")
+                f"pkill -KILL -e -g \"$g\" -f -- \"$p\"")
 
     def remove_leftovers(self, host: str, pgid: int) -> None:
         """After the kernel's shutdown, makes sure nothing of its launch `pgid` stays on `host`.
@@ -446,15 +447,17 @@ class KernelTunnels:
         self._in_background(target, command, self._leftovers_done, self._leftovers_failed)
 
     def _leftovers_done(self, target: Any, result: Any) -> None:
-        killed = [line.strip() for line in result.lines() if "killed (pid" in line]
+        killed = [line.strip() for line in result.stdout.decode(errors="replace").splitlines() if "killed (pid" in line]
         if killed:
             self.log.warning(f"KernelID '{self.kernel_id}': {len(killed)} process(es) of it still ran on "
                              f"{target.destination} {LEFTOVER_GRACE} s after its shutdown; killed: {'; '.join(killed)}")  # fmt: skip
-        elif result.exit_status != 0:
-            self.log.warning(f"Checking that KernelID '{self.kernel_id}' left nothing on {target.destination} "
-                             f"failed (exit {result.exit_status}): {result.stderr.decode(errors='replace').strip()!r}")  # fmt: skip
-        else:
-            self.log.debug(f"KernelID '{self.kernel_id}' left nothing running on {target.destination}.")
+        if result.exit_status == 1 or (result.exit_status == 0 and killed):
+            if not killed:
+                self.log.debug(f"KernelID '{self.kernel_id}' left nothing running on {target.destination}.")
+            return
+        # pkill could not kill some (another user's process), or the host lacks pgrep/pkill.
+        self.log.warning(f"Checking that KernelID '{self.kernel_id}' left nothing on {target.destination} "
+                         f"failed (exit {result.exit_status}): {result.stderr.decode(errors='replace').strip()!r}")  # fmt: skip
 
     def _leftovers_failed(self, target: Any, exc: BaseException) -> None:
         self.log.warning(f"Checking that KernelID '{self.kernel_id}' left nothing on {target.destination} failed: "

@@ -374,13 +374,14 @@ class DistributedProcessProxy(NativeTunnelMixin, _EGDistributedProcessProxy):
     def cleanup(self) -> None:
         """EG's cleanup, then a check on the kernel's host that nothing of this launch runs on unseen
         (see `KernelTunnels.remove_leftovers`); a restart's new launch is a group of its own."""
-        host, pgid = self.ip, self.pgid
+        host, pgid = self.ip, self.pgid if isinstance(self.pgid, int) else 0
         super().cleanup()  # type: ignore[misc]
-        if (self._egtunnel_stop_fired or not host or pgid <= 0 or pgid == self._egtunnel_checked_pgid
-                or _pp.BaseProcessProxyABC.ip_is_local(host) or getattr(self, "use_gss", False)):
+        if (self.egtunnel is None or self._egtunnel_stop_fired or not host or pgid <= 0
+                or pgid == self._egtunnel_checked_pgid or _pp.BaseProcessProxyABC.ip_is_local(host)
+                or getattr(self, "use_gss", False)):
             return
         self._egtunnel_checked_pgid = pgid
-        self.egtunnel.remove_leftovers(host, pgid)  # type: ignore[union-attr]
+        self.egtunnel.remove_leftovers(host, pgid)
 
     # The process group whose leftovers were last looked for (EG may clean up one launch twice).
     _egtunnel_checked_pgid = 0

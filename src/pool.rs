@@ -486,13 +486,9 @@ fn open_to_target(
 }
 
 impl PendingRequest {
-    pub async fn finish(self) -> Result<()> {
-        self.finish_reporting().await.0
-    }
-
-    /// `finish`, and whether the remote end took the connection but never answered: the channel
-    /// opened, the timeout came before the remote close.
-    pub async fn finish_reporting(self) -> (Result<()>, bool) {
+    /// The request's outcome, and whether the remote end took the connection but never answered: the
+    /// channel opened, the timeout came before the remote close.
+    pub async fn finish(self) -> (Result<()>, bool) {
         let PendingRequest { conn, reply, mut from_remote, nudge, deadline, target, timeout } = self;
         let opened = AtomicBool::new(false);
         let work = async {

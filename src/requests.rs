@@ -70,11 +70,7 @@ fn probe_on_channel(fwd: Arc<Forward>, in_flight: ChannelGuard, data: Vec<u8>, t
 /// Waits for a request's outcome; a remote end that took the connection and never answered is marked
 /// stalled, and said so once.
 async fn finish(fwd: &Forward, pending: Result<pool::PendingRequest>) -> Result<()> {
-    let pending = match pending {
-        Ok(p) => p,
-        Err(e) => return Err(e),
-    };
-    let (outcome, unanswered) = pending.finish_reporting().await;
+    let (outcome, unanswered) = pending?.finish().await;
     if unanswered && fwd.info.liveness.stall() {
         let i = &fwd.info;
         let whose = i.kernel_id.as_ref().map(|k| format!(" of KernelID '{k}'")).unwrap_or_default();

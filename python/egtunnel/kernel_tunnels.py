@@ -66,8 +66,8 @@ STOP_LAUNCHED_LATE = 2
 # is left of them is killed: longer than egtunnel's launcher takes to escalate a shutdown request to
 # SIGKILL (5 s, then 2 s), so a kernel that stops on its own is never killed.
 LEFTOVER_GRACE = 10
-# The background stops still running; asyncio keeps only weak references to tasks.
-_stopping: set[asyncio.Future] = set()
+# The background commands still running; asyncio keeps only weak references to tasks.
+_background: set[asyncio.Future] = set()
 # Per SSH destination and remote-forward port: where the server binds it beyond the host's loopback
 # ("" when nowhere), as `ss` on the host found it once.
 _EXPOSED: dict[tuple[str, int], str] = {}
@@ -378,10 +378,10 @@ class KernelTunnels:
                 done(target, result)
             return
         future = asyncio.ensure_future(target.exec_async(command, EXEC_TIMEOUT))
-        _stopping.add(future)
+        _background.add(future)
 
         def finished(f: asyncio.Future) -> None:
-            _stopping.discard(f)
+            _background.discard(f)
             if f.cancelled():
                 return
             exc = f.exception()
@@ -451,9 +451,10 @@ class KernelTunnels:
         if killed:
             self.log.warning(f"KernelID '{self.kernel_id}': {len(killed)} process(es) of it still ran on "
                              f"{target.destination} {LEFTOVER_GRACE} s after its shutdown; killed: {'; '.join(killed)}")  # fmt: skip
-        if result.exit_status == 1 or (result.exit_status == 0 and killed):
-            if not killed:
-                self.log.debug(f"KernelID '{self.kernel_id}' left nothing running on {target.destination}.")
+            if result.exit_status == 0:
+                return
+        elif result.exit_status == 1:
+            self.log.debug(f"KernelID '{self.kernel_id}' left nothing running on {target.destination}.")
             return
         # pkill could not kill some (another user's process), or the host lacks pgrep/pkill.
         self.log.warning(f"Checking that KernelID '{self.kernel_id}' left nothing on {target.destination} "
@@ -484,8 +485,8 @@ class KernelTunnels:
             return False if state == DEAD else None
         if on_event_loop() is None:
             return None if self._signal_outcome(target, command, signum) else False
-        future = asyncio.ensure_future(target.exec_async(command, EXEC_TIMEOUT))
-        future.add_done_callback(lambda f: self._signal_done(f, target, signum))
+        self._in_background(target, command, lambda t, result: self._signal_sent(t, result, signum),
+                            lambda t, exc: self._signal_failed(t, exc, signum))  # fmt: skip
         return None
 
     def _signal_outcome(self, target: Any, command: str, signum: int) -> bool:
@@ -496,17 +497,15 @@ class KernelTunnels:
             self.log.warning(f"Remote signal({signum}) for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
             return False
 
-    def _signal_done(self, future: asyncio.Future, target: Any, signum: int) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            self.log.warning(f"Remote signal({signum}) on {target.destination} for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
-        elif not _delivered(future.result()):
+    def _signal_sent(self, target: Any, result: Any, signum: int) -> None:
+        if not _delivered(result):
             self.log.debug(f"Remote signal({signum}) for KernelID '{self.kernel_id}': no such process.")
             self.remote.mark_dead()
         else:
             self.log.debug(f"Remote signal({signum}) delivered for KernelID '{self.kernel_id}'.")
+
+    def _signal_failed(self, target: Any, exc: BaseException, signum: int) -> None:
+        self.log.warning(f"Remote signal({signum}) on {target.destination} for KernelID '{self.kernel_id}' failed with exception '{exc}'.")
 
 
 def _listen_addresses(lines: Iterable[str]) -> list[str]:
